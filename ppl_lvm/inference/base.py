@@ -1,0 +1,658 @@
+r"""The contract between models and inference backends, and the shared fit loop.
+
+A backend is a class derived from :class:`Backend`.  It is built from a model, a guide (or
+``None`` where it builds its own) and an optimizer, and offers
+
+* ``step(*args, **kwargs) -> float`` — one update, like :meth:`pyro.infer.SVI.step`;
+* ``run(*args, num_steps=..., progress=None, callbacks=(), **kwargs) -> Fit`` — the loop, with
+  a tqdm progress bar, a NaN/inf guard that keeps the last good state, and callbacks;
+* ``state_dict()`` / ``load_state_dict()`` / ``save(path)`` / ``load(path)`` — parameters,
+  optimizer state, RNG state and history, so that a resumed run continues exactly as an
+  uninterrupted one would.
+
+Before the first step a backend validates the data (no NaN/inf), the model/guide pair (same
+latent sites, shapes and supports) and its own requirements (:meth:`Backend.check_model`,
+raising :class:`~ppl_lvm.errors.IncompatibleModelError`).  Backends register under a name
+(:func:`register_backend`) so that ``ppl_lvm.fit(model, guide, *data, backend="svi")`` and
+the ``ppl-lvm backends`` command find them.
+
+Example::
+
+    backend = SVI(model, guide, optim=pyro.optim.Adam({"lr": 1e-2}))
+    fit = backend.run(x, num_steps=2000)
+    fit.log_evidence(num_particles=1000)
+    idata = fit.to_inferencedata()
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import sys
+from typing import Callable, ClassVar, Dict, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+import pyro
+import pyro.optim
+from pyro import poutine
+from pyro.util import get_rng_state, set_rng_state
+
+from ..errors import DivergenceError
+from ..traces import ParticleEvaluator, ProgramStructure
+from ..validation import check_callable, check_finite_data, check_model_guide, check_positive_int
+
+__all__ = [
+    "Backend",
+    "Fit",
+    "EvidenceEstimate",
+    "EarlyStopping",
+    "Checkpoint",
+    "GuidedBackend",
+    "register_backend",
+    "get_backend",
+    "list_backends",
+    "BACKENDS",
+]
+
+BACKENDS: Dict[str, type] = {}
+
+
+def register_backend(name: str):
+    """Class decorator: make a backend available as ``ppl_lvm.fit(..., backend=name)``."""
+    def deco(cls):
+        key = name.lower()
+        if key in BACKENDS and BACKENDS[key] is not cls:
+            raise ValueError(f"A backend named {name!r} is already registered ({BACKENDS[key].__name__}).")
+        cls.name = key
+        BACKENDS[key] = cls
+        return cls
+    return deco
+
+
+def get_backend(name) -> type:
+    """The backend class registered under ``name`` (case-insensitive); a class passes through."""
+    if isinstance(name, type) and issubclass(name, Backend):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a name or a Backend subclass, got {type(name).__name__}")
+    key = name.lower().replace("-", "_")
+    if key not in BACKENDS:
+        raise ValueError(f"Unknown backend {name!r}. Available backends: {', '.join(sorted(BACKENDS))}.")
+    return BACKENDS[key]
+
+
+def list_backends() -> Dict[str, str]:
+    """Registered backend names mapped to what each needs of a model."""
+    return {k: v.valid_for for k, v in sorted(BACKENDS.items())}
+
+
+class EvidenceEstimate(NamedTuple):
+    r"""An estimate of :math:`\log p(x)` with its Monte Carlo standard error.
+
+    ``khat`` is the PSIS :math:`\hat k` of the importance weights (``nan`` where it does not
+    apply): above 0.7 the estimate is unreliable whatever ``stderr`` says.
+    """
+
+    log_evidence: float
+    stderr: float
+    khat: float
+    num_particles: int
+
+    def __float__(self):
+        return float(self.log_evidence)
+
+    def __repr__(self):
+        return (f"EvidenceEstimate(log_evidence={self.log_evidence:.4f} ± {self.stderr:.4f}, "
+                f"khat={self.khat:.2f}, num_particles={self.num_particles})")
+
+
+# --------------------------------------------------------------------------- callbacks
+class EarlyStopping:
+    """Stop when the loss has not improved by ``min_delta`` for ``patience`` steps.
+
+    The loss is smoothed by a running mean over ``window`` steps first, since stochastic
+    objectives fluctuate from step to step.  Use as ``backend.run(..., callbacks=[EarlyStopping()])``.
+    """
+
+    def __init__(self, patience: int = 200, min_delta: float = 0.0, window: int = 20):
+        self.patience = check_positive_int(patience, "patience")
+        self.window = check_positive_int(window, "window")
+        self.min_delta = float(min_delta)
+        self.best = math.inf
+        self.best_step = 0
+        self._recent: List[float] = []
+        self.stopped_at: Optional[int] = None
+
+    def __call__(self, backend, step: int, loss: float) -> bool:
+        self._recent.append(loss)
+        if len(self._recent) > self.window:
+            self._recent.pop(0)
+        smooth = sum(self._recent) / len(self._recent)
+        if smooth < self.best - self.min_delta:
+            self.best, self.best_step = smooth, step
+        elif step - self.best_step >= self.patience:
+            self.stopped_at = step
+            return True
+        return False
+
+
+class Checkpoint:
+    """Save the backend's state to ``path`` every ``every`` steps (and after the last step)."""
+
+    def __init__(self, path, every: int = 500):
+        self.path = path
+        self.every = check_positive_int(every, "every")
+
+    def __call__(self, backend, step: int, loss: float) -> bool:
+        if (step + 1) % self.every == 0:
+            backend.save(self.path)
+        return False
+
+
+def _progress_default() -> bool:
+    if os.environ.get("PPL_LVM_PROGRESS") in ("0", "false", "False"):
+        return False
+    if "ipykernel" in sys.modules:
+        return True
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def _is_finite(x) -> bool:
+    return math.isfinite(float(x))
+
+
+# --------------------------------------------------------------------------- backend
+class Backend:
+    """Base class of every inference backend (see the module docstring for the contract).
+
+    Subclasses set ``valid_for`` (a sentence for the registry), implement :meth:`_step`, and
+    override :meth:`check_model` to refuse models they cannot handle, plus the result hooks
+    :meth:`_posterior_samples`, :meth:`_log_evidence` and :meth:`_inference_data_groups`.
+
+    :param model: a Pyro model (callable).
+    :param guide: a Pyro guide over the model's latent sites, or ``None`` where the backend
+        builds its own.
+    :param optim: a :class:`pyro.optim.PyroOptim`; default ``Adam({"lr": 1e-2})``.
+    :param max_plate_nesting: plate dims used by model and guide; found from a prototype trace
+        when ``None``.
+    :param data_plate: name of the plate over data points (for per-datapoint weights and
+        log-likelihoods); found automatically when ``None``.
+    :param validate: run the pre-flight checks before the first step (default ``True``).
+    """
+
+    name: ClassVar[str] = "base"
+    valid_for: ClassVar[str] = ""
+    needs_guide: ClassVar[bool] = True
+
+    def __init__(self, model, guide=None, optim=None, *, max_plate_nesting: Optional[int] = None,
+                 data_plate: Optional[str] = None, validate: bool = True):
+        check_callable(model, "model")
+        check_callable(guide, "guide", allow_none=not self.needs_guide)
+        if optim is None:
+            optim = pyro.optim.Adam({"lr": 1e-2})
+        if not isinstance(optim, pyro.optim.PyroOptim):
+            raise TypeError(
+                f"optim must be a pyro.optim optimizer such as pyro.optim.Adam({{'lr': 1e-2}}), "
+                f"got {type(optim).__name__}. (A torch.optim class can be wrapped with "
+                "pyro.optim.PyroOptim(torch.optim.X, {...}).)"
+            )
+        if max_plate_nesting is not None and (not isinstance(max_plate_nesting, int) or max_plate_nesting < 0):
+            raise ValueError(f"max_plate_nesting must be a non-negative int, got {max_plate_nesting!r}")
+        self.model = model
+        self.guide = guide
+        self.optim = optim
+        self.max_plate_nesting = max_plate_nesting
+        self.data_plate = data_plate
+        self.validate = validate
+        self.structure: Optional[ProgramStructure] = None
+        self.guide_structure: Optional[ProgramStructure] = None
+        self._setup_key = None
+        self._evaluator: Optional[ParticleEvaluator] = None
+        self.num_steps = 0
+        self.losses: List[float] = []
+
+    # ------------------------------------------------------------------ validation
+    def check_model(self, structure: ProgramStructure) -> None:
+        """Raise :class:`~ppl_lvm.errors.IncompatibleModelError` if the model is not valid here."""
+
+    def _allow_enumerated_model_sites(self) -> bool:
+        return False
+
+    @staticmethod
+    def _signature(args, kwargs):
+        def sig(v):
+            if torch.is_tensor(v):
+                return ("T", tuple(v.shape), str(v.dtype), str(v.device))
+            if isinstance(v, (list, tuple)):
+                return tuple(sig(x) for x in v)
+            return (type(v).__name__, v if isinstance(v, (int, float, str, bool, type(None))) else id(v))
+        return (tuple(sig(a) for a in args), tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
+
+    def setup(self, *args, **kwargs) -> ProgramStructure:
+        """Validate the data and the model/guide pair once per argument signature.
+
+        Runs the guide once and the model once (replayed against the guide) without moving
+        the random number generators, classifies the sites, and checks this backend's
+        requirements.  Called automatically by :meth:`step`.
+        """
+        key = self._signature(args, kwargs)
+        if key == self._setup_key and self.structure is not None:
+            return self.structure
+        if self.validate:
+            check_finite_data(args, kwargs)
+        if self.guide is not None:
+            m_struct, g_struct, m_trace, _ = check_model_guide(
+                self.model, self.guide, args, kwargs,
+                allow_enumerated_model_sites=self._allow_enumerated_model_sites(),
+                data_plate=self.data_plate,
+            )
+        else:
+            from ..traces import structure_from_trace, trace_program
+
+            m_trace = trace_program(self.model, args, kwargs)
+            m_struct, g_struct = structure_from_trace(m_trace, data_plate=self.data_plate), None
+        if self.validate:
+            check_finite_data((), {}, trace=m_trace)
+        self.check_model(m_struct)
+        mpn = max(m_struct.max_plate_nesting, g_struct.max_plate_nesting if g_struct else 0)
+        if self.max_plate_nesting is not None:
+            if self.max_plate_nesting < mpn:
+                raise ValueError(
+                    f"max_plate_nesting={self.max_plate_nesting} but the model/guide use {mpn} plate "
+                    f"dims. Pass max_plate_nesting={mpn} or more (or leave it as None)."
+                )
+            mpn = self.max_plate_nesting
+        m_struct.max_plate_nesting = mpn
+        self.structure, self.guide_structure = m_struct, g_struct
+        self._evaluator = None
+        self._setup_key = key
+        self._after_setup(m_struct, *args, **kwargs)
+        return m_struct
+
+    def _after_setup(self, structure: ProgramStructure, *args, **kwargs) -> None:
+        """Hook for backends that build things (ELBOs, particle plates) once the model is known."""
+
+    @property
+    def evaluator(self) -> ParticleEvaluator:
+        """The :class:`~ppl_lvm.traces.ParticleEvaluator` for this model and guide."""
+        if self.structure is None:
+            raise RuntimeError("Call setup(*data) (or step/run) before using the evaluator.")
+        if self._evaluator is None:
+            self._evaluator = ParticleEvaluator(self.model, self.guide, self.structure,
+                                                self.structure.max_plate_nesting)
+        return self._evaluator
+
+    # ------------------------------------------------------------------ updates
+    def _step(self, *args, **kwargs) -> float:
+        raise NotImplementedError
+
+    def _gradient_step(self, loss_and_grads: Callable[[], object]) -> float:
+        """Evaluate ``loss_and_grads()`` (which must call ``backward``), check, then update.
+
+        The update is applied only when the loss and every gradient are finite, so a
+        divergent step leaves parameters and optimizer state exactly as they were.
+        """
+        with poutine.trace(param_only=True) as capture:
+            loss = loss_and_grads()
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()
+                  if site["type"] == "param"}
+        loss = float(loss)
+        bad = None
+        if not _is_finite(loss):
+            bad = f"the objective is {loss}"
+        else:
+            for site in capture.trace.nodes.values():
+                if site["type"] != "param":
+                    continue
+                g = site["value"].unconstrained().grad
+                if g is not None and not bool(torch.isfinite(g).all()):
+                    bad = f"the gradient of parameter {site['name']!r} is not finite"
+                    break
+        if bad is not None:
+            pyro.infer.util.zero_grads(params)
+            raise DivergenceError(
+                f"{type(self).__name__} step {self.num_steps}: {bad}. The update was skipped; "
+                "parameters and optimizer keep their last finite values. Try a smaller learning "
+                "rate, better-scaled data, or a guide initialised closer to the prior.",
+                step=self.num_steps,
+            )
+        self.optim(params)
+        pyro.infer.util.zero_grads(params)
+        return loss
+
+    def step(self, *args, **kwargs) -> float:
+        """Take one update and return the objective (a loss: lower is better)."""
+        self.setup(*args, **kwargs)
+        loss = float(self._step(*args, **kwargs))
+        self.num_steps += 1
+        self.losses.append(loss)
+        return loss
+
+    def run(self, *args, num_steps: int = 1000, progress: Optional[bool] = None,
+            callbacks: Sequence[Callable] = (), **kwargs) -> "Fit":
+        """Run ``num_steps`` updates and return a :class:`Fit`.
+
+        :param num_steps: number of calls to :meth:`step` (added to any steps already taken).
+        :param progress: show a tqdm bar with the current loss; default: only when interactive
+            (a terminal or Jupyter). ``PPL_LVM_PROGRESS=0`` turns it off everywhere.
+        :param callbacks: callables ``cb(backend, step, loss) -> bool``; returning ``True``
+            stops the run (see :class:`EarlyStopping`, :class:`Checkpoint`).
+        :raises DivergenceError: when the objective or a gradient becomes NaN/inf; the
+            parameters keep their last finite values and ``err.fit`` holds the fit so far.
+        """
+        num_steps = check_positive_int(num_steps, "num_steps")
+        for cb in callbacks:
+            check_callable(cb, "each callback")
+        self.setup(*args, **kwargs)
+        from tqdm.auto import tqdm
+
+        show = _progress_default() if progress is None else bool(progress)
+        every = max(1, num_steps // 200)
+        bar = tqdm(total=num_steps, disable=not show, desc=type(self).__name__, leave=True)
+        try:
+            for i in range(num_steps):
+                try:
+                    loss = self.step(*args, **kwargs)
+                except DivergenceError as err:
+                    err.fit = self.make_fit(args, kwargs) if self.num_steps else None
+                    raise
+                if i % every == 0 or i == num_steps - 1:
+                    bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+                bar.update(1)
+                stop = False
+                for cb in callbacks:
+                    stop = bool(cb(self, self.num_steps - 1, loss)) or stop
+                if stop:
+                    break
+        finally:
+            bar.close()
+        return self.make_fit(args, kwargs)
+
+    def make_fit(self, args, kwargs) -> "Fit":
+        return Fit(self, args, kwargs)
+
+    # ------------------------------------------------------------------ results (hooks)
+    def _posterior_samples(self, num_samples: int, args, kwargs) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} does not draw posterior samples.")
+
+    def _log_evidence(self, num_particles: int, args, kwargs) -> EvidenceEstimate:
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot estimate the log-evidence; use a backend with an "
+            "importance-sampling or SMC estimate (svi, iwae, chi2_vis, smc)."
+        )
+
+    def _inference_data_groups(self, num_samples: int, args, kwargs) -> Dict[str, Dict]:
+        raise NotImplementedError(f"{type(self).__name__} has no ArviZ conversion.")
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Everything needed to resume: parameters, optimizer, RNG, step count and losses."""
+        return {
+            "backend": type(self).__name__,
+            "params": pyro.get_param_store().get_state(),
+            "optim": self.optim.get_state(),
+            "rng": get_rng_state(),
+            "num_steps": self.num_steps,
+            "losses": list(self.losses),
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("backend") != type(self).__name__:
+            raise ValueError(
+                f"This checkpoint was written by {state.get('backend')!r}, not {type(self).__name__}; "
+                "load it into the same backend class."
+            )
+        store = pyro.get_param_store()
+        store.set_state(state["params"])
+        self.optim.set_state(state["optim"])
+        # Parameter tensors were replaced, so per-parameter optimizer objects must be rebuilt
+        # from the loaded state on the next update.
+        self.optim.optim_objs.clear()
+        self.optim.grad_clip.clear()
+        self.num_steps = int(state["num_steps"])
+        self.losses = list(state["losses"])
+        self._load_extra_state(state.get("extra") or {})
+        set_rng_state(state["rng"])
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        pass
+
+    def save(self, path) -> None:
+        """Write :meth:`state_dict` to ``path`` (``torch.save``; atomic rename)."""
+        path = os.fspath(path)
+        tmp = path + ".tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load(self, path) -> "Backend":
+        """Restore a checkpoint written by :meth:`save`; returns ``self`` for chaining."""
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "params" not in state:
+            raise ValueError(f"{path} is not a ppl_lvm checkpoint (written by Backend.save or Fit.save).")
+        self.load_state_dict(state)
+        return self
+
+    def __repr__(self):
+        return f"{type(self).__name__}(steps={self.num_steps})"
+
+
+# --------------------------------------------------------------------------- results
+class Fit:
+    """The result of :meth:`Backend.run`: the backend in its fitted state plus the data.
+
+    :ivar backend: the backend (its parameters live in Pyro's param store / the modules).
+    :ivar losses: numpy array of the objective at every step taken so far.
+    """
+
+    def __init__(self, backend: Backend, args, kwargs):
+        self.backend = backend
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs)
+        self.losses = np.asarray(backend.losses, dtype=float)
+
+    @property
+    def num_steps(self) -> int:
+        return self.backend.num_steps
+
+    def _data(self, args, kwargs):
+        if args or kwargs:
+            return tuple(args), {**self.kwargs, **kwargs}
+        return self.args, self.kwargs
+
+    def posterior_samples(self, num_samples: int = 1000, *args, sites: Optional[Sequence[str]] = None,
+                          **kwargs) -> Dict[str, torch.Tensor]:
+        """Draws from the fitted posterior (approximation): ``{site: (num_samples, *shape)}``.
+
+        Extra positional/keyword arguments replace the data the fit was run on.
+        """
+        num_samples = check_positive_int(num_samples, "num_samples")
+        a, k = self._data(args, kwargs)
+        self.backend.setup(*a, **k)
+        with torch.no_grad():
+            samples = self.backend._posterior_samples(num_samples, a, k)
+        if sites is not None:
+            unknown = set(sites) - set(samples)
+            if unknown:
+                raise ValueError(f"Unknown site(s) {sorted(unknown)}; latent sites are {sorted(samples)}.")
+            samples = {s: samples[s] for s in sites}
+        return samples
+
+    def log_evidence(self, num_particles: int = 1000, *args, **kwargs) -> EvidenceEstimate:
+        r"""Estimate :math:`\log p(x)` where the backend can (with standard error and k-hat)."""
+        num_particles = check_positive_int(num_particles, "num_particles")
+        a, k = self._data(args, kwargs)
+        self.backend.setup(*a, **k)
+        with torch.no_grad():
+            return self.backend._log_evidence(num_particles, a, k)
+
+    def predictive(self, num_samples: int = 1000, *args, return_sites: Optional[Sequence[str]] = None,
+                   **kwargs) -> Dict[str, torch.Tensor]:
+        """Posterior predictive draws: the model run on posterior samples.
+
+        Pass new inputs as arguments (e.g. ``fit.predictive(500, x_new, None)`` for a model
+        ``model(x, y=None)``); observed sites are then sampled.  Returns ``{site: tensor}``
+        with the draws in the first dimension.
+        """
+        num_samples = check_positive_int(num_samples, "num_samples")
+        samples = self.posterior_samples(num_samples)
+        a, k = self._data(args, kwargs)
+        with torch.no_grad():
+            try:  # vectorized over draws where the model broadcasts
+                return pyro.infer.Predictive(self.backend.model, posterior_samples=samples,
+                                             return_sites=return_sites, parallel=True)(*a, **k)
+            except (ValueError, RuntimeError, IndexError):
+                return pyro.infer.Predictive(self.backend.model, posterior_samples=samples,
+                                             return_sites=return_sites, parallel=False)(*a, **k)
+
+    def to_inferencedata(self, num_samples: int = 1000, *args, **kwargs):
+        """``arviz.InferenceData`` with posterior, sample_stats, log_likelihood, observed_data."""
+        from ..diagnostics import groups_to_inferencedata
+
+        num_samples = check_positive_int(num_samples, "num_samples")
+        a, k = self._data(args, kwargs)
+        self.backend.setup(*a, **k)
+        with torch.no_grad():
+            groups = self.backend._inference_data_groups(num_samples, a, k)
+        return groups_to_inferencedata(groups, attrs={"inference_library": "ppl_lvm",
+                                                      "backend": type(self.backend).__name__,
+                                                      "num_steps": self.num_steps})
+
+    def save(self, path) -> None:
+        """Checkpoint the backend (parameters, optimizer, RNG, history) to ``path``."""
+        self.backend.save(path)
+
+    @classmethod
+    def load(cls, path, backend: Backend, *args, **kwargs) -> "Fit":
+        """Restore a checkpoint into ``backend`` (built with the same model/guide/optim)."""
+        backend.load(path)
+        return cls(backend, args, kwargs)
+
+    def plot_losses(self, ax=None, smooth: int = 0):
+        """Plot the objective against the step (matplotlib); returns the axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 3.5))
+        y = self.losses
+        ax.plot(np.arange(len(y)), y, lw=0.8, alpha=0.6 if smooth else 1.0, label="loss")
+        if smooth and len(y) > smooth:
+            kernel = np.ones(smooth) / smooth
+            ax.plot(np.arange(smooth - 1, len(y)), np.convolve(y, kernel, mode="valid"),
+                    lw=1.5, label=f"running mean ({smooth})")
+            ax.legend()
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(type(self.backend).__name__)
+        return ax
+
+    def __repr__(self):
+        last = f"{self.losses[-1]:.4g}" if len(self.losses) else "n/a"
+        return f"Fit(backend={type(self.backend).__name__}, steps={self.num_steps}, last_loss={last})"
+
+
+# --------------------------------------------------------------------------- guide-based results
+class GuidedBackend(Backend):
+    r"""A backend whose posterior is a guide :math:`q(z \mid x)` (SVI, IWAE, chi^2-VIS).
+
+    Provides the results every such backend shares:
+
+    * posterior samples: the guide run once inside a vectorized particle plate;
+    * log-evidence by importance sampling with the guide as proposal,
+      :math:`\log \hat p(x) = \log \frac1K \sum_k p(x, z_k) / q(z_k \mid x)` (per data point
+      where the latents are all local), with a delta-method standard error and the PSIS
+      :math:`\hat k` of the weights (a ``RuntimeWarning`` above 0.7);
+    * ArviZ groups: guide draws as the posterior, per-observation log-likelihoods, and the
+      draws' importance log-weights in ``sample_stats`` (``log_importance_weight``).
+    """
+
+    #: particles scored per vectorized pass when estimating the evidence
+    evidence_chunk_size: int = 1000
+
+    def _posterior_samples(self, num_samples, args, kwargs):
+        ev = self.evaluator
+        return ev.latent_values(ev.guide_trace(num_samples, args, kwargs), num_samples)
+
+    def _check_evidence_inputs(self):
+        s = self.structure
+        sub = s.subsampled_plates
+        if sub:
+            raise ValueError(
+                f"The model subsamples plate(s) {sorted(sub)}; the log-evidence needs every data "
+                "point. Pass arguments that switch subsampling off, e.g. "
+                "fit.log_evidence(1000, x, subsample_size=None)."
+            )
+        if self.guide_structure is not None:
+            missing = [n for n in s.latent_sites if n not in self.guide_structure.latent_sites]
+            if missing:
+                raise ValueError(
+                    f"Latent site(s) {missing} are enumerated in the model rather than sampled by "
+                    "the guide; importance sampling with the guide as proposal needs every latent "
+                    "site in the guide."
+                )
+
+    def _importance_log_weights(self, num_particles, args, kwargs):
+        """:class:`~ppl_lvm.traces.LogWeights` of ``num_particles`` guide draws, in chunks."""
+        from ..traces import LogWeights
+
+        ev = self.evaluator
+        parts = []
+        left = num_particles
+        while left > 0:
+            k = min(left, self.evidence_chunk_size)
+            parts.append(ev.log_weights(k, args, kwargs))
+            left -= k
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        return LogWeights(
+            torch.cat([p.global_ for p in parts]),
+            None if first.local is None else torch.cat([p.local for p in parts]),
+            first.local_scale, first.data_plate,
+            any(p.has_global_latents for p in parts),
+        )
+
+    def _log_evidence(self, num_particles, args, kwargs):
+        import warnings
+        from ..diagnostics import psis_khat
+
+        self._check_evidence_inputs()
+        lw = self._importance_log_weights(num_particles, args, kwargs)
+        est, se = lw.log_evidence()
+        khat = psis_khat(lw.weights_for_diagnostics())
+        if khat > 0.7:
+            warnings.warn(
+                f"PSIS k-hat of the importance weights is {khat:.2f} > 0.7: the guide is a poor "
+                "proposal for this posterior and the log-evidence estimate is unreliable. Fit "
+                "longer, use a richer guide, or more particles.", RuntimeWarning, stacklevel=3)
+        return EvidenceEstimate(float(est), float(se), float(khat), int(num_particles))
+
+    def _inference_data_groups(self, num_samples, args, kwargs):
+        from ..traces import trace_program
+
+        ev = self.evaluator
+        gt = ev.guide_trace(num_samples, args, kwargs)
+        latents = ev.latent_values(gt, num_samples)
+        loglik = ev.per_observation_log_likelihood(gt, num_samples, args, kwargs)
+        lw = ev.log_weights(num_samples, args, kwargs, guide_trace=gt)
+        guide_proto = trace_program(self.guide, args, kwargs, role="guide")
+        proto = trace_program(self.model, args, kwargs, replay=guide_proto)
+        observed = {n: proto.nodes[n]["value"] for n in self.structure.observed_sites}
+        # Guide draws are i.i.d., so splitting them into 4 groups is a valid set of "chains"
+        # (ArviZ's R-hat then reads about 1 and its shape check is satisfied).
+        chains = 4 if num_samples % 4 == 0 and num_samples >= 16 else 1
+
+        def cd(v):
+            return v.reshape((chains, num_samples // chains) + tuple(v.shape[1:]))
+
+        return {
+            "posterior": {n: cd(v) for n, v in latents.items()},
+            "sample_stats": {"log_importance_weight": cd(lw.joint)},
+            "log_likelihood": {n: cd(v) for n, v in loglik.items()},
+            "observed_data": observed,
+        }

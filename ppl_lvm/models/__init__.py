@@ -1,0 +1,27 @@
+"""Library models: one file per model family, each a PyroModule with model() and guide().
+
+Families land here as they are built (GPFA, mixtures of multi-task GPs, sparse IBP, latent
+SDE, BNN+LV); :data:`MODELS` maps each registered family to a factory of a small instance with
+data, used by the backend x model matrix test.
+"""
+
+from typing import Callable, Dict
+
+MODELS: Dict[str, Callable] = {}
+
+
+def register_model(name: str):
+    """Register ``factory() -> (model_object, args)`` for the matrix test under ``name``."""
+    def deco(factory):
+        if name in MODELS:
+            raise ValueError(f"A model named {name!r} is already registered.")
+        MODELS[name] = factory
+        return factory
+    return deco
+
+
+__all__ = ["MODELS", "register_model"]
+
+from .regression import BayesianLinearRegression  # noqa: E402  (registers itself)
+
+__all__ += ["BayesianLinearRegression"]

@@ -1,0 +1,607 @@
+r"""Shared trace machinery: what every backend needs to know about a Pyro program.
+
+Two jobs live here, both built only on Pyro's effect handlers:
+
+1. **Site classification** (:func:`inspect_program`, :class:`ProgramStructure`): run a model
+   (or guide) once on the user's arguments and record each sample site — observed or latent,
+   discrete or continuous, reparameterizable or not, which plates it sits in and whether
+   those plates are subsampled.  Backends check their requirements on this structure before
+   any optimisation step.
+
+2. **Vectorized importance log-weights** (:class:`ParticleEvaluator`): with :math:`K`
+   particles :math:`z_k \sim q(z \mid x)` drawn in one vectorized ``pyro.plate``,
+
+   .. math::
+
+       \log w_k = \log p(x, z_k) - \log q(z_k \mid x).
+
+   For a model whose latents are *local* to a data plate (one latent per data point) the
+   weight factorizes over data points, :math:`\log w_{k} = g_k + \sum_i \ell_{ik}`, and the
+   per-datapoint terms :math:`\ell_{ik}` are kept separate (:class:`LogWeights`), which is
+   what the IWAE bound per data point and the low-variance evidence estimator
+   :math:`\log \hat p(x) = g + \sum_i \log \tfrac1K \sum_k e^{\ell_{ik}}` need.
+
+Particles are a plate at ``dim = -(max_plate_nesting + 1)``.  A model that does not
+broadcast over an extra batch dimension on the left is evaluated with ``torch.func.vmap``
+over the particles instead (the guide must still broadcast); :class:`ParticleEvaluator`
+picks the mode once, by comparing both on a few particles, and reports it in ``mode``.
+
+References:
+
+* Burda, Grosse, Salakhutdinov. *Importance Weighted Autoencoders*. ICLR 2016.
+* Pyro's ``pyro.infer.importance`` and ``vectorize_particles`` for the trace recipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import pyro
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from pyro.util import get_rng_state, set_rng_state
+
+__all__ = [
+    "PlateInfo",
+    "SiteInfo",
+    "ProgramStructure",
+    "inspect_program",
+    "trace_program",
+    "preserved_rng",
+    "LogWeights",
+    "ParticleEvaluator",
+    "log_mean_exp",
+]
+
+PARTICLE_PLATE = "_ppl_lvm_particles"
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Run a block without changing torch's, numpy's and Python's random states.
+
+    Prototype traces use it, so that validating a model does not shift the random stream
+    of the fit that follows (a resumed run then matches an uninterrupted one exactly).
+    """
+    state = get_rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlateInfo:
+    """A ``pyro.plate`` seen in a trace: full ``size``, ``subsample_size`` and ``dim``."""
+
+    name: str
+    size: int
+    subsample_size: int
+    dim: Optional[int]
+
+    @property
+    def subsampled(self) -> bool:
+        return self.subsample_size != self.size
+
+    @property
+    def scale(self) -> float:
+        """The factor N/B that Pyro applies to log-probabilities inside the plate."""
+        return self.size / self.subsample_size
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteInfo:
+    """One sample site of a prototype trace."""
+
+    name: str
+    is_observed: bool
+    is_discrete: bool
+    has_rsample: bool
+    plates: Tuple[str, ...]  # names, outermost first
+    value_shape: Tuple[int, ...]
+    batch_shape: Tuple[int, ...]
+    event_shape: Tuple[int, ...]
+    distribution: str
+    support: object
+    enumerate: Optional[str] = None
+
+    @property
+    def event_dim(self) -> int:
+        return len(self.event_shape)
+
+
+@dataclasses.dataclass
+class ProgramStructure:
+    """Sites and plates of one run of a Pyro program (see :func:`inspect_program`)."""
+
+    sites: Dict[str, SiteInfo]
+    plates: Dict[str, PlateInfo]
+    max_plate_nesting: int
+    data_plate: Optional[str] = None
+
+    @property
+    def latent_sites(self) -> Dict[str, SiteInfo]:
+        return {n: s for n, s in self.sites.items() if not s.is_observed}
+
+    @property
+    def observed_sites(self) -> Dict[str, SiteInfo]:
+        return {n: s for n, s in self.sites.items() if s.is_observed}
+
+    @property
+    def discrete_latents(self) -> Dict[str, SiteInfo]:
+        return {n: s for n, s in self.latent_sites.items() if s.is_discrete}
+
+    @property
+    def continuous_latents(self) -> Dict[str, SiteInfo]:
+        return {n: s for n, s in self.latent_sites.items() if not s.is_discrete}
+
+    @property
+    def subsampled_plates(self) -> Dict[str, PlateInfo]:
+        return {n: p for n, p in self.plates.items() if p.subsampled}
+
+    @property
+    def local_latents(self) -> Dict[str, SiteInfo]:
+        """Latent sites inside the data plate (one copy per data point)."""
+        if self.data_plate is None:
+            return {}
+        return {n: s for n, s in self.latent_sites.items() if self.data_plate in s.plates}
+
+    @property
+    def global_latents(self) -> Dict[str, SiteInfo]:
+        local = self.local_latents
+        return {n: s for n, s in self.latent_sites.items() if n not in local}
+
+    def describe(self) -> str:
+        """A table of the sites, for error messages and ``repr``."""
+        rows = []
+        for s in self.sites.values():
+            kind = "observed" if s.is_observed else "latent"
+            cont = "discrete" if s.is_discrete else "continuous"
+            plates = ",".join(s.plates) or "-"
+            rows.append(
+                f"  {s.name:<20} {kind:<8} {cont:<10} {s.distribution:<22} "
+                f"shape={tuple(s.value_shape)} plates={plates}"
+            )
+        return "\n".join(rows)
+
+
+def _is_discrete(fn) -> bool:
+    support = getattr(fn, "support", None)
+    if support is None:
+        return False
+    with contextlib.suppress(NotImplementedError, AttributeError):
+        return bool(support.is_discrete)
+    return False
+
+
+def _site_info(site) -> SiteInfo:
+    fn = site["fn"]
+    value = site["value"]
+    plates = tuple(
+        f.name
+        for f in sorted(site["cond_indep_stack"], key=lambda f: -f.dim if f.dim is not None else 0)
+        if f.vectorized
+    )
+    infer = site.get("infer") or {}
+    return SiteInfo(
+        name=site["name"],
+        is_observed=bool(site["is_observed"]),
+        is_discrete=_is_discrete(fn),
+        has_rsample=bool(getattr(fn, "has_rsample", False)),
+        plates=plates,
+        value_shape=tuple(value.shape) if torch.is_tensor(value) else (),
+        batch_shape=tuple(getattr(fn, "batch_shape", ())),
+        event_shape=tuple(getattr(fn, "event_shape", ())),
+        distribution=type(fn).__name__,
+        support=getattr(fn, "support", None),
+        enumerate=infer.get("enumerate"),
+    )
+
+
+def _choose_data_plate(sites: Dict[str, SiteInfo], plates: Dict[str, PlateInfo]) -> Optional[str]:
+    """The plate shared by every observed site; the outermost one that holds latents wins."""
+    observed = [s for s in sites.values() if s.is_observed]
+    if not observed:
+        return None
+    common = set(observed[0].plates)
+    for s in observed[1:]:
+        common &= set(s.plates)
+    if not common:
+        return None
+    # outermost first: the most negative dim
+    ordered = sorted(common, key=lambda n: plates[n].dim if plates[n].dim is not None else 0)
+    for name in ordered:
+        if any(name in s.plates for s in sites.values() if not s.is_observed):
+            return name
+    return ordered[0]
+
+
+def structure_from_trace(trace, data_plate: Optional[str] = None) -> ProgramStructure:
+    """Build a :class:`ProgramStructure` from an executed (non-vectorized) trace."""
+    sites: Dict[str, SiteInfo] = {}
+    plates: Dict[str, PlateInfo] = {}
+    max_nesting = 0
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if site_is_subsample(site):
+            continue
+        for f in site["cond_indep_stack"]:
+            if not f.vectorized:
+                continue
+            full = f.full_size if f.full_size is not None else f.size
+            plates.setdefault(f.name, PlateInfo(f.name, int(full), int(f.size), f.dim))
+            if f.dim is not None:
+                max_nesting = max(max_nesting, -f.dim)
+        sites[name] = _site_info(site)
+    if data_plate is not None and data_plate not in plates:
+        raise ValueError(
+            f"data_plate={data_plate!r} is not a plate of the model; its plates are "
+            f"{sorted(plates) or 'none'}."
+        )
+    chosen = data_plate or _choose_data_plate(sites, plates)
+    return ProgramStructure(sites, plates, max_nesting, chosen)
+
+
+def _describe_args(args, kwargs) -> str:
+    def one(v):
+        if torch.is_tensor(v):
+            return f"Tensor(dtype={v.dtype}, shape={tuple(v.shape)})"
+        return type(v).__name__
+    parts = [f"arg{i}={one(a)}" for i, a in enumerate(args)]
+    parts += [f"{k}={one(v)}" for k, v in kwargs.items()]
+    return ", ".join(parts) or "no arguments"
+
+
+def trace_program(fn: Callable, args: Sequence, kwargs: dict, *, role: str = "model", replay=None):
+    """Run ``fn(*args, **kwargs)`` once under ``poutine.trace`` without moving the RNG.
+
+    Errors raised by the program become a ``ValueError`` that shows the arguments' shapes,
+    since a wrong-shaped input is by far the most common cause.
+    """
+    runner = fn if replay is None else poutine.replay(fn, trace=replay)
+    with preserved_rng():
+        try:
+            trace = poutine.trace(runner).get_trace(*args, **kwargs)
+        except (ValueError, RuntimeError, IndexError, TypeError) as exc:
+            raise ValueError(
+                f"Running the {role} on the given data failed before inference started:\n"
+                f"  {type(exc).__name__}: {exc}\n"
+                f"The {role} was called with {_describe_args(args, kwargs)}. Check that the data "
+                f"shapes match the {role}'s plates and parameters, and that model and guide take "
+                "the same arguments."
+            ) from exc
+    return trace
+
+
+def inspect_program(fn: Callable, *args, data_plate: Optional[str] = None, **kwargs) -> ProgramStructure:
+    """Classify the sample sites of one run of a Pyro program.
+
+    :param fn: a model or guide.
+    :param data_plate: the plate that indexes data points; found automatically as the
+        outermost plate shared by all observed sites that also holds latent sites.
+    :returns: :class:`ProgramStructure`.
+
+    Example::
+
+        >>> structure = inspect_program(model, x)
+        >>> structure.local_latents.keys(), structure.subsampled_plates.keys()
+    """
+    return structure_from_trace(trace_program(fn, args, kwargs), data_plate=data_plate)
+
+
+def log_mean_exp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """:math:`\\log \\frac1K \\sum_k e^{x_k}` along ``dim``, computed stably."""
+    return torch.logsumexp(x, dim=dim) - math.log(x.shape[dim])
+
+
+def _log_mean_exp_se(lw: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Delta-method standard error of :func:`log_mean_exp`: sd(w) / (sqrt(K) mean(w)).
+
+    Computed from self-normalized weights so that nothing overflows.
+    """
+    k = lw.shape[dim]
+    w = torch.exp(lw - lw.amax(dim=dim, keepdim=True))
+    mean = w.mean(dim)
+    sd = w.std(dim, unbiased=True) if k > 1 else torch.zeros_like(mean)
+    return sd / (math.sqrt(k) * mean)
+
+
+@dataclasses.dataclass
+class LogWeights:
+    r"""Per-particle importance log-weights, split into global and per-datapoint parts.
+
+    ``global_`` has shape ``(K,)``: every term outside the data plate (global latents and
+    observations, already scaled as Pyro scales them).  ``local`` has shape ``(K, B)``: the
+    per-datapoint sum over the sites inside the data plate *without* the plate's N/B
+    subsampling factor, which is kept in ``local_scale``.  Thus
+
+    .. math:: \log w_k = g_k + \frac{N}{B} \sum_{i=1}^{B} \ell_{ik}.
+
+    ``has_global_latents`` says whether :math:`g_k` varies with the particles (a global latent
+    site exists); if it does not, the per-datapoint factorization of the evidence applies.
+    """
+
+    global_: torch.Tensor
+    local: Optional[torch.Tensor]
+    local_scale: float
+    data_plate: Optional[str]
+    has_global_latents: bool
+
+    @property
+    def num_particles(self) -> int:
+        return self.global_.shape[0]
+
+    @property
+    def joint(self) -> torch.Tensor:
+        """:math:`\\log w_k` of the whole joint, shape ``(K,)``."""
+        if self.local is None:
+            return self.global_
+        return self.global_ + self.local_scale * self.local.sum(-1)
+
+    @property
+    def factorizes(self) -> bool:
+        """True when the weight is a product over data points (no particle-dependent global term)."""
+        if self.local is None or self.has_global_latents:
+            return False
+        return bool(torch.all(self.global_ == self.global_[0]))
+
+    def log_evidence(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        r"""Importance-sampling estimate of :math:`\log p(x)` and its standard error.
+
+        With global latents: :math:`\log \frac1K \sum_k w_k` over the joint weights.  With only
+        local latents each data point gets its own K particles,
+        :math:`\hat p(x) = e^{g} \prod_i \frac1K \sum_k e^{\ell_{ik}}`, an unbiased estimate
+        with far lower variance; standard errors add in quadrature over data points.
+        """
+        if not self.factorizes:
+            lw = self.joint
+            return log_mean_exp(lw, 0), _log_mean_exp_se(lw, 0)
+        est = self.global_[0] + self.local_scale * log_mean_exp(self.local, 0).sum()
+        se = self.local_scale * _log_mean_exp_se(self.local, 0).pow(2).sum().sqrt()
+        return est, se
+
+    def weights_for_diagnostics(self) -> torch.Tensor:
+        """Log-weights whose tail the PSIS k-hat should judge: ``(K,)`` or ``(K, B)``."""
+        if not self.factorizes:
+            return self.joint
+        return self.local
+
+
+def _pad_left(t: torch.Tensor, ndim: int, site: str) -> torch.Tensor:
+    if t.dim() > ndim:
+        raise ValueError(
+            f"Site {site!r} has log_prob shape {tuple(t.shape)}, with more batch dimensions than "
+            f"its plates declare ({ndim - 1}). Declare the missing dimensions with pyro.plate "
+            "or move them into the event shape with .to_event(n)."
+        )
+    return t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape))
+
+
+class ParticleEvaluator:
+    """Draw K guide particles in one vectorized plate and score them under the model.
+
+    :param model: the model, a callable Pyro program.
+    :param guide: the guide; it must broadcast over a particle plate on the left.
+    :param model_structure: :class:`ProgramStructure` of the model's prototype trace.
+    :param int max_plate_nesting: plate dims used by model and guide (particles go left of it).
+    :param str mode: ``"plate"`` (run the model inside the particle plate), ``"vmap"`` (map the
+        conditioned model over particles with ``torch.func.vmap``) or ``"auto"`` (decide on the
+        first call by comparing both on a few particles).
+    """
+
+    def __init__(self, model, guide, model_structure: ProgramStructure, max_plate_nesting: int,
+                 mode: str = "auto"):
+        if mode not in ("auto", "plate", "vmap"):
+            raise ValueError(f"mode must be 'auto', 'plate' or 'vmap', got {mode!r}")
+        self.model = model
+        self.guide = guide
+        self.structure = model_structure
+        self.max_plate_nesting = int(max_plate_nesting)
+        self.mode = mode
+
+    @property
+    def particle_dim(self) -> int:
+        return -(self.max_plate_nesting + 1)
+
+    def _in_particles(self, fn, num_particles: int):
+        def wrapped(*args, **kwargs):
+            with pyro.plate(PARTICLE_PLATE, num_particles, dim=self.particle_dim):
+                return fn(*args, **kwargs)
+        return wrapped
+
+    # ----------------------------------------------------------------- guide side
+    def guide_trace(self, num_particles: int, args, kwargs):
+        """The guide traced once inside a particle plate of size ``num_particles``."""
+        try:
+            return poutine.trace(self._in_particles(self.guide, num_particles)).get_trace(*args, **kwargs)
+        except (ValueError, RuntimeError) as exc:
+            raise ValueError(
+                "The guide failed when run inside a vectorized particle plate "
+                f"(pyro.plate at dim={self.particle_dim}): {exc}\nWrite the guide so that it "
+                "broadcasts over extra batch dimensions on the left: index with `...`, declare "
+                "plates with pyro.plate(..., dim=-k), and pass max_plate_nesting if the guide "
+                "uses more plate dims than the model."
+            ) from exc
+
+    def latent_values(self, guide_trace, num_particles: int) -> Dict[str, torch.Tensor]:
+        """Latent values from a vectorized guide trace, as ``(K, *site shape)`` tensors."""
+        out = {}
+        for name, info in self.structure.latent_sites.items():
+            site = guide_trace.nodes.get(name)
+            if site is None:
+                continue
+            out[name] = self._particles_first(site["value"], info, num_particles, event_dim=len(site["fn"].event_shape))
+        return out
+
+    def _particles_first(self, value, info: SiteInfo, num_particles: int, event_dim: int):
+        pos = self.particle_dim - event_dim
+        if value.dim() < -pos:
+            value = value.reshape((1,) * (-pos - value.dim()) + tuple(value.shape))
+        value = value.movedim(pos, 0)
+        target = (num_particles,) + tuple(info.value_shape)
+        value = value.expand((num_particles,) + tuple(value.shape[1:]))
+        if value[0].numel() == math.prod(info.value_shape):
+            return value.reshape(target)
+        return value.expand(target)
+
+    # ----------------------------------------------------------------- model side
+    def _model_log_probs_plate(self, guide_trace, num_particles, args, kwargs):
+        model = poutine.replay(self._in_particles(self.model, num_particles), trace=guide_trace)
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+        trace.compute_log_prob()
+        out = {}
+        ndim = self.max_plate_nesting + 1
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site) or name not in self.structure.sites:
+                continue
+            lp = _pad_left(site["log_prob"], ndim, name)
+            ulp = _pad_left(site["unscaled_log_prob"], ndim, name)
+            out[name] = (lp, ulp)
+        return out
+
+    def _model_log_probs_vmap(self, guide_trace, num_particles, args, kwargs):
+        values = self.latent_values(guide_trace, num_particles)
+        fixed = {n: s["value"] for n, s in guide_trace.nodes.items()
+                 if s["type"] == "sample" and site_is_subsample(s)}
+        model = self.model
+        names = list(self.structure.sites)
+
+        def one(vals):
+            torch_default = torch.distributions.Distribution._validate_args
+            torch.distributions.Distribution.set_default_validate_args(False)
+            try:
+                with pyro.validation_enabled(False):
+                    tr = poutine.trace(poutine.condition(model, data={**vals, **fixed})).get_trace(*args, **kwargs)
+                    tr.compute_log_prob()
+            finally:
+                torch.distributions.Distribution.set_default_validate_args(torch_default)
+            return {n: (tr.nodes[n]["log_prob"], tr.nodes[n]["unscaled_log_prob"]) for n in names}
+
+        mapped = torch.func.vmap(one, randomness="different")(values)
+        ndim = self.max_plate_nesting + 1
+        out = {}
+        for name, (lp, ulp) in mapped.items():
+            # vmap puts particles first; the site's own batch dims align to the right.
+            lead = ndim - lp.dim()
+            if lead < 0:
+                raise ValueError(f"Site {name!r} has more batch dims than max_plate_nesting allows.")
+            out[name] = (lp.reshape((lp.shape[0],) + (1,) * lead + tuple(lp.shape[1:])),
+                         ulp.reshape((ulp.shape[0],) + (1,) * (ndim - ulp.dim()) + tuple(ulp.shape[1:])))
+        return out
+
+    def _choose_mode(self, args, kwargs):
+        k = 3
+        gt = self.guide_trace(k, args, kwargs)
+        plate_err = vmap_err = None
+        try:
+            a = self._model_log_probs_plate(gt, k, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure means the model does not broadcast
+            plate_err, a = exc, None
+        try:
+            b = self._model_log_probs_vmap(gt, k, args, kwargs)
+        except Exception as exc:  # noqa: BLE001
+            vmap_err, b = exc, None
+        if a is not None and b is not None:
+            same = all(
+                torch.allclose(self._reduce_all(a[n][0], k), self._reduce_all(b[n][0], k),
+                               rtol=1e-4, atol=1e-4)
+                for n in a
+            ) and set(a) == set(b)
+            self.mode = "plate" if same else "vmap"
+        elif a is not None:
+            self.mode = "plate"
+        elif b is not None:
+            self.mode = "vmap"
+        else:
+            raise ValueError(
+                "Could not evaluate the model on a batch of particles, neither by running it "
+                f"inside a particle plate ({type(plate_err).__name__}: {plate_err}) nor with "
+                f"torch.func.vmap ({type(vmap_err).__name__}: {vmap_err}). Make the model "
+                "broadcast over extra batch dimensions on the left (index with `...`, use "
+                "pyro.plate(..., dim=-k) for every batch dimension)."
+            ) from plate_err
+
+    def resolve_mode(self, args, kwargs) -> str:
+        """Decide (once) between ``"plate"`` and ``"vmap"`` for these arguments; return it."""
+        if self.mode == "auto":
+            self._choose_mode(args, kwargs)
+        return self.mode
+
+    def _reduce_all(self, lp, num_particles):
+        return lp.expand((num_particles,) + tuple(lp.shape[1:])).reshape(num_particles, -1).sum(-1)
+
+    def model_log_probs(self, guide_trace, num_particles, args, kwargs):
+        """Dict site -> (scaled log_prob, unscaled log_prob), particles in dim 0.
+
+        Both tensors have ``max_plate_nesting + 1`` dims, the plates' dims aligned right.
+        """
+        if self.resolve_mode(args, kwargs) == "plate":
+            return self._model_log_probs_plate(guide_trace, num_particles, args, kwargs)
+        return self._model_log_probs_vmap(guide_trace, num_particles, args, kwargs)
+
+    # ----------------------------------------------------------------- weights
+    def log_weights(self, num_particles: int, args, kwargs, guide_trace=None) -> LogWeights:
+        """:class:`LogWeights` of ``num_particles`` fresh particles (or of ``guide_trace``)."""
+        if guide_trace is None:
+            guide_trace = self.guide_trace(num_particles, args, kwargs)
+        model_lp = self.model_log_probs(guide_trace, num_particles, args, kwargs)
+        guide_trace.compute_log_prob()
+        ndim = self.max_plate_nesting + 1
+        k = num_particles
+        data_plate = self.structure.data_plate
+        local_scale = 1.0
+        plate_dim = None
+        if data_plate is not None:
+            info = self.structure.plates[data_plate]
+            local_scale = info.scale
+            plate_dim = ndim + info.dim  # position in a tensor with particles at 0
+            width = info.subsample_size
+        sites = self.structure.sites
+        global_ = None
+        local = None
+        has_global_latents = False
+
+        def add(term, site_name):
+            nonlocal global_, local, has_global_latents
+            info = sites[site_name]
+            term = term.expand((k,) + tuple(term.shape[1:]))
+            if data_plate is not None and data_plate in info.plates:
+                dims = [d for d in range(1, ndim) if d != plate_dim]
+                red = term.sum(dims) if dims else term
+                red = red.expand(k, width) / local_scale
+                local = red if local is None else local + red
+            else:
+                red = term.reshape(k, -1).sum(-1)
+                global_ = red if global_ is None else global_ + red
+                if not info.is_observed:
+                    has_global_latents = True
+
+        for name, (lp, _) in model_lp.items():
+            add(lp, name)
+        for name in self.structure.latent_sites:
+            site = guide_trace.nodes.get(name)
+            if site is None:
+                continue
+            add(-_pad_left(site["log_prob"], ndim, name), name)
+        if global_ is None:  # every site lies in the data plate
+            global_ = local.new_zeros(k)
+        return LogWeights(global_, local, local_scale, data_plate if local is not None else None,
+                          has_global_latents)
+
+    def per_observation_log_likelihood(self, guide_trace, num_particles, args, kwargs):
+        """Dict observed site -> ``(K, *batch shape)`` unscaled log-likelihood per observation."""
+        model_lp = self.model_log_probs(guide_trace, num_particles, args, kwargs)
+        out = {}
+        for name, info in self.structure.observed_sites.items():
+            _, ulp = model_lp[name]
+            shape = tuple(info.batch_shape)
+            ulp = ulp.expand((num_particles,) + tuple(ulp.shape[1:]))
+            out[name] = ulp.reshape((num_particles,) + shape) if ulp[0].numel() == math.prod(shape) \
+                else ulp.reshape(num_particles, -1)
+        return out
+

@@ -1,0 +1,174 @@
+"""Checks run once, before the first step of any backend.
+
+Every check raises ``ValueError`` / ``TypeError`` (or a subclass from :mod:`ppl_lvm.errors`)
+whose message names the problem and the fix.  No ``assert`` on user input: these checks must
+survive ``python -O``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from .errors import ModelGuideMismatchError
+from .traces import ProgramStructure, structure_from_trace, trace_program
+
+__all__ = ["check_finite_data", "check_callable", "check_model_guide", "check_positive_int"]
+
+
+def check_callable(obj, what: str, allow_none: bool = False) -> None:
+    if obj is None and allow_none:
+        return
+    if not callable(obj):
+        raise TypeError(
+            f"{what} must be a callable Pyro program (a function or a PyroModule method), "
+            f"got {type(obj).__name__}."
+        )
+
+
+def check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def _walk(obj, path: str):
+    if torch.is_tensor(obj) or isinstance(obj, np.ndarray):
+        yield path, obj
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _walk(v, f"{path}[{i}]")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk(v, f"{path}[{k!r}]")
+
+
+def _check_array(path: str, value) -> None:
+    if torch.is_tensor(value):
+        if not (value.is_floating_point() or value.is_complex()):
+            return
+        bad = ~torch.isfinite(value.detach())
+        count = int(bad.sum())
+        if count:
+            first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+            kind = "NaN" if bool(torch.isnan(value.detach()).any()) else "inf"
+    else:
+        if not np.issubdtype(value.dtype, np.floating):
+            return
+        bad = ~np.isfinite(value)
+        count = int(bad.sum())
+        if count:
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            kind = "NaN" if bool(np.isnan(value).any()) else "inf"
+    if count:
+        raise ValueError(
+            f"{path} (shape {tuple(value.shape)}) contains {count} {kind} value(s), the first at "
+            f"index {first}. Remove or impute them before fitting; to leave observations out of "
+            "the likelihood, replace them by any finite value and wrap the observation in "
+            "poutine.mask(mask=...) (or pass obs_mask= to pyro.sample)."
+        )
+
+
+def check_finite_data(args: Iterable, kwargs: dict, structure: Optional[ProgramStructure] = None,
+                      trace=None) -> None:
+    """Raise ``ValueError`` if any floating-point data argument, or observed value, is NaN/inf."""
+    for i, a in enumerate(args):
+        for path, value in _walk(a, f"argument {i}"):
+            _check_array(path, value)
+    for k, a in kwargs.items():
+        for path, value in _walk(a, f"keyword argument {k!r}"):
+            _check_array(path, value)
+    if trace is not None:
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and site["is_observed"] and torch.is_tensor(site["value"]):
+                mask = site.get("mask")
+                value = site["value"]
+                if mask is not None and torch.is_tensor(mask):
+                    # masked-out entries are allowed to hold anything
+                    try:
+                        value = torch.where(mask.expand_as(value) if mask.dim() <= value.dim() else mask,
+                                            value, torch.zeros_like(value))
+                    except RuntimeError:
+                        pass
+                _check_array(f"the observed value of site {name!r}", value)
+
+
+def check_model_guide(model, guide, args, kwargs, *, allow_enumerated_model_sites: bool = False,
+                      data_plate: Optional[str] = None):
+    """Trace model and guide once and check that they agree.
+
+    * every latent site of the model has a sample site of the same name in the guide
+      (except model sites marked for enumeration when ``allow_enumerated_model_sites``);
+    * the guide samples no site that the model lacks or observes;
+    * each guide value has the model site's shape and lies in the model's support;
+    * discrete model sites get discrete guide sites.
+
+    :returns: ``(model_structure, guide_structure, model_trace, guide_trace)``.
+    """
+    guide_trace = trace_program(guide, args, kwargs, role="guide")
+    model_trace = trace_program(model, args, kwargs, role="model", replay=guide_trace)
+    model_structure = structure_from_trace(model_trace, data_plate=data_plate)
+    guide_structure = structure_from_trace(guide_trace)
+
+    missing = [
+        s for n, s in model_structure.latent_sites.items()
+        if n not in guide_structure.latent_sites
+        and not (allow_enumerated_model_sites and s.enumerate is not None)
+    ]
+    if missing:
+        lines = "\n".join(f"  {s.name}: {s.distribution}, shape {s.value_shape}" for s in missing)
+        raise ModelGuideMismatchError(
+            f"The guide has no sample site for {len(missing)} latent site(s) of the model:\n{lines}\n"
+            "Add a pyro.sample statement with the same name to the guide, pass the value as "
+            "observed data (obs=...) in the model, or — for a discrete site that should be "
+            "summed out — mark it with infer={'enumerate': 'parallel'} and use TraceEnum_ELBO."
+        )
+    extra = [n for n in guide_structure.latent_sites
+             if n not in model_structure.sites and not guide_trace.nodes[n]["infer"].get("is_auxiliary")]
+    if extra:
+        raise ModelGuideMismatchError(
+            f"The guide samples site(s) {extra} that the model does not have. Check the names for "
+            "typos, or mark auxiliary guide variables with infer={'is_auxiliary': True}."
+        )
+    observed_in_guide = [n for n in guide_structure.latent_sites if n in model_structure.observed_sites]
+    if observed_in_guide:
+        raise ModelGuideMismatchError(
+            f"The guide samples site(s) {observed_in_guide}, which the model observes. Remove them "
+            "from the guide (observed sites need no variational distribution)."
+        )
+    for name, g in guide_structure.latent_sites.items():
+        if name not in model_structure.latent_sites:
+            continue
+        m_site = model_trace.nodes[name]
+        m_info = model_structure.sites[name]
+        fn_shape = tuple(m_site["fn"].batch_shape) + tuple(m_site["fn"].event_shape)
+        if tuple(g.value_shape) != fn_shape:
+            raise ModelGuideMismatchError(
+                f"Site {name!r}: the guide draws values of shape {g.value_shape} but the model's "
+                f"distribution there has shape {fn_shape} (batch {m_info.batch_shape} + event "
+                f"{m_info.event_shape}). Make the guide's distribution match (e.g. .to_event(n), "
+                "the same plate sizes), and check that the data and the guide's parameters have "
+                "consistent sizes."
+            )
+        if m_info.is_discrete and not g.is_discrete:
+            raise ModelGuideMismatchError(
+                f"Site {name!r} is discrete in the model ({m_info.distribution}) but continuous in "
+                f"the guide ({g.distribution}). Use a discrete guide distribution (e.g. Bernoulli, "
+                "Categorical) or enumerate the site out."
+            )
+        support = m_site["fn"].support
+        value = guide_trace.nodes[name]["value"]
+        try:
+            ok = bool(torch.all(support.check(value)))
+        except (NotImplementedError, RuntimeError, TypeError):
+            ok = True
+        if not ok:
+            raise ModelGuideMismatchError(
+                f"Site {name!r}: the guide's {g.distribution} drew values outside the support of "
+                f"the model's {m_info.distribution} ({support}). Choose a guide distribution with "
+                "the same support, e.g. LogNormal or a TransformedDistribution with "
+                "biject_to(support) for constrained sites."
+            )
+    return model_structure, guide_structure, model_trace, guide_trace
