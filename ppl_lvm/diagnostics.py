@@ -61,7 +61,8 @@ def psis_khat(log_weights) -> float:
     lw = log_weights.detach().cpu().double().numpy() if torch.is_tensor(log_weights) \
         else np.asarray(log_weights, dtype=float)
     if lw.ndim == 2:
-        return float(max(psis_khat(lw[:, b]) for b in range(lw.shape[1])))
+        ks = np.array([psis_khat(lw[:, b]) for b in range(lw.shape[1])])
+        return float(np.nanmax(ks)) if np.isfinite(ks).any() else float("nan")
     if lw.ndim != 1:
         raise ValueError(f"psis_khat expects a 1-d or 2-d array of log-weights, got shape {lw.shape}")
     lw = lw[np.isfinite(lw)]

@@ -495,6 +495,10 @@ class ParticleEvaluator:
         return out
 
     def _choose_mode(self, args, kwargs):
+        with preserved_rng():  # deciding the mode must not shift the fit's random stream
+            self._choose_mode_unseeded(args, kwargs)
+
+    def _choose_mode_unseeded(self, args, kwargs):
         k = 3
         gt = self.guide_trace(k, args, kwargs)
         plate_err = vmap_err = None

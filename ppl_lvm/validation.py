@@ -108,7 +108,9 @@ def check_model_guide(model, guide, args, kwargs, *, allow_enumerated_model_site
     :returns: ``(model_structure, guide_structure, model_trace, guide_trace)``.
     """
     guide_trace = trace_program(guide, args, kwargs, role="guide")
-    model_trace = trace_program(model, args, kwargs, role="model", replay=guide_trace)
+    # The model's own (prior) run gives its sites, shapes and supports; the guide is checked
+    # against it before the model is ever run on guide values.
+    model_trace = trace_program(model, args, kwargs, role="model")
     model_structure = structure_from_trace(model_trace, data_plate=data_plate)
     guide_structure = structure_from_trace(guide_trace)
 
@@ -171,4 +173,7 @@ def check_model_guide(model, guide, args, kwargs, *, allow_enumerated_model_site
                 "the same support, e.g. LogNormal or a TransformedDistribution with "
                 "biject_to(support) for constrained sites."
             )
+    # Finally the model must run on the guide's values (shapes that only clash there).
+    model_trace = trace_program(model, args, kwargs, role="model (replayed against the guide)",
+                                replay=guide_trace)
     return model_structure, guide_structure, model_trace, guide_trace

@@ -1,0 +1,25 @@
+import os
+
+import pyro
+import pytest
+import torch
+
+os.environ.setdefault("PPL_LVM_PROGRESS", "0")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro_state():
+    """Every test starts from an empty param store and a fixed seed."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    pyro.enable_validation(True)
+    yield
+    pyro.clear_param_store()
+
+
+def cuda_params():
+    """Parametrize over devices: CPU always, CUDA only where available (skipped otherwise)."""
+    return [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+    ]
