@@ -570,11 +570,10 @@ class ParticleEvaluator:
         local = None
         has_global_latents = False
 
-        def add(term, site_name):
+        def add(term, plates, is_latent):
             nonlocal global_, local, has_global_latents
-            info = sites[site_name]
             term = term.expand((k,) + tuple(term.shape[1:]))
-            if data_plate is not None and data_plate in info.plates:
+            if data_plate is not None and data_plate in plates:
                 dims = [d for d in range(1, ndim) if d != plate_dim]
                 red = term.sum(dims) if dims else term
                 red = red.expand(k, width) / local_scale
@@ -582,16 +581,21 @@ class ParticleEvaluator:
             else:
                 red = term.reshape(k, -1).sum(-1)
                 global_ = red if global_ is None else global_ + red
-                if not info.is_observed:
+                if is_latent:
                     has_global_latents = True
 
         for name, (lp, _) in model_lp.items():
-            add(lp, name)
-        for name in self.structure.latent_sites:
-            site = guide_trace.nodes.get(name)
-            if site is None:
+            info = sites[name]
+            add(lp, info.plates, not info.is_observed)
+        # log q: the guide's sample sites for the model's latents, plus auxiliary sites
+        # (autoguides draw through them and put the Jacobian on the Delta site)
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
                 continue
-            add(-_pad_left(site["log_prob"], ndim, name), name)
+            if name not in self.structure.latent_sites and not (site.get("infer") or {}).get("is_auxiliary"):
+                continue
+            plates = tuple(f.name for f in site["cond_indep_stack"] if f.vectorized)
+            add(-_pad_left(site["log_prob"], ndim, name), plates, True)
         if global_ is None:  # every site lies in the data plate
             global_ = local.new_zeros(k)
         return LogWeights(global_, local, local_scale, data_plate if local is not None else None,

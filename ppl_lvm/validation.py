@@ -7,7 +7,7 @@ survive ``python -O``.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -15,7 +15,18 @@ import torch
 from .errors import ModelGuideMismatchError
 from .traces import ProgramStructure, structure_from_trace, trace_program
 
-__all__ = ["check_finite_data", "check_callable", "check_model_guide", "check_positive_int"]
+__all__ = ["positional_names", "check_finite_data", "check_callable", "check_model_guide", "check_positive_int"]
+
+
+def positional_names(fn) -> list:
+    """Names of ``fn``'s positional parameters (empty when they cannot be read)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def check_callable(obj, what: str, allow_none: bool = False) -> None:
@@ -72,10 +83,14 @@ def _check_array(path: str, value) -> None:
 
 
 def check_finite_data(args: Iterable, kwargs: dict, structure: Optional[ProgramStructure] = None,
-                      trace=None) -> None:
-    """Raise ``ValueError`` if any floating-point data argument, or observed value, is NaN/inf."""
+                      trace=None, names: Optional[Sequence[str]] = None) -> None:
+    """Raise ``ValueError`` if any floating-point data argument, or observed value, is NaN/inf.
+
+    ``names`` are the model's positional parameter names, used in the message.
+    """
     for i, a in enumerate(args):
-        for path, value in _walk(a, f"argument {i}"):
+        label = f"argument {i}" + (f" ({names[i]!r})" if names and i < len(names) else "")
+        for path, value in _walk(a, label):
             _check_array(path, value)
     for k, a in kwargs.items():
         for path, value in _walk(a, f"keyword argument {k!r}"):
@@ -93,6 +108,15 @@ def check_finite_data(args: Iterable, kwargs: dict, structure: Optional[ProgramS
                     except RuntimeError:
                         pass
                 _check_array(f"the observed value of site {name!r}", value)
+
+
+def _is_real(constraint) -> bool:
+    """True for ``real`` / ``real_vector`` (possibly wrapped in ``independent``)."""
+    from torch.distributions import constraints
+
+    while isinstance(constraint, constraints.independent):
+        constraint = constraint.base_constraint
+    return constraint is constraints.real or constraint is constraints.real_vector
 
 
 def check_model_guide(model, guide, args, kwargs, *, allow_enumerated_model_sites: bool = False,
@@ -161,11 +185,16 @@ def check_model_guide(model, guide, args, kwargs, *, allow_enumerated_model_site
                 "Categorical) or enumerate the site out."
             )
         support = m_site["fn"].support
+        g_fn = guide_trace.nodes[name]["fn"]
         value = guide_trace.nodes[name]["value"]
-        try:
-            ok = bool(torch.all(support.check(value)))
-        except (NotImplementedError, RuntimeError, TypeError):
-            ok = True
+        # Deterministic check first: an unconstrained guide for a constrained model site.
+        ok = not (_is_real(getattr(g_fn, "support", None)) and not _is_real(support)
+                  and not m_info.is_discrete)
+        if ok:  # then the guide's actual draw
+            try:
+                ok = bool(torch.all(support.check(value)))
+            except (NotImplementedError, RuntimeError, TypeError):
+                ok = True
         if not ok:
             raise ModelGuideMismatchError(
                 f"Site {name!r}: the guide's {g.distribution} drew values outside the support of "

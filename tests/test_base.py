@@ -153,6 +153,9 @@ def test_predictive_and_posterior_sample_shapes():
     assert post["z"].shape == (30, 8)
     pred = fit.predictive(30)
     assert pred["x"].shape == (30, 8)
+    # observed sites are replicated, not copied from the data
+    assert float(pred["x"].std(0).min()) > 0.1
+    assert not torch.equal(pred["x"][0], fx.args[0])
     with pytest.raises(ValueError, match="Unknown site"):
         fit.posterior_samples(5, sites=["nope"])
 

@@ -41,7 +41,8 @@ from pyro.util import get_rng_state, set_rng_state
 
 from ..errors import DivergenceError
 from ..traces import ParticleEvaluator, ProgramStructure
-from ..validation import check_callable, check_finite_data, check_model_guide, check_positive_int
+from ..validation import (check_callable, check_finite_data, check_model_guide, check_positive_int,
+                          positional_names)
 
 __all__ = [
     "Backend",
@@ -241,7 +242,7 @@ class Backend:
         if key == self._setup_key and self.structure is not None:
             return self.structure
         if self.validate:
-            check_finite_data(args, kwargs)
+            check_finite_data(args, kwargs, names=positional_names(self.model))
         if self.guide is not None:
             m_struct, g_struct, m_trace, _ = check_model_guide(
                 self.model, self.guide, args, kwargs,
@@ -444,17 +445,26 @@ class Backend:
 
 # --------------------------------------------------------------------------- results
 class Fit:
-    """The result of :meth:`Backend.run`: the backend in its fitted state plus the data.
+    r"""The result of :meth:`Backend.run`: the backend in its fitted state plus the data.
 
-    :ivar backend: the backend (its parameters live in Pyro's param store / the modules).
-    :ivar losses: numpy array of the objective at every step taken so far.
+    A ``Fit`` is a view, not a copy: like :class:`pyro.infer.SVI`, the parameters live in
+    Pyro's global param store (and in the ``PyroModule``\ s), so further ``run`` calls,
+    ``pyro.clear_param_store()`` or another fit that reuses the same parameter names change
+    what it reports.  Save it (:meth:`save`) to keep a state.
+
+    :ivar backend: the backend.
+    :ivar args: the data the fit was run on (methods accept replacements).
     """
 
     def __init__(self, backend: Backend, args, kwargs):
         self.backend = backend
         self.args = tuple(args)
         self.kwargs = dict(kwargs)
-        self.losses = np.asarray(backend.losses, dtype=float)
+
+    @property
+    def losses(self) -> np.ndarray:
+        """The objective at every step the backend has taken (live, like the parameters)."""
+        return np.asarray(self.backend.losses, dtype=float)
 
     @property
     def num_steps(self) -> int:
@@ -495,19 +505,21 @@ class Fit:
                    **kwargs) -> Dict[str, torch.Tensor]:
         """Posterior predictive draws: the model run on posterior samples.
 
-        Pass new inputs as arguments (e.g. ``fit.predictive(500, x_new, None)`` for a model
-        ``model(x, y=None)``); observed sites are then sampled.  Returns ``{site: tensor}``
-        with the draws in the first dimension.
+        Observed sites are *sampled* (replicated data, as for a posterior predictive check),
+        even where the data pass ``obs=``.  Pass new inputs as arguments (e.g.
+        ``fit.predictive(500, x_new, None)`` for a model ``model(x, y=None)``).  Returns
+        ``{site: tensor}`` with the draws in the first dimension.
         """
         num_samples = check_positive_int(num_samples, "num_samples")
         samples = self.posterior_samples(num_samples)
         a, k = self._data(args, kwargs)
+        model = poutine.uncondition(self.backend.model)
         with torch.no_grad():
             try:  # vectorized over draws where the model broadcasts
-                return pyro.infer.Predictive(self.backend.model, posterior_samples=samples,
+                return pyro.infer.Predictive(model, posterior_samples=samples,
                                              return_sites=return_sites, parallel=True)(*a, **k)
             except (ValueError, RuntimeError, IndexError):
-                return pyro.infer.Predictive(self.backend.model, posterior_samples=samples,
+                return pyro.infer.Predictive(model, posterior_samples=samples,
                                              return_sites=return_sites, parallel=False)(*a, **k)
 
     def to_inferencedata(self, num_samples: int = 1000, *args, **kwargs):

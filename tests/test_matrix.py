@@ -1,0 +1,72 @@
+"""Every registered backend x every registered model (the exact fixtures and library models).
+
+Valid pairs must fit on small data and improve their objective; pairs listed in
+``EXPECTED_INCOMPATIBLE`` must be refused up front with ``IncompatibleModelError``.  A new
+backend or model joins automatically through the registries, so this table is the one place
+to state which pairs are not valid.
+"""
+
+import numpy as np
+import pyro
+import pytest
+
+from ppl_lvm import IncompatibleModelError
+from ppl_lvm.inference import BACKENDS
+from ppl_lvm.models import MODELS
+from ppl_lvm.testing import FIXTURES
+
+#: (backend, model) pairs that must raise IncompatibleModelError
+EXPECTED_INCOMPATIBLE = set()
+
+#: constructor options per backend for a short fit
+BACKEND_OPTIONS = {
+    "svi": dict(optim=lambda: pyro.optim.Adam({"lr": 0.05}), num_particles=8, vectorize_particles=True),
+}
+
+NUM_STEPS = 300
+
+
+def _cases():
+    cases = {}
+    for name, cls in FIXTURES.items():
+        def make(cls=cls):
+            fx = cls(num_steps=30) if name == "lgssm" else cls()
+            return fx.model, fx.guide, fx.args
+        cases[f"fixture:{name}"] = make
+    for name, factory in MODELS.items():
+        def make(factory=factory):
+            obj, args = factory()
+            return obj.model, obj.guide, args
+        cases[f"model:{name}"] = make
+    return cases
+
+
+CASES = _cases()
+
+
+def _options(backend_name):
+    opts = dict(BACKEND_OPTIONS.get(backend_name, {}))
+    return {k: (v() if callable(v) and k == "optim" else v) for k, v in opts.items()}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("backend_name", sorted(BACKENDS))
+def test_backend_model_matrix(backend_name, case):
+    model, guide, args = CASES[case]()
+    backend = BACKENDS[backend_name](model, guide, **_options(backend_name))
+    short = case.split(":", 1)[1]
+    if (backend_name, short) in EXPECTED_INCOMPATIBLE:
+        with pytest.raises(IncompatibleModelError):
+            backend.run(*args, num_steps=NUM_STEPS)
+        assert backend.num_steps == 0
+        return
+    fit = backend.run(*args, num_steps=NUM_STEPS)
+    losses = np.asarray(fit.losses)
+    assert np.all(np.isfinite(losses))
+    first, last = losses[:30].mean(), losses[-30:].mean()
+    assert last < first, f"{backend_name} on {case}: objective did not improve ({first:.3f} -> {last:.3f})"
+
+
+def test_every_backend_has_matrix_options_or_defaults():
+    for name, cls in BACKENDS.items():
+        assert cls.valid_for, f"backend {name} must say what it is valid for"
