@@ -188,8 +188,10 @@ def check_model_guide(model, guide, args, kwargs, *, allow_enumerated_model_site
         g_fn = guide_trace.nodes[name]["fn"]
         value = guide_trace.nodes[name]["value"]
         # Deterministic check first: an unconstrained guide for a constrained model site.
-        ok = not (_is_real(getattr(g_fn, "support", None)) and not _is_real(support)
-                  and not m_info.is_discrete)
+        # (Delta sites, e.g. autoguides' transformed values, carry no meaningful support.)
+        is_delta = type(getattr(g_fn, "base_dist", g_fn)).__name__ == "Delta"
+        ok = is_delta or not (_is_real(getattr(g_fn, "support", None)) and not _is_real(support)
+                              and not m_info.is_discrete)
         if ok:  # then the guide's actual draw
             try:
                 ok = bool(torch.all(support.check(value)))

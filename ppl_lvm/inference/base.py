@@ -558,6 +558,12 @@ class Fit:
             ax.plot(np.arange(smooth - 1, len(y)), np.convolve(y, kernel, mode="valid"),
                     lw=1.5, label=f"running mean ({smooth})")
             ax.legend()
+        if len(y) >= 40:  # keep an early transient from flattening the rest of the curve
+            tail = y[len(y) // 20:]
+            lo, hi = float(np.min(tail)), float(np.quantile(tail, 0.99))
+            if float(np.max(y)) > hi and hi > lo:
+                pad = 0.1 * (hi - lo)
+                ax.set_ylim(lo - pad, hi + pad)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title(type(self.backend).__name__)
