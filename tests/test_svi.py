@@ -6,6 +6,7 @@ log-evidence carries its own delta-method standard error.  Seeds are fixed.
 """
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -183,3 +184,23 @@ def test_autoguides_evidence_counts_auxiliary_sites(autoguide):
     fit = SVI(fx.model, guide, optim=pyro.optim.Adam({"lr": 0.05})).run(*fx.args, num_steps=800)
     ev = _check_evidence(fit, fx.exact_log_evidence())
     assert ev.khat < 0.7
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_svi_follows_the_data_device(device):
+    fx = NormalNormalLocal(num_data=10, device=device)
+    fit = SVI(fx.model, fx.guide, optim=pyro.optim.Adam({"lr": 0.05}), num_particles=4,
+              vectorize_particles=True).run(*fx.args, num_steps=20)
+    assert pyro.param("normal_local.loc").device.type == device
+    assert fit.posterior_samples(5)["z"].device.type == device
+    assert pyro.param("normal_local.loc").dtype == torch.float64
+    with warnings.catch_warnings():  # 20 steps leave a poor proposal; only placement is tested here
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ev = fit.log_evidence(50)
+    assert math.isfinite(ev.log_evidence)
+    idata = fit.to_inferencedata(num_samples=16)
+    assert idata.posterior["z"].shape == (4, 4, 10)

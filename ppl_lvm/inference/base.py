@@ -395,6 +395,7 @@ class Backend:
             "params": pyro.get_param_store().get_state(),
             "optim": self.optim.get_state(),
             "rng": get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "num_steps": self.num_steps,
             "losses": list(self.losses),
             "extra": self._extra_state(),
@@ -417,6 +418,8 @@ class Backend:
         self.losses = list(state["losses"])
         self._load_extra_state(state.get("extra") or {})
         set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def _extra_state(self) -> dict:
         return {}

@@ -186,7 +186,44 @@ class ExactFixture:
 # ---------------------------------------------------------------------------
 
 
-class NormalNormalGlobal(ExactFixture):
+class _NormalNormal(ExactFixture):
+    """Shared constructor of the two normal-normal fixtures (one global or N local latents)."""
+
+    max_plate_nesting = 1
+    default_num_data = 50
+    local_latents = False
+
+    def __init__(
+        self,
+        num_data=None,
+        prior_loc=0.5,
+        prior_scale=2.0,
+        obs_scale=1.0,
+        subsample_size=None,
+        seed=0,
+        dtype=torch.float64,
+        device=None,
+    ):
+        super().__init__(seed=seed, dtype=dtype, device=device)
+        num_data = self.default_num_data if num_data is None else num_data
+        self.num_data = _check_int("num_data", num_data)
+        self.prior_loc = _check_real("prior_loc", prior_loc)
+        self.prior_scale = _check_real("prior_scale", prior_scale, positive=True)
+        self.obs_scale = _check_real("obs_scale", obs_scale, positive=True)
+        self.subsample_size = _check_subsample_size(subsample_size, self.num_data)
+
+        g = self._generator()
+        shape = (self.num_data,) if self.local_latents else ()
+        z = self.prior_loc + self.prior_scale * self._randn(g, *shape)
+        self.x = z + self.obs_scale * self._randn(g, self.num_data)
+        self.truth = {"z": z}
+
+    @property
+    def args(self):
+        return (self.x,)
+
+
+class NormalNormalGlobal(_NormalNormal):
     """One global Gaussian latent observed through ``num_data`` noisy copies.
 
     .. math::
@@ -212,30 +249,7 @@ class NormalNormalGlobal(ExactFixture):
     """
 
     name = "normal_global"
-    max_plate_nesting = 1
-
-    def __init__(
-        self,
-        num_data=50,
-        prior_loc=0.5,
-        prior_scale=2.0,
-        obs_scale=1.0,
-        subsample_size=None,
-        seed=0,
-        dtype=torch.float64,
-        device=None,
-    ):
-        super().__init__(seed=seed, dtype=dtype, device=device)
-        self.num_data = _check_int("num_data", num_data)
-        self.prior_loc = _check_real("prior_loc", prior_loc)
-        self.prior_scale = _check_real("prior_scale", prior_scale, positive=True)
-        self.obs_scale = _check_real("obs_scale", obs_scale, positive=True)
-        self.subsample_size = _check_subsample_size(subsample_size, self.num_data)
-
-        g = self._generator()
-        z = self.prior_loc + self.prior_scale * self._randn(g)
-        self.x = z + self.obs_scale * self._randn(g, self.num_data)
-        self.truth = {"z": z}
+    default_num_data = 50
 
     @property
     def args(self):
@@ -285,7 +299,7 @@ class NormalNormalGlobal(ExactFixture):
 # ---------------------------------------------------------------------------
 
 
-class NormalNormalLocal(ExactFixture):
+class NormalNormalLocal(_NormalNormal):
     """One Gaussian latent per data point.
 
     .. math::
@@ -304,34 +318,8 @@ class NormalNormalLocal(ExactFixture):
     """
 
     name = "normal_local"
-    max_plate_nesting = 1
-
-    def __init__(
-        self,
-        num_data=20,
-        prior_loc=0.5,
-        prior_scale=2.0,
-        obs_scale=1.0,
-        subsample_size=None,
-        seed=0,
-        dtype=torch.float64,
-        device=None,
-    ):
-        super().__init__(seed=seed, dtype=dtype, device=device)
-        self.num_data = _check_int("num_data", num_data)
-        self.prior_loc = _check_real("prior_loc", prior_loc)
-        self.prior_scale = _check_real("prior_scale", prior_scale, positive=True)
-        self.obs_scale = _check_real("obs_scale", obs_scale, positive=True)
-        self.subsample_size = _check_subsample_size(subsample_size, self.num_data)
-
-        g = self._generator()
-        z = self.prior_loc + self.prior_scale * self._randn(g, self.num_data)
-        self.x = z + self.obs_scale * self._randn(g, self.num_data)
-        self.truth = {"z": z}
-
-    @property
-    def args(self):
-        return (self.x,)
+    default_num_data = 20
+    local_latents = True
 
     def _plate(self, x):
         return pyro.plate(
