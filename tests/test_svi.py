@@ -204,3 +204,22 @@ def test_svi_follows_the_data_device(device):
     assert math.isfinite(ev.log_evidence)
     idata = fit.to_inferencedata(num_samples=16)
     assert idata.posterior["z"].shape == (4, 4, 10)
+
+
+@pytest.mark.parametrize("loss", ["trace", "tracegraph", "meanfield", pyro.infer.Trace_ELBO(num_particles=16, vectorize_particles=True, max_plate_nesting=1)],
+                         ids=["trace", "tracegraph", "meanfield", "elbo-instance"])
+def test_every_elbo_recovers_the_conjugate_posterior(loss):
+    fx = NormalNormalGlobal()
+    kw = {} if not isinstance(loss, str) else {"num_particles": 16, "vectorize_particles": True}
+    fit = SVI(fx.model, fx.guide, optim=_optim(1500), loss=loss, **kw).run(*fx.args, num_steps=1500)
+    _check_moments(fit, fx.exact_posterior_mean(), fx.exact_posterior_sd())
+
+
+def test_poor_proposal_warns_with_khat():
+    fx = NormalNormalGlobal()
+    backend = SVI(fx.model, fx.guide)
+    backend.setup(*fx.args)
+    pyro.get_param_store()["normal_global.scale"] = torch.tensor(0.02, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="k-hat"):
+        ev = backend.make_fit(fx.args, {}).log_evidence(2000)
+    assert ev.khat > 0.7
