@@ -19,6 +19,7 @@ from .inference import (
     EarlyStopping,
     EvidenceEstimate,
     Fit,
+    LogLoss,
     get_backend,
     list_backends,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "EarlyStopping",
     "EvidenceEstimate",
     "Fit",
+    "LogLoss",
     "IncompatibleModelError",
     "ModelGuideMismatchError",
     "fit",

@@ -16,6 +16,7 @@ def _params():
     return {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_divergence_stops_with_clear_error_and_keeps_last_good_state():
     x = torch.tensor([0.5, -0.2, 1.0])
     scale_holder = {"bad": False}
@@ -168,3 +169,16 @@ def test_plot_losses_returns_axes():
     fit = SVI(fx.model, fx.guide).run(*fx.args, num_steps=60)
     ax = fit.plot_losses(smooth=10)
     assert len(ax.lines) == 2 and ax.get_xlabel() == "step"
+
+
+def test_log_loss_callback(caplog):
+    import logging
+
+    fx = NormalNormalGlobal()
+    logger = ppl_lvm.LogLoss(every=10)
+    with caplog.at_level(logging.INFO, logger="ppl_lvm"):
+        SVI(fx.model, fx.guide).run(*fx.args, num_steps=30, callbacks=[logger])
+    assert [s for s, _ in logger.history] == [9, 19, 29]
+    assert "SVI step 30: loss" in caplog.text
+    with pytest.raises(TypeError, match="each callback must be a callable"):
+        SVI(fx.model, fx.guide).run(*fx.args, num_steps=3, callbacks=[object()])

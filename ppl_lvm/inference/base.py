@@ -50,6 +50,7 @@ __all__ = [
     "EvidenceEstimate",
     "EarlyStopping",
     "Checkpoint",
+    "LogLoss",
     "GuidedBackend",
     "register_backend",
     "get_backend",
@@ -136,6 +137,29 @@ class EarlyStopping:
         elif step - self.best_step >= self.patience:
             self.stopped_at = step
             return True
+        return False
+
+
+class LogLoss:
+    """Log the loss (and its running mean) every ``every`` steps through :mod:`logging`.
+
+    Messages go to the ``"ppl_lvm"`` logger at INFO level unless another ``logger`` is given;
+    ``history`` keeps the ``(step, loss)`` pairs it logged.
+    """
+
+    def __init__(self, every: int = 100, logger=None):
+        import logging
+
+        self.every = check_positive_int(every, "every")
+        self.logger = logger or logging.getLogger("ppl_lvm")
+        self.history: List[tuple] = []
+
+    def __call__(self, backend, step: int, loss: float) -> bool:
+        if (step + 1) % self.every == 0:
+            recent = backend.losses[-self.every:]
+            self.history.append((step, loss))
+            self.logger.info("%s step %d: loss %.6g (mean of last %d: %.6g)", type(backend).__name__,
+                             step + 1, loss, len(recent), sum(recent) / len(recent))
         return False
 
 
@@ -345,7 +369,9 @@ class Backend:
         """
         num_steps = check_positive_int(num_steps, "num_steps")
         for cb in callbacks:
-            check_callable(cb, "each callback")
+            if not callable(cb):
+                raise TypeError(f"each callback must be a callable cb(backend, step, loss) -> bool, "
+                                f"got {type(cb).__name__}.")
         self.setup(*args, **kwargs)
         from tqdm.auto import tqdm
 
