@@ -549,11 +549,15 @@ class ParticleEvaluator:
         return self._model_log_probs_vmap(guide_trace, num_particles, args, kwargs)
 
     # ----------------------------------------------------------------- weights
-    def log_weights(self, num_particles: int, args, kwargs, guide_trace=None) -> LogWeights:
-        """:class:`LogWeights` of ``num_particles`` fresh particles (or of ``guide_trace``)."""
+    def log_weights(self, num_particles: int, args, kwargs, guide_trace=None, model_lp=None) -> LogWeights:
+        """:class:`LogWeights` of ``num_particles`` fresh particles (or of ``guide_trace``).
+
+        ``model_lp``, the output of :meth:`model_log_probs` for ``guide_trace``, saves a model run.
+        """
         if guide_trace is None:
             guide_trace = self.guide_trace(num_particles, args, kwargs)
-        model_lp = self.model_log_probs(guide_trace, num_particles, args, kwargs)
+        if model_lp is None:
+            model_lp = self.model_log_probs(guide_trace, num_particles, args, kwargs)
         guide_trace.compute_log_prob()
         ndim = self.max_plate_nesting + 1
         k = num_particles
@@ -601,9 +605,10 @@ class ParticleEvaluator:
         return LogWeights(global_, local, local_scale, data_plate if local is not None else None,
                           has_global_latents)
 
-    def per_observation_log_likelihood(self, guide_trace, num_particles, args, kwargs):
+    def per_observation_log_likelihood(self, guide_trace, num_particles, args, kwargs, model_lp=None):
         """Dict observed site -> ``(K, *batch shape)`` unscaled log-likelihood per observation."""
-        model_lp = self.model_log_probs(guide_trace, num_particles, args, kwargs)
+        if model_lp is None:
+            model_lp = self.model_log_probs(guide_trace, num_particles, args, kwargs)
         out = {}
         for name, info in self.structure.observed_sites.items():
             _, ulp = model_lp[name]

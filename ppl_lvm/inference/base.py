@@ -40,7 +40,7 @@ from pyro import poutine
 from pyro.util import get_rng_state, set_rng_state
 
 from ..errors import DivergenceError
-from ..traces import ParticleEvaluator, ProgramStructure
+from ..traces import ParticleEvaluator, ProgramStructure, structure_from_trace, trace_program
 from ..validation import (check_callable, check_finite_data, check_model_guide, check_positive_int,
                           positional_names)
 
@@ -274,8 +274,6 @@ class Backend:
                 data_plate=self.data_plate,
             )
         else:
-            from ..traces import structure_from_trace, trace_program
-
             m_trace = trace_program(self.model, args, kwargs)
             m_struct, g_struct = structure_from_trace(m_trace, data_plate=self.data_plate), None
         if self.validate:
@@ -680,13 +678,12 @@ class GuidedBackend(Backend):
         return EvidenceEstimate(float(est), float(se), float(khat), int(num_particles))
 
     def _inference_data_groups(self, num_samples, args, kwargs):
-        from ..traces import trace_program
-
         ev = self.evaluator
         gt = ev.guide_trace(num_samples, args, kwargs)
         latents = ev.latent_values(gt, num_samples)
-        loglik = ev.per_observation_log_likelihood(gt, num_samples, args, kwargs)
-        lw = ev.log_weights(num_samples, args, kwargs, guide_trace=gt)
+        model_lp = ev.model_log_probs(gt, num_samples, args, kwargs)  # one model run serves both
+        loglik = ev.per_observation_log_likelihood(gt, num_samples, args, kwargs, model_lp=model_lp)
+        lw = ev.log_weights(num_samples, args, kwargs, guide_trace=gt, model_lp=model_lp)
         guide_proto = trace_program(self.guide, args, kwargs, role="guide")
         proto = trace_program(self.model, args, kwargs, replay=guide_proto)
         observed = {n: proto.nodes[n]["value"] for n in self.structure.observed_sites}
