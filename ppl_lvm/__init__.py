@@ -13,6 +13,7 @@ from . import datasets, diagnostics, inference, models, traces
 from .diagnostics import psis_khat, to_inferencedata
 from .errors import DivergenceError, IncompatibleModelError, ModelGuideMismatchError
 from .inference import (
+    IWAE,
     SVI,
     Backend,
     Checkpoint,
@@ -27,6 +28,7 @@ from .inference import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "IWAE",
     "SVI",
     "Backend",
     "Checkpoint",

@@ -81,7 +81,9 @@ def psis_khat(log_weights) -> float:
         exceed = exceed[exceed > 0]
         if exceed.shape[0] < 5:
             return float("nan")
-    return _gpd_fit_shape(exceed)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        k = _gpd_fit_shape(exceed)
+    return k if math.isfinite(k) else float("nan")
 
 
 def _to_numpy(value) -> np.ndarray:

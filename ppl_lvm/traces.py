@@ -43,6 +43,7 @@ import torch
 import pyro
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
+from pyro.distributions.util import scale_and_mask
 from pyro.util import get_rng_state, set_rng_state
 
 __all__ = [
@@ -549,61 +550,61 @@ class ParticleEvaluator:
         return self._model_log_probs_vmap(guide_trace, num_particles, args, kwargs)
 
     # ----------------------------------------------------------------- weights
-    def log_weights(self, num_particles: int, args, kwargs, guide_trace=None, model_lp=None) -> LogWeights:
+    def _accumulator(self, num_particles: int) -> "_PlateSums":
+        ndim = self.max_plate_nesting + 1
+        data_plate = self.structure.data_plate
+        if data_plate is None:
+            return _PlateSums(num_particles, ndim, None, None, 1.0, 0)
+        info = self.structure.plates[data_plate]
+        return _PlateSums(num_particles, ndim, data_plate, ndim + info.dim, info.scale, info.subsample_size)
+
+    def _guide_sites(self, guide_trace, names=None):
+        """Guide sample sites that enter log q: the model's latents and auxiliary sites."""
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+                continue
+            if name not in self.structure.latent_sites and not (site.get("infer") or {}).get("is_auxiliary"):
+                continue
+            if names is not None and name not in names:
+                continue
+            yield name, site, tuple(f.name for f in site["cond_indep_stack"] if f.vectorized)
+
+    def log_weights(self, num_particles: int, args, kwargs, guide_trace=None, model_lp=None,
+                    detach_guide_params: bool = False) -> LogWeights:
         """:class:`LogWeights` of ``num_particles`` fresh particles (or of ``guide_trace``).
 
         ``model_lp``, the output of :meth:`model_log_probs` for ``guide_trace``, saves a model run.
+        With ``detach_guide_params`` the guide's log-density is evaluated with its distribution
+        parameters detached (gradients then reach the guide only through the sampled values:
+        the "sticking the landing" and DReG estimators need this).
         """
         if guide_trace is None:
             guide_trace = self.guide_trace(num_particles, args, kwargs)
         if model_lp is None:
             model_lp = self.model_log_probs(guide_trace, num_particles, args, kwargs)
         guide_trace.compute_log_prob()
+        acc = self._accumulator(num_particles)
         ndim = self.max_plate_nesting + 1
-        k = num_particles
-        data_plate = self.structure.data_plate
-        local_scale = 1.0
-        plate_dim = None
-        if data_plate is not None:
-            info = self.structure.plates[data_plate]
-            local_scale = info.scale
-            plate_dim = ndim + info.dim  # position in a tensor with particles at 0
-            width = info.subsample_size
-        sites = self.structure.sites
-        global_ = None
-        local = None
-        has_global_latents = False
-
-        def add(term, plates, is_latent):
-            nonlocal global_, local, has_global_latents
-            term = term.expand((k,) + tuple(term.shape[1:]))
-            if data_plate is not None and data_plate in plates:
-                dims = [d for d in range(1, ndim) if d != plate_dim]
-                red = term.sum(dims) if dims else term
-                red = red.expand(k, width) / local_scale
-                local = red if local is None else local + red
-            else:
-                red = term.reshape(k, -1).sum(-1)
-                global_ = red if global_ is None else global_ + red
-                if is_latent:
-                    has_global_latents = True
-
         for name, (lp, _) in model_lp.items():
-            info = sites[name]
-            add(lp, info.plates, not info.is_observed)
-        # log q: the guide's sample sites for the model's latents, plus auxiliary sites
-        # (autoguides draw through them and put the Jacobian on the Delta site)
-        for name, site in guide_trace.nodes.items():
-            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
-                continue
-            if name not in self.structure.latent_sites and not (site.get("infer") or {}).get("is_auxiliary"):
-                continue
-            plates = tuple(f.name for f in site["cond_indep_stack"] if f.vectorized)
-            add(-_pad_left(site["log_prob"], ndim, name), plates, True)
-        if global_ is None:  # every site lies in the data plate
-            global_ = local.new_zeros(k)
-        return LogWeights(global_, local, local_scale, data_plate if local is not None else None,
-                          has_global_latents)
+            info = self.structure.sites[name]
+            acc.add(lp, info.plates, not info.is_observed)
+        # log q (autoguides draw through auxiliary sites and put the Jacobian on a Delta site)
+        for name, site, plates in self._guide_sites(guide_trace):
+            lq = site["log_prob"]
+            if detach_guide_params:
+                lq = detach_distribution(site["fn"], name).log_prob(site["value"])
+                lq = scale_and_mask(lq, site["scale"], site["mask"])
+            acc.add(-_pad_left(lq, ndim, name), plates, True)
+        return acc.log_weights()
+
+    def guide_log_probs(self, guide_trace, num_particles: int, names) -> LogWeights:
+        """log q of the named guide sites only, split like :class:`LogWeights` (global, local)."""
+        guide_trace.compute_log_prob()
+        acc = self._accumulator(num_particles)
+        ndim = self.max_plate_nesting + 1
+        for name, site, plates in self._guide_sites(guide_trace, names):
+            acc.add(_pad_left(site["log_prob"], ndim, name), plates, True)
+        return acc.log_weights()
 
     def per_observation_log_likelihood(self, guide_trace, num_particles, args, kwargs, model_lp=None):
         """Dict observed site -> ``(K, *batch shape)`` unscaled log-likelihood per observation."""
@@ -618,3 +619,78 @@ class ParticleEvaluator:
                 else ulp.reshape(num_particles, -1)
         return out
 
+
+
+class _PlateSums:
+    """Sum per-particle log-density terms into a global ``(K,)`` part and a local ``(K, B)`` part."""
+
+    def __init__(self, k, ndim, data_plate, plate_pos, local_scale, width):
+        self.k, self.ndim = k, ndim
+        self.data_plate, self.plate_pos = data_plate, plate_pos
+        self.local_scale, self.width = local_scale, width
+        self.global_ = None
+        self.local = None
+        self.has_global_latents = False
+
+    def add(self, term, plates, is_latent):
+        k = self.k
+        term = term.expand((k,) + tuple(term.shape[1:]))
+        if self.data_plate is not None and self.data_plate in plates:
+            dims = [d for d in range(1, self.ndim) if d != self.plate_pos]
+            red = term.sum(dims) if dims else term
+            red = red.expand(k, self.width) / self.local_scale
+            self.local = red if self.local is None else self.local + red
+        else:
+            red = term.reshape(k, -1).sum(-1)
+            self.global_ = red if self.global_ is None else self.global_ + red
+            if is_latent:
+                self.has_global_latents = True
+
+    def log_weights(self) -> LogWeights:
+        global_ = self.global_
+        if global_ is None:  # every term lies in the data plate (or there are none)
+            ref = self.local
+            global_ = ref.new_zeros(self.k) if ref is not None else torch.zeros(self.k)
+        return LogWeights(global_, self.local, self.local_scale,
+                          self.data_plate if self.local is not None else None, self.has_global_latents)
+
+
+def detach_distribution(fn, site: str = "?"):
+    """A copy of distribution ``fn`` whose parameters are detached from the autograd graph.
+
+    Supports the distributions guides are made of: any distribution rebuilt from its
+    ``arg_constraints`` parameters (Normal, LogNormal, Gamma, Beta, Bernoulli, Categorical, ...),
+    MultivariateNormal (through ``scale_tril``), and the wrappers Independent, Expanded and
+    Masked.  Anything else raises ``ValueError`` naming the site.
+    """
+    import pyro.distributions as dist
+
+    if isinstance(fn, dist.Independent):
+        return dist.Independent(detach_distribution(fn.base_dist, site), fn.reinterpreted_batch_ndims)
+    if isinstance(fn, dist.ExpandedDistribution):
+        return detach_distribution(fn.base_dist, site).expand(fn.batch_shape)
+    if isinstance(fn, dist.MaskedDistribution):
+        return detach_distribution(fn.base_dist, site).mask(fn._mask)
+    if isinstance(fn, (dist.MultivariateNormal, torch.distributions.MultivariateNormal)):
+        return type(fn)(fn.loc.detach(), scale_tril=fn.scale_tril.detach())
+    params = {}
+    for key in getattr(fn, "arg_constraints", {}):
+        if key in ("probs", "logits") and key not in fn.__dict__:
+            continue  # torch keeps only one of the two parametrizations ...
+        if key == "probs" and "logits" in fn.__dict__:
+            continue  # ... and caches the other once used: rebuild from logits alone
+        value = getattr(fn, key, None)
+        if torch.is_tensor(value):
+            params[key] = value.detach()
+    try:
+        new = type(fn)(**params, validate_args=False)
+    except TypeError as exc:
+        raise ValueError(
+            f"Cannot evaluate the guide's {type(fn).__name__} at site {site!r} with its parameters "
+            "detached (needed by the 'stl' and 'dreg' gradient estimators). Use "
+            "gradient='pathwise', or a guide built from Normal/LogNormal/MultivariateNormal-type "
+            "distributions."
+        ) from exc
+    if tuple(new.batch_shape) != tuple(fn.batch_shape):
+        new = new.expand(fn.batch_shape)
+    return new

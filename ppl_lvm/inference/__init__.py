@@ -13,6 +13,7 @@ from .base import (
     list_backends,
     register_backend,
 )
+from .iwae import IWAE
 from .svi import SVI
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "EvidenceEstimate",
     "Fit",
     "GuidedBackend",
+    "IWAE",
     "LogLoss",
     "SVI",
     "get_backend",
