@@ -187,3 +187,24 @@ def test_bad_arguments():
         IWAE(fx.model, fx.guide, gradient="reinforce")
     with pytest.raises(ValueError, match="num_particles must be a positive integer"):
         IWAE(fx.model, fx.guide, num_particles=0)
+
+
+def test_small_vae_trains_and_its_held_out_bound_improves():
+    import warnings
+
+    from ppl_lvm.datasets import load_digits_binary
+    from ppl_lvm.models import VAE
+
+    data = load_digits_binary()
+    train, test = data.train[:400], data.test[:100]
+    torch.manual_seed(0)
+    vae = VAE(64, latent_dim=4, hidden=(32,), name="test_vae")
+    backend = IWAE(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=5)
+    with warnings.catch_warnings():  # an untrained encoder is a poor proposal: k-hat warns
+        warnings.simplefilter("ignore", RuntimeWarning)
+        backend.setup(train, subsample_size=50)
+        before = backend.make_fit((train,), {"subsample_size": 50}).log_evidence(200, test, subsample_size=None)
+        fit = backend.run(train, num_steps=400, subsample_size=50)
+        after = fit.log_evidence(200, test, subsample_size=None)
+    assert after.log_evidence - before.log_evidence > 3 * math.hypot(before.stderr, after.stderr)
+    assert after.log_evidence / len(test) > -30.0  # nats per image; 64 fair coins would be -44.4

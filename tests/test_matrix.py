@@ -21,6 +21,7 @@ EXPECTED_INCOMPATIBLE = set()
 #: constructor options per backend for a short fit
 BACKEND_OPTIONS = {
     "svi": dict(optim=lambda: pyro.optim.Adam({"lr": 0.05}), num_particles=8, vectorize_particles=True),
+    "iwae": dict(optim=lambda: pyro.optim.Adam({"lr": 0.05}), num_particles=8),
 }
 
 NUM_STEPS = 300
@@ -30,7 +31,7 @@ def _cases():
     cases = {}
     for name, cls in FIXTURES.items():
         def make(cls=cls):
-            fx = cls(num_steps=30) if name == "lgssm" else cls()
+            fx = cls(num_steps=10) if name == "lgssm" else cls()
             return fx.model, fx.guide, fx.args
         cases[f"fixture:{name}"] = make
     for name, factory in MODELS.items():

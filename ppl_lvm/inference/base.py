@@ -94,7 +94,8 @@ class EvidenceEstimate(NamedTuple):
     r"""An estimate of :math:`\log p(x)` with its Monte Carlo standard error.
 
     ``khat`` is the PSIS :math:`\hat k` of the importance weights (``nan`` where it does not
-    apply): above 0.7 the estimate is unreliable whatever ``stderr`` says.
+    apply; the largest over data points where the weights factorize per data point): above
+    0.7 the estimate is unreliable whatever ``stderr`` says.
     """
 
     log_evidence: float
@@ -669,12 +670,14 @@ class GuidedBackend(Backend):
         self._check_evidence_inputs()
         lw = self._importance_log_weights(num_particles, args, kwargs)
         est, se = lw.log_evidence()
-        khat = psis_khat(lw.weights_for_diagnostics())
+        diag = lw.weights_for_diagnostics()
+        khat = psis_khat(diag)  # per data point where the weights factorize: the largest
         if khat > 0.7:
+            where = (f" for at least one of the {diag.shape[1]} data points" if diag.dim() == 2 else "")
             warnings.warn(
-                f"PSIS k-hat of the importance weights is {khat:.2f} > 0.7: the guide is a poor "
-                "proposal for this posterior and the log-evidence estimate is unreliable. Fit "
-                "longer, use a richer guide, or more particles.", RuntimeWarning, stacklevel=3)
+                f"PSIS k-hat of the importance weights is {khat:.2f} > 0.7{where}: the guide is a "
+                "poor proposal there and the log-evidence estimate is unreliable. Fit longer, use "
+                "a richer guide, or more particles.", RuntimeWarning, stacklevel=3)
         return EvidenceEstimate(float(est), float(se), float(khat), int(num_particles))
 
     def _inference_data_groups(self, num_samples, args, kwargs):

@@ -25,3 +25,7 @@ __all__ = ["MODELS", "register_model"]
 from .regression import BayesianLinearRegression  # noqa: E402  (registers itself)
 
 __all__ += ["BayesianLinearRegression"]
+
+from .vae import VAE  # noqa: E402
+
+__all__ += ["VAE"]
