@@ -220,6 +220,11 @@ class IWAE(GuidedBackend):
 
     def _loss_and_grads(self, args, kwargs):
         bound, surrogate, model_params, guide_params = self._surrogates(self.num_particles, args, kwargs)
+        if surrogate is bound:  # plain pathwise: one backward pass serves model and guide
+            params = model_params + guide_params
+            if params:
+                _accumulate(params, torch.autograd.grad(-bound, params, allow_unused=True))
+            return -float(bound.detach())
         if model_params:
             grads = torch.autograd.grad(-bound, model_params, retain_graph=True, allow_unused=True)
             _accumulate(model_params, grads)
