@@ -366,11 +366,25 @@ class LogWeights:
         se = self.local_scale * _log_mean_exp_se(self.local, 0).pow(2).sum().sqrt()
         return est, se
 
+    @property
+    def particle_weights(self) -> torch.Tensor:
+        """The log-weights that are normalized over particles: ``(K, B)`` per data point where
+        the weight factorizes, else the joint ``(K,)``."""
+        return self.local if self.factorizes else self.joint
+
+    def reduce(self, per_weight: torch.Tensor) -> torch.Tensor:
+        """Sum a quantity shaped like ``particle_weights`` without its particle dim over data
+        points, with the minibatch factor N/B where the weights factorize."""
+        return self.local_scale * per_weight.sum() if self.factorizes else per_weight.sum()
+
+    @property
+    def constant(self) -> torch.Tensor:
+        """The particle-independent part of the log-weight where it factorizes (else 0)."""
+        return self.global_.mean() if self.factorizes else self.global_.new_zeros(())
+
     def weights_for_diagnostics(self) -> torch.Tensor:
         """Log-weights whose tail the PSIS k-hat should judge: ``(K,)`` or ``(K, B)``."""
-        if not self.factorizes:
-            return self.joint
-        return self.local
+        return self.particle_weights
 
 
 def _pad_left(t: torch.Tensor, ndim: int, site: str) -> torch.Tensor:

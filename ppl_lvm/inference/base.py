@@ -52,6 +52,7 @@ __all__ = [
     "Checkpoint",
     "LogLoss",
     "GuidedBackend",
+    "ParticlePass",
     "register_backend",
     "get_backend",
     "list_backends",
@@ -603,6 +604,24 @@ class Fit:
 
 
 # --------------------------------------------------------------------------- guide-based results
+class ParticlePass(NamedTuple):
+    """One vectorized draw of K guide particles scored under the model (see
+    :meth:`GuidedBackend._particle_pass`)."""
+
+    guide_trace: object
+    model_lp: dict
+    log_weights: "LogWeights"
+    model_params: list
+    guide_params: list
+
+
+def _accumulate(params, grads):
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        p.grad = g if p.grad is None else p.grad + g
+
+
 class GuidedBackend(Backend):
     r"""A backend whose posterior is a guide :math:`q(z \mid x)` (SVI, IWAE, chi^2-VIS).
 
@@ -619,6 +638,37 @@ class GuidedBackend(Backend):
 
     #: particles scored per vectorized pass when estimating the evidence
     evidence_chunk_size: int = 1000
+
+    # ------------------------------------------------------------------ shared update machinery
+    def _particle_pass(self, num_particles, args, kwargs) -> ParticlePass:
+        """Draw K particles from the guide, score them under the model, and record which
+        parameters the guide (phi) and the model (theta) used.  Parameters used by both count
+        as model parameters."""
+        ev = self.evaluator
+        with poutine.trace(param_only=True) as gcap:
+            gt = ev.guide_trace(num_particles, args, kwargs)
+        with poutine.trace(param_only=True) as mcap:
+            model_lp = ev.model_log_probs(gt, num_particles, args, kwargs)
+        lw = ev.log_weights(num_particles, args, kwargs, guide_trace=gt, model_lp=model_lp)
+        guide_params = {s["value"].unconstrained() for s in gcap.trace.nodes.values() if s["type"] == "param"}
+        model_params = {s["value"].unconstrained() for s in mcap.trace.nodes.values() if s["type"] == "param"}
+        return ParticlePass(gt, model_lp, lw, list(model_params), list(guide_params - model_params))
+
+    @staticmethod
+    def _apply_gradients(model_objective, guide_objective, model_params, guide_params) -> None:
+        """Set ``.grad`` to minus the gradient of ``model_objective`` for the model's parameters
+        and of ``guide_objective`` for the guide's (both objectives are maximized).  When the
+        two are the same tensor a single backward pass serves both."""
+        if guide_objective is model_objective:
+            params = model_params + guide_params
+            if params:
+                _accumulate(params, torch.autograd.grad(-model_objective, params, allow_unused=True))
+            return
+        if model_params:
+            _accumulate(model_params, torch.autograd.grad(-model_objective, model_params,
+                                                          retain_graph=bool(guide_params), allow_unused=True))
+        if guide_params:
+            _accumulate(guide_params, torch.autograd.grad(-guide_objective, guide_params, allow_unused=True))
 
     def _posterior_samples(self, num_samples, args, kwargs):
         ev = self.evaluator

@@ -56,7 +56,6 @@ import math
 from typing import Optional
 
 import torch
-from pyro import poutine
 
 from ..errors import IncompatibleModelError
 from ..traces import LogWeights, detach_distribution, log_mean_exp, trace_program
@@ -70,14 +69,7 @@ GRADIENTS = ("auto", "dreg", "pathwise", "stl")
 
 def iwae_bound(lw: LogWeights) -> torch.Tensor:
     """The importance-weighted bound of one set of particles (a scalar tensor)."""
-    if lw.factorizes:
-        return lw.global_.mean() + lw.local_scale * log_mean_exp(lw.local, 0).sum()
-    return log_mean_exp(lw.joint, 0)
-
-
-def _weights_of(lw: LogWeights) -> torch.Tensor:
-    """The log-weights the bound normalizes over particles: ``(K, B)`` local or ``(K,)`` joint."""
-    return lw.local if lw.factorizes else lw.joint
+    return lw.constant + lw.reduce(log_mean_exp(lw.particle_weights, 0))
 
 
 def vimco_signals(x: torch.Tensor) -> torch.Tensor:
@@ -185,52 +177,30 @@ class IWAE(GuidedBackend):
     def _surrogates(self, num_particles, args, kwargs):
         """(bound, guide surrogate, model params, guide params) for one set of particles."""
         ev = self.evaluator
-        with poutine.trace(param_only=True) as gcap:
-            gt = ev.guide_trace(num_particles, args, kwargs)
-        with poutine.trace(param_only=True) as mcap:
-            model_lp = ev.model_log_probs(gt, num_particles, args, kwargs)
-        lw = ev.log_weights(num_particles, args, kwargs, guide_trace=gt, model_lp=model_lp)
+        pp = self._particle_pass(num_particles, args, kwargs)
+        lw = pp.log_weights
         bound = iwae_bound(lw)
         gradient = self._resolved_gradient
         if gradient == "pathwise":
             surrogate = bound
         else:
-            lw_stop = ev.log_weights(num_particles, args, kwargs, guide_trace=gt, model_lp=model_lp,
-                                     detach_guide_params=True)
+            lw_stop = ev.log_weights(num_particles, args, kwargs, guide_trace=pp.guide_trace,
+                                     model_lp=pp.model_lp, detach_guide_params=True)
             if gradient == "stl":
                 surrogate = iwae_bound(lw_stop)
             else:  # dreg: squared normalized weights, held fixed
-                x = _weights_of(lw_stop)
-                w2 = torch.softmax(x.detach(), dim=0).pow(2)
-                surrogate = (w2 * x).sum()
-                if lw_stop.factorizes:
-                    surrogate = lw_stop.local_scale * surrogate
+                x = lw_stop.particle_weights
+                surrogate = lw_stop.reduce(torch.softmax(x.detach(), dim=0).pow(2) * x)
         if self._score_sites:
-            lq = ev.guide_log_probs(gt, num_particles, self._score_sites)
-            signals = vimco_signals(_weights_of(lw).detach())
-            if lw.factorizes:
-                score = lw.local_scale * (signals * lq.local).sum()
-            else:
-                score = (signals * lq.joint).sum()
-            surrogate = surrogate + score
-        guide_params = {s["value"].unconstrained() for s in gcap.trace.nodes.values() if s["type"] == "param"}
-        model_params = {s["value"].unconstrained() for s in mcap.trace.nodes.values() if s["type"] == "param"}
-        guide_params -= model_params
-        return bound, surrogate, list(model_params), list(guide_params)
+            lq = ev.guide_log_probs(pp.guide_trace, num_particles, self._score_sites)
+            signals = vimco_signals(lw.particle_weights.detach())
+            lq_per_weight = lq.local if lw.factorizes else lq.joint
+            surrogate = surrogate + lw.reduce(signals * lq_per_weight)
+        return bound, surrogate, pp.model_params, pp.guide_params
 
     def _loss_and_grads(self, args, kwargs):
         bound, surrogate, model_params, guide_params = self._surrogates(self.num_particles, args, kwargs)
-        if surrogate is bound:  # plain pathwise: one backward pass serves model and guide
-            params = model_params + guide_params
-            if params:
-                _accumulate(params, torch.autograd.grad(-bound, params, allow_unused=True))
-            return -float(bound.detach())
-        if model_params:
-            grads = torch.autograd.grad(-bound, model_params, retain_graph=True, allow_unused=True)
-            _accumulate(model_params, grads)
-        if guide_params:
-            grads = torch.autograd.grad(-surrogate, guide_params, allow_unused=True)
-            _accumulate(guide_params, grads)
+        self._apply_gradients(bound, surrogate, model_params, guide_params)
         return -float(bound.detach())
 
     def _step(self, *args, **kwargs) -> float:
@@ -244,9 +214,3 @@ class IWAE(GuidedBackend):
             lw = self.evaluator.log_weights(k, args, kwargs)
             return -float(iwae_bound(lw))
 
-
-def _accumulate(params, grads):
-    for p, g in zip(params, grads):
-        if g is None:
-            continue
-        p.grad = g if p.grad is None else p.grad + g
