@@ -611,13 +611,21 @@ class ParticleEvaluator:
             acc.add(-_pad_left(lq, ndim, name), plates, True)
         return acc.log_weights()
 
-    def guide_log_probs(self, guide_trace, num_particles: int, names) -> LogWeights:
-        """log q of the named guide sites only, split like :class:`LogWeights` (global, local)."""
+    def guide_log_probs(self, guide_trace, num_particles: int, names=None,
+                        detach_values: bool = False) -> LogWeights:
+        """log q of the named guide sites (all when ``None``), split like :class:`LogWeights`.
+
+        With ``detach_values`` the density is evaluated at detached values, so that gradients
+        reach the guide's parameters only through log q itself (score-function estimators).
+        """
         guide_trace.compute_log_prob()
         acc = self._accumulator(num_particles)
         ndim = self.max_plate_nesting + 1
         for name, site, plates in self._guide_sites(guide_trace, names):
-            acc.add(_pad_left(site["log_prob"], ndim, name), plates, True)
+            lq = site["log_prob"]
+            if detach_values and torch.is_tensor(site["value"]) and site["value"].requires_grad:
+                lq = scale_and_mask(site["fn"].log_prob(site["value"].detach()), site["scale"], site["mask"])
+            acc.add(_pad_left(lq, ndim, name), plates, True)
         return acc.log_weights()
 
     def per_observation_log_likelihood(self, guide_trace, num_particles, args, kwargs, model_lp=None):

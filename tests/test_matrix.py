@@ -22,6 +22,7 @@ EXPECTED_INCOMPATIBLE = set()
 BACKEND_OPTIONS = {
     "svi": dict(optim=lambda: pyro.optim.Adam({"lr": 0.05}), num_particles=8, vectorize_particles=True),
     "iwae": dict(optim=lambda: pyro.optim.Adam({"lr": 0.05}), num_particles=8),
+    "chi2_vis": dict(optim=lambda: pyro.optim.Adam({"lr": 0.05}), num_particles=32),
 }
 
 NUM_STEPS = 300

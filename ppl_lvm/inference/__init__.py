@@ -14,11 +14,13 @@ from .base import (
     register_backend,
 )
 from .iwae import IWAE
+from .vis import ChiSquareVIS
 from .svi import SVI
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "ChiSquareVIS",
     "Checkpoint",
     "EarlyStopping",
     "EvidenceEstimate",
