@@ -111,10 +111,10 @@ def check_finite_data(args: Iterable, kwargs: dict, structure: Optional[ProgramS
 
 
 def _is_real(constraint) -> bool:
-    """True for ``real`` / ``real_vector`` (possibly wrapped in ``independent``)."""
+    """True for ``real`` / ``real_vector``, possibly wrapped (``independent``, mixtures' supports)."""
     from torch.distributions import constraints
 
-    while isinstance(constraint, constraints.independent):
+    while hasattr(constraint, "base_constraint"):
         constraint = constraint.base_constraint
     return constraint is constraints.real or constraint is constraints.real_vector
 

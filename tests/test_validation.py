@@ -164,3 +164,23 @@ def test_vectorized_svi_refuses_a_model_that_does_not_broadcast():
     with pytest.raises(ValueError, match="does not broadcast over a particle plate"):
         SVI(model, guide, num_particles=4, vectorize_particles=True).step(x)
     SVI(model, guide, num_particles=4, vectorize_particles=False).step(x)  # the loop is fine
+
+
+def test_mixture_prior_with_a_normal_guide_is_accepted():
+    def model():
+        mix = dist.MixtureSameFamily(dist.Categorical(torch.ones(2)), dist.Normal(torch.tensor([-1.0, 1.0]), 1.0))
+        pyro.sample("z", mix)
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
+
+    SVI(model, guide).step()
+
+    def positive_model():
+        pyro.sample("s", dist.HalfNormal(1.0).expand([2]).to_event(1))
+
+    def real_guide():
+        pyro.sample("s", dist.Normal(torch.full((2,), 5.0), 0.01).to_event(1))
+
+    with pytest.raises(ModelGuideMismatchError, match="outside the support"):
+        SVI(positive_model, real_guide).step()
