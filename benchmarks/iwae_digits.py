@@ -35,11 +35,13 @@ def run(method, k, seed, data, steps, eval_particles, batch):
     t0 = time.perf_counter()
     fit = backend.run(data.train, num_steps=steps, subsample_size=batch)
     train_s = time.perf_counter() - t0
+    n = data.test.shape[0]
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         test = fit.log_evidence(eval_particles, data.test, subsample_size=None)
-    n = data.test.shape[0]
-    return test.log_evidence / n, test.stderr / n, test.khat, train_s
+        # the same number of training images, to see over-fitting
+        train = fit.log_evidence(eval_particles, data.train[:n], subsample_size=None)
+    return test.log_evidence / n, test.stderr / n, test.khat, train_s, train.log_evidence / n
 
 
 def main():
@@ -56,15 +58,17 @@ def main():
     rows = {m: [] for m in methods}
     for seed in args.seeds:
         for method, k in methods:
-            ll, se, khat, secs = run(method, k, seed, data, args.steps, args.eval_particles, args.batch)
-            rows[(method, k)].append(ll)
+            ll, se, khat, secs, train_ll = run(method, k, seed, data, args.steps, args.eval_particles, args.batch)
+            rows[(method, k)].append((ll, train_ll))
             print(f"seed {seed} {method.upper():>4} K={k:<3} held-out LL/image {ll:9.3f} ± {se:.3f} "
-                  f"(max k-hat {khat:.2f}), train {secs:.0f} s", flush=True)
+                  f"(max k-hat {khat:.2f}), training-set LL/image {train_ll:9.3f}, train {secs:.0f} s", flush=True)
     print()
-    print(f"{'method':<12} {'held-out LL per image (mean over seeds)':>40} {'sd over seeds':>14}")
-    for (method, k), lls in rows.items():
+    print(f"{'method':<12} {'held-out LL/image (mean over seeds)':>36} {'sd over seeds':>14} {'training LL/image':>18}")
+    for (method, k), vals in rows.items():
         name = "VAE (K=1)" if method == "vae" else f"IWAE K={k}"
-        print(f"{name:<12} {np.mean(lls):>40.3f} {np.std(lls, ddof=1) if len(lls) > 1 else float('nan'):>14.3f}")
+        lls = np.array(vals)
+        sd = np.std(lls[:, 0], ddof=1) if len(lls) > 1 else float("nan")
+        print(f"{name:<12} {lls[:, 0].mean():>36.3f} {sd:>14.3f} {lls[:, 1].mean():>18.3f}")
 
 
 if __name__ == "__main__":
