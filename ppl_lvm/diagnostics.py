@@ -20,7 +20,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-__all__ = ["psis_khat", "to_inferencedata", "groups_to_inferencedata"]
+__all__ = ["psis_khat", "psis_khats", "to_inferencedata", "groups_to_inferencedata"]
 
 
 def _gpd_fit_shape(x: np.ndarray) -> float:
@@ -61,7 +61,7 @@ def psis_khat(log_weights) -> float:
     lw = log_weights.detach().cpu().double().numpy() if torch.is_tensor(log_weights) \
         else np.asarray(log_weights, dtype=float)
     if lw.ndim == 2:
-        ks = np.array([psis_khat(lw[:, b]) for b in range(lw.shape[1])])
+        ks = psis_khats(lw)
         return float(np.nanmax(ks)) if np.isfinite(ks).any() else float("nan")
     if lw.ndim != 1:
         raise ValueError(f"psis_khat expects a 1-d or 2-d array of log-weights, got shape {lw.shape}")
@@ -84,6 +84,15 @@ def psis_khat(log_weights) -> float:
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         k = _gpd_fit_shape(exceed)
     return k if math.isfinite(k) else float("nan")
+
+
+def psis_khats(log_weights) -> np.ndarray:
+    """:func:`psis_khat` of each column of a ``(K, B)`` array of log-weights."""
+    lw = log_weights.detach().cpu().double().numpy() if torch.is_tensor(log_weights) \
+        else np.asarray(log_weights, dtype=float)
+    if lw.ndim != 2:
+        raise ValueError(f"psis_khats expects a 2-d (K, B) array of log-weights, got shape {lw.shape}")
+    return np.array([psis_khat(lw[:, b]) for b in range(lw.shape[1])])
 
 
 def _to_numpy(value) -> np.ndarray:

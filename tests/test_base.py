@@ -182,3 +182,40 @@ def test_log_loss_callback(caplog):
     assert "SVI step 30: loss" in caplog.text
     with pytest.raises(TypeError, match="each callback must be a callable"):
         SVI(fx.model, fx.guide).run(*fx.args, num_steps=3, callbacks=[object()])
+
+
+def test_fit_methods_keep_the_data_when_only_keywords_are_given():
+    fx = NormalNormalLocal(num_data=12)
+    fit = SVI(fx.model, fx.guide).run(*fx.args, num_steps=5)
+    assert fit.posterior_samples(4)["z"].shape == (4, 12)
+    ev = fit.log_evidence(50)
+    assert ev.pointwise.shape == (12,) and ev.pointwise_khat.shape == (12,)
+    assert ev.log_evidence == pytest.approx(float(ev.pointwise.sum()))
+
+
+def test_gradients_returns_an_estimate_without_updating():
+    fx = NormalNormalGlobal()
+    backend = SVI(fx.model, fx.guide, num_particles=4, vectorize_particles=True)
+    backend.setup(*fx.args)
+    before = _params()
+    loss, grads = backend.gradients(*fx.args)
+    assert set(grads) == {"normal_global.loc", "normal_global.scale"}
+    assert all(torch.isfinite(g).all() for g in grads.values()) and loss > 0
+    after = _params()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert backend.num_steps == 0
+
+
+def test_keyword_only_override_keeps_positional_data():
+    from ppl_lvm import IWAE
+    from ppl_lvm.models import VAE
+
+    x, _ = VAE.simulate(num_data=20, obs_dim=8, latent_dim=2)
+    vae = VAE(8, latent_dim=2, hidden=(8,), name="kwonly")
+    fit = IWAE(vae.model, vae.guide, num_particles=2).run(x, num_steps=3, subsample_size=5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ev = fit.log_evidence(20, subsample_size=None)  # keeps x, switches subsampling off
+    assert ev.pointwise.shape == (20,)

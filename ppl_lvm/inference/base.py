@@ -103,6 +103,10 @@ class EvidenceEstimate(NamedTuple):
     stderr: float
     khat: float
     num_particles: int
+    #: per data point, where the weights factorize: log p-hat(x_i) (numpy) ...
+    pointwise: Optional[np.ndarray] = None
+    #: ... and each data point's PSIS k-hat
+    pointwise_khat: Optional[np.ndarray] = None
 
     def __float__(self):
         return float(self.log_evidence)
@@ -194,7 +198,8 @@ def _is_finite(x) -> bool:
 class Backend:
     """Base class of every inference backend (see the module docstring for the contract).
 
-    Subclasses set ``valid_for`` (a sentence for the registry), implement :meth:`_step`, and
+    Subclasses set ``valid_for`` (a sentence for the registry), implement
+    :meth:`_loss_and_grads` (gradient methods) or :meth:`_step` (samplers), and
     override :meth:`check_model` to refuse models they cannot handle, plus the result hooks
     :meth:`_posterior_samples`, :meth:`_log_evidence` and :meth:`_inference_data_groups`.
 
@@ -310,8 +315,31 @@ class Backend:
         return self._evaluator
 
     # ------------------------------------------------------------------ updates
-    def _step(self, *args, **kwargs) -> float:
+    def _loss_and_grads(self, args, kwargs) -> float:
+        """Compute the loss and set ``.grad`` on the parameters (no update). Backends implement it."""
         raise NotImplementedError
+
+    def _step(self, *args, **kwargs) -> float:
+        return self._gradient_step(lambda: self._loss_and_grads(args, kwargs))
+
+    def gradients(self, *args, **kwargs):
+        """One gradient estimate without an update: ``(loss, {param name: gradient})``.
+
+        Gradients are those the optimizer would receive, with respect to the *unconstrained*
+        parameters (the loss's gradient: ascent directions have the opposite sign).  Useful to
+        study an estimator's variance: call it repeatedly at fixed parameters.
+        """
+        self.setup(*args, **kwargs)
+        with poutine.trace(param_only=True) as capture:
+            loss = self._loss_and_grads(args, kwargs)
+        out = {}
+        for name, site in capture.trace.nodes.items():
+            if site["type"] != "param":
+                continue
+            p = site["value"].unconstrained()
+            out[name] = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+            p.grad = None
+        return float(loss), out
 
     def _gradient_step(self, loss_and_grads: Callable[[], object]) -> float:
         """Evaluate ``loss_and_grads()`` (which must call ``backward``), check, then update.
@@ -500,9 +528,8 @@ class Fit:
         return self.backend.num_steps
 
     def _data(self, args, kwargs):
-        if args or kwargs:
-            return tuple(args), {**self.kwargs, **kwargs}
-        return self.args, self.kwargs
+        """Positional data replace the fit's positional data when given; keywords are merged."""
+        return (tuple(args) if args else self.args), {**self.kwargs, **kwargs}
 
     def posterior_samples(self, num_samples: int = 1000, *args, sites: Optional[Sequence[str]] = None,
                           **kwargs) -> Dict[str, torch.Tensor]:
@@ -715,20 +742,27 @@ class GuidedBackend(Backend):
 
     def _log_evidence(self, num_particles, args, kwargs):
         import warnings
-        from ..diagnostics import psis_khat
+        from ..diagnostics import psis_khat, psis_khats
+        from ..traces import log_mean_exp
 
         self._check_evidence_inputs()
         lw = self._importance_log_weights(num_particles, args, kwargs)
         est, se = lw.log_evidence()
         diag = lw.weights_for_diagnostics()
-        khat = psis_khat(diag)  # per data point where the weights factorize: the largest
+        pointwise = pointwise_khat = None
+        if diag.dim() == 2:  # per data point where the weights factorize; report the largest
+            pointwise_khat = psis_khats(diag)
+            khat = float(np.nanmax(pointwise_khat)) if np.isfinite(pointwise_khat).any() else float("nan")
+            pointwise = log_mean_exp(diag, 0).detach().cpu().numpy()
+        else:
+            khat = psis_khat(diag)
         if khat > 0.7:
             where = (f" for at least one of the {diag.shape[1]} data points" if diag.dim() == 2 else "")
             warnings.warn(
                 f"PSIS k-hat of the importance weights is {khat:.2f} > 0.7{where}: the guide is a "
                 "poor proposal there and the log-evidence estimate is unreliable. Fit longer, use "
                 "a richer guide, or more particles.", RuntimeWarning, stacklevel=3)
-        return EvidenceEstimate(float(est), float(se), float(khat), int(num_particles))
+        return EvidenceEstimate(float(est), float(se), float(khat), int(num_particles), pointwise, pointwise_khat)
 
     def _inference_data_groups(self, num_samples, args, kwargs):
         ev = self.evaluator

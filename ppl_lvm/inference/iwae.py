@@ -203,8 +203,6 @@ class IWAE(GuidedBackend):
         self._apply_gradients(bound, surrogate, model_params, guide_params)
         return -float(bound.detach())
 
-    def _step(self, *args, **kwargs) -> float:
-        return self._gradient_step(lambda: self._loss_and_grads(args, kwargs))
 
     def loss(self, *args, num_particles: Optional[int] = None, **kwargs) -> float:
         """Estimate :math:`-\\mathcal L_K` (without a step); ``num_particles`` overrides K."""

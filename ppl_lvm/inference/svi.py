@@ -104,8 +104,8 @@ class SVI(GuidedBackend):
             max_plate_nesting=structure.max_plate_nesting,
         )
 
-    def _step(self, *args, **kwargs) -> float:
-        return self._gradient_step(lambda: self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs))
+    def _loss_and_grads(self, args, kwargs) -> float:
+        return self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
 
     def loss(self, *args, **kwargs) -> float:
         """Estimate the negative ELBO without taking a step."""

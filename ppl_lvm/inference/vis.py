@@ -179,9 +179,6 @@ class ChiSquareVIS(GuidedBackend):
         self._apply_gradients(model_obj, proposal_obj, model_params, guide_params)
         return -float(is_loglik.detach())
 
-    def _step(self, *args, **kwargs) -> float:
-        """One update; returns minus the IS log-likelihood estimate of the drawn particles."""
-        return self._gradient_step(lambda: self._loss_and_grads(args, kwargs))
 
     def loss(self, *args, num_particles: Optional[int] = None, **kwargs) -> float:
         """Minus the IS log-likelihood estimate with K (or ``num_particles``) fresh particles."""
