@@ -16,7 +16,6 @@ import warnings
 
 import numpy as np
 import pyro
-import torch
 
 from ppl_lvm import IWAE, SVI
 from ppl_lvm.datasets import load_digits_binary

@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import pyro
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import mixture_model as mm  # noqa: E402

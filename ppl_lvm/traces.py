@@ -382,6 +382,12 @@ class LogWeights:
         """The particle-independent part of the log-weight where it factorizes (else 0)."""
         return self.global_.mean() if self.factorizes else self.global_.new_zeros(())
 
+    def is_log_likelihood(self) -> torch.Tensor:
+        r"""The importance-sampled log-likelihood of these particles, a scalar: per data point
+        :math:`g + \frac{N}{B} \sum_i \log \frac1K \sum_k e^{\ell_{ik}}` where the weights
+        factorize, else :math:`\log \frac1K \sum_k w_k`.  Its expectation is IWAE's bound."""
+        return self.constant + self.reduce(log_mean_exp(self.particle_weights, 0))
+
     def weights_for_diagnostics(self) -> torch.Tensor:
         """Log-weights whose tail the PSIS k-hat should judge: ``(K,)`` or ``(K, B)``."""
         return self.particle_weights

@@ -9,7 +9,6 @@ import math
 import warnings
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 

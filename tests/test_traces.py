@@ -5,7 +5,6 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from torch.distributions import constraints
 
 from ppl_lvm.traces import ParticleEvaluator, inspect_program, log_mean_exp, preserved_rng
 from ppl_lvm.testing import NormalNormalGlobal, NormalNormalLocal, BinaryLatents

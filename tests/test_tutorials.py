@@ -1,6 +1,5 @@
 """Every notebook in tutorials/ runs top to bottom (with CI=1, its smoke_test settings)."""
 
-import os
 import pathlib
 
 import pytest

@@ -4,7 +4,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from torch.distributions import constraints
 
 import ppl_lvm
 from ppl_lvm import SVI, ModelGuideMismatchError

@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import sys
@@ -40,7 +39,7 @@ from pyro import poutine
 from pyro.util import get_rng_state, set_rng_state
 
 from ..errors import DivergenceError
-from ..traces import ParticleEvaluator, ProgramStructure, structure_from_trace, trace_program
+from ..traces import LogWeights, ParticleEvaluator, ProgramStructure, structure_from_trace, trace_program
 from ..validation import (check_callable, check_finite_data, check_model_guide, check_positive_int,
                           positional_names)
 
@@ -637,7 +636,7 @@ class ParticlePass(NamedTuple):
 
     guide_trace: object
     model_lp: dict
-    log_weights: "LogWeights"
+    log_weights: LogWeights
     model_params: list
     guide_params: list
 
@@ -680,6 +679,14 @@ class GuidedBackend(Backend):
         guide_params = {s["value"].unconstrained() for s in gcap.trace.nodes.values() if s["type"] == "param"}
         model_params = {s["value"].unconstrained() for s in mcap.trace.nodes.values() if s["type"] == "param"}
         return ParticlePass(gt, model_lp, lw, list(model_params), list(guide_params - model_params))
+
+    def _fresh_log_weights(self, args, kwargs, num_particles: Optional[int] = None):
+        """:class:`~ppl_lvm.traces.LogWeights` of fresh particles, without gradients (K defaults
+        to the backend's ``num_particles``)."""
+        self.setup(*args, **kwargs)
+        k = self.num_particles if num_particles is None else check_positive_int(num_particles, "num_particles")
+        with torch.no_grad():
+            return self.evaluator.log_weights(k, args, kwargs)
 
     @staticmethod
     def _apply_gradients(model_objective, guide_objective, model_params, guide_params) -> None:

@@ -69,7 +69,7 @@ GRADIENTS = ("auto", "dreg", "pathwise", "stl")
 
 def iwae_bound(lw: LogWeights) -> torch.Tensor:
     """The importance-weighted bound of one set of particles (a scalar tensor)."""
-    return lw.constant + lw.reduce(log_mean_exp(lw.particle_weights, 0))
+    return lw.is_log_likelihood()
 
 
 def vimco_signals(x: torch.Tensor) -> torch.Tensor:
@@ -206,9 +206,5 @@ class IWAE(GuidedBackend):
 
     def loss(self, *args, num_particles: Optional[int] = None, **kwargs) -> float:
         """Estimate :math:`-\\mathcal L_K` (without a step); ``num_particles`` overrides K."""
-        self.setup(*args, **kwargs)
-        k = self.num_particles if num_particles is None else check_positive_int(num_particles, "num_particles")
-        with torch.no_grad():
-            lw = self.evaluator.log_weights(k, args, kwargs)
-            return -float(iwae_bound(lw))
+        return -float(self._fresh_log_weights(args, kwargs, num_particles).is_log_likelihood())
 

@@ -147,7 +147,7 @@ class ChiSquareVIS(GuidedBackend):
         pp = self._particle_pass(num_particles, args, kwargs)
         lw = pp.log_weights
         x = lw.particle_weights  # (K,) or (K, B)
-        is_loglik = lw.constant + lw.reduce(log_mean_exp(x, 0))
+        is_loglik = lw.is_log_likelihood()
         if self.model_objective == "is_loglik":
             model_obj = is_loglik
         else:
@@ -182,17 +182,10 @@ class ChiSquareVIS(GuidedBackend):
 
     def loss(self, *args, num_particles: Optional[int] = None, **kwargs) -> float:
         """Minus the IS log-likelihood estimate with K (or ``num_particles``) fresh particles."""
-        self.setup(*args, **kwargs)
-        k = self.num_particles if num_particles is None else check_positive_int(num_particles, "num_particles")
-        with torch.no_grad():
-            lw = self.evaluator.log_weights(k, args, kwargs)
-            return -float(lw.constant + lw.reduce(log_mean_exp(lw.particle_weights, 0)))
+        return -float(self._fresh_log_weights(args, kwargs, num_particles).is_log_likelihood())
 
     def log_chi2_objective(self, *args, num_particles: Optional[int] = None, **kwargs) -> float:
         r""":math:`\log \hat V` with fresh particles: the proposal's objective (lower is better)."""
-        self.setup(*args, **kwargs)
-        k = self.num_particles if num_particles is None else check_positive_int(num_particles, "num_particles")
-        with torch.no_grad():
-            lw = self.evaluator.log_weights(k, args, kwargs)
-            return float(lw.reduce(log_mean_exp(2.0 * lw.particle_weights, 0)))
+        lw = self._fresh_log_weights(args, kwargs, num_particles)
+        return float(lw.reduce(log_mean_exp(2.0 * lw.particle_weights, 0)))
 
