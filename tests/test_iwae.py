@@ -208,3 +208,13 @@ def test_small_vae_trains_and_its_held_out_bound_improves():
         after = fit.log_evidence(200, test, subsample_size=None)
     assert after.log_evidence - before.log_evidence > 3 * math.hypot(before.stderr, after.stderr)
     assert after.log_evidence / len(test) > -30.0  # nats per image; 64 fair coins would be -44.4
+
+
+def test_public_log_weights_and_chi2_objective_on_any_guided_backend():
+    fx = NormalNormalLocal()
+    backend = IWAE(fx.model, fx.guide, num_particles=7)
+    lw = backend.log_weights(*fx.args)
+    assert lw.local.shape == (7, 20) and not lw.local.requires_grad
+    # with the exact posterior as guide every weight equals p(x_i): log V = 2 log p(x)
+    _set(backend, fx, loc=fx.exact_posterior_mean()["z"], scale=fx.exact_posterior_sd()["z"])
+    assert backend.log_chi2_objective(*fx.args) == pytest.approx(2 * fx.exact_log_evidence(), rel=1e-10)

@@ -688,6 +688,21 @@ class GuidedBackend(Backend):
         with torch.no_grad():
             return self.evaluator.log_weights(k, args, kwargs)
 
+    def log_weights(self, *args, num_particles: Optional[int] = None, **kwargs):
+        """Importance log-weights of fresh guide particles (no gradients), as
+        :class:`~ppl_lvm.traces.LogWeights`: ``.joint`` ``(K,)``, per data point ``.local``
+        ``(K, B)``, ``.is_log_likelihood()``."""
+        return self._fresh_log_weights(args, kwargs, num_particles)
+
+    def log_chi2_objective(self, *args, num_particles: Optional[int] = None, **kwargs) -> float:
+        r""":math:`\log \hat V = \log \frac1K \sum_k w_k^2` with fresh particles (per data point
+        where the weights factorize): the forward-:math:`\chi^2` quality of the guide as a
+        proposal, :math:`\approx 2 \log p(x) + \log(1 + \chi^2(p \| q))`; lower is better."""
+        from ..traces import log_mean_exp
+
+        lw = self._fresh_log_weights(args, kwargs, num_particles)
+        return float(lw.reduce(log_mean_exp(2.0 * lw.particle_weights, 0)))
+
     @staticmethod
     def _apply_gradients(model_objective, guide_objective, model_params, guide_params) -> None:
         """Set ``.grad`` to minus the gradient of ``model_objective`` for the model's parameters

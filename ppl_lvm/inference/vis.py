@@ -183,9 +183,3 @@ class ChiSquareVIS(GuidedBackend):
     def loss(self, *args, num_particles: Optional[int] = None, **kwargs) -> float:
         """Minus the IS log-likelihood estimate with K (or ``num_particles``) fresh particles."""
         return -float(self._fresh_log_weights(args, kwargs, num_particles).is_log_likelihood())
-
-    def log_chi2_objective(self, *args, num_particles: Optional[int] = None, **kwargs) -> float:
-        r""":math:`\log \hat V` with fresh particles: the proposal's objective (lower is better)."""
-        lw = self._fresh_log_weights(args, kwargs, num_particles)
-        return float(lw.reduce(log_mean_exp(2.0 * lw.particle_weights, 0)))
-
