@@ -181,6 +181,14 @@ class Checkpoint:
         return False
 
 
+class _null_context:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
 def _progress_default() -> bool:
     if os.environ.get("PPL_LVM_PROGRESS") in ("0", "false", "False"):
         return False
@@ -214,6 +222,9 @@ class Backend:
     """
 
     name: ClassVar[str] = "base"
+    #: whether ``_gradient_step`` must trace param sites to find the parameters (backends whose
+    #: ``_loss_and_grads`` returns ``(loss, params)`` set it to False)
+    _capture_params: ClassVar[bool] = True
     valid_for: ClassVar[str] = ""
     needs_guide: ClassVar[bool] = True
 
@@ -331,6 +342,8 @@ class Backend:
         self.setup(*args, **kwargs)
         with poutine.trace(param_only=True) as capture:
             loss = self._loss_and_grads(args, kwargs)
+        if isinstance(loss, tuple):
+            loss = loss[0]
         out = {}
         for name, site in capture.trace.nodes.items():
             if site["type"] != "param":
@@ -341,27 +354,42 @@ class Backend:
         return float(loss), out
 
     def _gradient_step(self, loss_and_grads: Callable[[], object]) -> float:
-        """Evaluate ``loss_and_grads()`` (which must call ``backward``), check, then update.
+        """Evaluate ``loss_and_grads()`` (which sets ``.grad``), check, then update.
 
+        ``loss_and_grads`` returns the loss, or ``(loss, params)`` when it knows the
+        unconstrained parameters it differentiated (which saves a param-capturing trace).
         The update is applied only when the loss and every gradient are finite, so a
         divergent step leaves parameters and optimizer state exactly as they were.
         """
-        with poutine.trace(param_only=True) as capture:
-            loss = loss_and_grads()
-        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()
-                  if site["type"] == "param"}
+        out = None
+        with poutine.trace(param_only=True) if self._capture_params else _null_context() as capture:
+            out = loss_and_grads()
+        if isinstance(out, tuple):
+            loss, params = out
+            params = set(params)
+        else:
+            loss = out
+            params = {site["value"].unconstrained() for site in capture.trace.nodes.values()
+                      if site["type"] == "param"}
         loss = float(loss)
         bad = None
         if not _is_finite(loss):
             bad = f"the objective is {loss}"
         else:
-            for site in capture.trace.nodes.values():
-                if site["type"] != "param":
-                    continue
-                g = site["value"].unconstrained().grad
-                if g is not None and not bool(torch.isfinite(g).all()):
-                    bad = f"the gradient of parameter {site['name']!r} is not finite"
-                    break
+            grads = [p.grad for p in params if p.grad is not None]
+            # one reduction and one host sync for all gradients; name the culprit only on failure
+            if grads and not bool(torch.isfinite(torch.stack([g.sum() for g in grads]).sum())):
+                store = pyro.get_param_store()
+                for p in params:
+                    if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                        try:
+                            name = store.param_name(p)
+                        except KeyError:
+                            name = "?"
+                        bad = f"the gradient of parameter {name!r} is not finite"
+                        break
+                else:  # finite entries whose sum overflowed: still a divergent step
+                    bad = "the gradients overflow"
         if bad is not None:
             pyro.infer.util.zero_grads(params)
             raise DivergenceError(
@@ -664,6 +692,7 @@ class GuidedBackend(Backend):
 
     #: particles scored per vectorized pass when estimating the evidence
     evidence_chunk_size: int = 1000
+    _capture_params = False  # _loss_and_grads of guided backends returns (loss, params)
 
     # ------------------------------------------------------------------ shared update machinery
     def _particle_pass(self, num_particles, args, kwargs) -> ParticlePass:

@@ -201,7 +201,7 @@ class IWAE(GuidedBackend):
     def _loss_and_grads(self, args, kwargs):
         bound, surrogate, model_params, guide_params = self._surrogates(self.num_particles, args, kwargs)
         self._apply_gradients(bound, surrogate, model_params, guide_params)
-        return -float(bound.detach())
+        return -float(bound.detach()), model_params + guide_params
 
 
     def loss(self, *args, num_particles: Optional[int] = None, **kwargs) -> float:

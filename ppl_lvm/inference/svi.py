@@ -61,6 +61,7 @@ class SVI(GuidedBackend):
         EvidenceEstimate(log_evidence=-80.91 ± 0.002, khat=0.05, num_particles=2000)
     """
 
+    _capture_params = True  # Pyro's ELBOs do not report the parameters they touched
     valid_for = "any model/guide pair (continuous or discrete latents; TraceEnum sums out enumerated sites)"
 
     def __init__(self, model, guide, optim=None, loss="trace", num_particles: int = 1,

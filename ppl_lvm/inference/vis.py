@@ -177,7 +177,7 @@ class ChiSquareVIS(GuidedBackend):
         model_obj, proposal_obj, is_loglik, model_params, guide_params = self._objectives(
             self.num_particles, args, kwargs)
         self._apply_gradients(model_obj, proposal_obj, model_params, guide_params)
-        return -float(is_loglik.detach())
+        return -float(is_loglik.detach()), model_params + guide_params
 
 
     def loss(self, *args, num_particles: Optional[int] = None, **kwargs) -> float:
