@@ -693,6 +693,13 @@ class GuidedBackend(Backend):
     #: particles scored per vectorized pass when estimating the evidence
     evidence_chunk_size: int = 1000
     _capture_params = False  # _loss_and_grads of guided backends returns (loss, params)
+    _resolved_gradient: Optional[str] = None
+
+    @property
+    def gradient_estimator(self) -> Optional[str]:
+        """The gradient estimator in use for the guide, once the model has been seen (backends
+        that choose one: IWAE's "dreg"/"pathwise"/"stl", VIS's "score"/"pathwise")."""
+        return self._resolved_gradient
 
     # ------------------------------------------------------------------ shared update machinery
     def _particle_pass(self, num_particles, args, kwargs) -> ParticlePass:

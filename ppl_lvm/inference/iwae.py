@@ -168,10 +168,6 @@ class IWAE(GuidedBackend):
         self._resolved_gradient = gradient
         self.evaluator.resolve_mode(args, kwargs)
 
-    @property
-    def gradient_estimator(self) -> Optional[str]:
-        """The estimator in use for reparameterized sites, once the model has been seen."""
-        return self._resolved_gradient
 
     # ------------------------------------------------------------------ objective
     def _surrogates(self, num_particles, args, kwargs):

@@ -136,10 +136,6 @@ class ChiSquareVIS(GuidedBackend):
         self._resolved_gradient = gradient
         self.evaluator.resolve_mode(args, kwargs)
 
-    @property
-    def gradient_estimator(self) -> Optional[str]:
-        """``"score"`` or ``"pathwise"`` once the model has been seen."""
-        return self._resolved_gradient
 
     # ------------------------------------------------------------------ objectives
     def _objectives(self, num_particles, args, kwargs):
