@@ -360,11 +360,9 @@ class LogWeights:
         with far lower variance; standard errors add in quadrature over data points.
         """
         if not self.factorizes:
-            lw = self.joint
-            return log_mean_exp(lw, 0), _log_mean_exp_se(lw, 0)
-        est = self.global_[0] + self.local_scale * log_mean_exp(self.local, 0).sum()
+            return self.is_log_likelihood(), _log_mean_exp_se(self.joint, 0)
         se = self.local_scale * _log_mean_exp_se(self.local, 0).pow(2).sum().sqrt()
-        return est, se
+        return self.is_log_likelihood(), se
 
     @property
     def particle_weights(self) -> torch.Tensor:

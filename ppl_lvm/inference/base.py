@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -39,7 +40,8 @@ from pyro import poutine
 from pyro.util import get_rng_state, set_rng_state
 
 from ..errors import DivergenceError
-from ..traces import LogWeights, ParticleEvaluator, ProgramStructure, structure_from_trace, trace_program
+from ..traces import (LogWeights, ParticleEvaluator, ProgramStructure, log_mean_exp, structure_from_trace,
+                      trace_program)
 from ..validation import (check_callable, check_finite_data, check_model_guide, check_positive_int,
                           positional_names)
 
@@ -178,14 +180,6 @@ class Checkpoint:
     def __call__(self, backend, step: int, loss: float) -> bool:
         if (step + 1) % self.every == 0:
             backend.save(self.path)
-        return False
-
-
-class _null_context:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
         return False
 
 
@@ -361,8 +355,7 @@ class Backend:
         The update is applied only when the loss and every gradient are finite, so a
         divergent step leaves parameters and optimizer state exactly as they were.
         """
-        out = None
-        with poutine.trace(param_only=True) if self._capture_params else _null_context() as capture:
+        with poutine.trace(param_only=True) if self._capture_params else contextlib.nullcontext() as capture:
             out = loss_and_grads()
         if isinstance(out, tuple):
             loss, params = out
@@ -702,6 +695,12 @@ class GuidedBackend(Backend):
         return self._resolved_gradient
 
     # ------------------------------------------------------------------ shared update machinery
+    def _non_reparameterized_sites(self, structure) -> tuple:
+        """Guide sites of the model's latents that need score-function gradients
+        (discrete, or without ``rsample``)."""
+        return tuple(n for n, s in self.guide_structure.latent_sites.items()
+                     if n in structure.latent_sites and (s.is_discrete or not s.has_rsample))
+
     def _particle_pass(self, num_particles, args, kwargs) -> ParticlePass:
         """Draw K particles from the guide, score them under the model, and record which
         parameters the guide (phi) and the model (theta) used.  Parameters used by both count
@@ -734,8 +733,6 @@ class GuidedBackend(Backend):
         r""":math:`\log \hat V = \log \frac1K \sum_k w_k^2` with fresh particles (per data point
         where the weights factorize): the forward-:math:`\chi^2` quality of the guide as a
         proposal, :math:`\approx 2 \log p(x) + \log(1 + \chi^2(p \| q))`; lower is better."""
-        from ..traces import log_mean_exp
-
         lw = self._fresh_log_weights(args, kwargs, num_particles)
         return float(lw.reduce(log_mean_exp(2.0 * lw.particle_weights, 0)))
 
@@ -801,7 +798,6 @@ class GuidedBackend(Backend):
     def _log_evidence(self, num_particles, args, kwargs):
         import warnings
         from ..diagnostics import psis_khat, psis_khats
-        from ..traces import log_mean_exp
 
         self._check_evidence_inputs()
         lw = self._importance_log_weights(num_particles, args, kwargs)

@@ -142,9 +142,7 @@ class IWAE(GuidedBackend):
             )
 
     def _after_setup(self, structure, *args, **kwargs):
-        guide_sites = self.guide_structure.latent_sites
-        self._score_sites = tuple(n for n, s in guide_sites.items()
-                                  if n in structure.latent_sites and (s.is_discrete or not s.has_rsample))
+        self._score_sites = self._non_reparameterized_sites(structure)
         gradient = self.gradient
         if gradient == "auto":
             gradient = "pathwise" if self._score_sites else "dreg"

@@ -117,8 +117,7 @@ class ChiSquareVIS(GuidedBackend):
         self._resolved_gradient: Optional[str] = None
 
     def _after_setup(self, structure, *args, **kwargs):
-        non_reparam = [n for n, s in self.guide_structure.latent_sites.items()
-                       if n in structure.latent_sites and (s.is_discrete or not s.has_rsample)]
+        non_reparam = list(self._non_reparameterized_sites(structure))
         gradient = self.proposal_gradient
         if gradient == "auto":
             # The pathwise chi^2 gradient is exact in expectation but heavy-tailed: measured on
@@ -149,21 +148,19 @@ class ChiSquareVIS(GuidedBackend):
         else:
             model_obj = lw.constant + lw.reduce(x.mean(0))
         pathwise = self._resolved_gradient == "pathwise"
-        if pathwise:
-            xg = x
-        else:  # score function: values carry no gradient, only log q does
+        if not pathwise:  # score function: values carry no gradient, only log q does
             lq_all = self.evaluator.guide_log_probs(pp.guide_trace, num_particles, None, detach_values=True)
             lq = lq_all.local if lw.factorizes else lq_all.joint
             xd = x.detach()
         if self.proposal_objective == "chi2":
             if pathwise:  # descend log V: ascend -log V
-                proposal_obj = -lw.reduce(log_mean_exp(2.0 * xg, 0))
+                proposal_obj = -lw.reduce(log_mean_exp(2.0 * x, 0))
             else:  # grad log V = -sum_k what_k grad log q(z_k)
                 what = torch.softmax(2.0 * xd, dim=0)
                 proposal_obj = lw.reduce(what * lq)
         else:  # ELBO for the proposal
             if pathwise:
-                proposal_obj = lw.reduce(xg.mean(0))
+                proposal_obj = lw.reduce(x.mean(0))
             else:  # REINFORCE with a leave-one-out baseline; E[grad log w] = -E[grad log q] = 0
                 signal = xd - _loo_baseline(xd)
                 proposal_obj = lw.reduce((signal * lq).mean(0))
