@@ -22,6 +22,8 @@ from .inference import (
     EvidenceEstimate,
     Fit,
     LogLoss,
+    SGHMC,
+    SGLD,
     get_backend,
     list_backends,
 )
@@ -31,6 +33,8 @@ __version__ = "0.1.0"
 __all__ = [
     "IWAE",
     "SVI",
+    "SGHMC",
+    "SGLD",
     "Backend",
     "Checkpoint",
     "ChiSquareVIS",

@@ -124,7 +124,7 @@ def groups_to_inferencedata(groups: Dict[str, Dict[str, object]], attrs: Optiona
     return idata
 
 
-def to_inferencedata(fit, num_samples: int = 1000, **kwargs):
+def to_inferencedata(fit, num_samples=None, **kwargs):
     """Convert a :class:`~ppl_lvm.inference.base.Fit` to ``arviz.InferenceData``.
 
     Groups: ``posterior`` in ``(chain, draw, ...)``, ``sample_stats`` (backend-specific, e.g.

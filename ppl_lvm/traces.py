@@ -55,6 +55,7 @@ __all__ = [
     "preserved_rng",
     "LogWeights",
     "ParticleEvaluator",
+    "PotentialEnergy",
     "log_mean_exp",
 ]
 
@@ -487,31 +488,8 @@ class ParticleEvaluator:
         values = self.latent_values(guide_trace, num_particles)
         fixed = {n: s["value"] for n, s in guide_trace.nodes.items()
                  if s["type"] == "sample" and site_is_subsample(s)}
-        model = self.model
-        names = list(self.structure.sites)
-
-        def one(vals):
-            torch_default = torch.distributions.Distribution._validate_args
-            torch.distributions.Distribution.set_default_validate_args(False)
-            try:
-                with pyro.validation_enabled(False):
-                    tr = poutine.trace(poutine.condition(model, data={**vals, **fixed})).get_trace(*args, **kwargs)
-                    tr.compute_log_prob()
-            finally:
-                torch.distributions.Distribution.set_default_validate_args(torch_default)
-            return {n: (tr.nodes[n]["log_prob"], tr.nodes[n]["unscaled_log_prob"]) for n in names}
-
-        mapped = torch.func.vmap(one, randomness="different")(values)
-        ndim = self.max_plate_nesting + 1
-        out = {}
-        for name, (lp, ulp) in mapped.items():
-            # vmap puts particles first; the site's own batch dims align to the right.
-            lead = ndim - lp.dim()
-            if lead < 0:
-                raise ValueError(f"Site {name!r} has more batch dims than max_plate_nesting allows.")
-            out[name] = (lp.reshape((lp.shape[0],) + (1,) * lead + tuple(lp.shape[1:])),
-                         ulp.reshape((ulp.shape[0],) + (1,) * (ndim - ulp.dim()) + tuple(ulp.shape[1:])))
-        return out
+        return _vmapped_log_probs(self.model, values, fixed, list(self.structure.sites),
+                                  self.max_plate_nesting + 1, args, kwargs)
 
     def _choose_mode(self, args, kwargs):
         with preserved_rng():  # deciding the mode must not shift the fit's random stream
@@ -647,6 +625,35 @@ class ParticleEvaluator:
 
 
 
+def _vmapped_log_probs(model, values, fixed, names, ndim, args, kwargs):
+    """Map the model conditioned on ``values`` (``(K, *shape)`` tensors) over K with vmap.
+
+    Returns ``{site: (scaled log_prob, unscaled log_prob)}`` with K in dim 0 and ``ndim`` dims.
+    ``fixed`` conditions sites shared by all K (the subsample indices of plates).
+    """
+
+    def one(vals):
+        torch_default = torch.distributions.Distribution._validate_args
+        torch.distributions.Distribution.set_default_validate_args(False)
+        try:
+            with pyro.validation_enabled(False):
+                tr = poutine.trace(poutine.condition(model, data={**vals, **fixed})).get_trace(*args, **kwargs)
+                tr.compute_log_prob()
+        finally:
+            torch.distributions.Distribution.set_default_validate_args(torch_default)
+        return {n: (tr.nodes[n]["log_prob"], tr.nodes[n]["unscaled_log_prob"]) for n in names}
+
+    mapped = torch.func.vmap(one, randomness="different")(values)
+    out = {}
+    for name, (lp, ulp) in mapped.items():
+        # vmap puts particles first; the site's own batch dims align to the right.
+        if lp.dim() > ndim:
+            raise ValueError(f"Site {name!r} has more batch dims than max_plate_nesting allows.")
+        out[name] = (lp.reshape((lp.shape[0],) + (1,) * (ndim - lp.dim()) + tuple(lp.shape[1:])),
+                     ulp.reshape((ulp.shape[0],) + (1,) * (ndim - ulp.dim()) + tuple(ulp.shape[1:])))
+    return out
+
+
 class _PlateSums:
     """Sum per-particle log-density terms into a global ``(K,)`` part and a local ``(K, B)`` part."""
 
@@ -720,3 +727,188 @@ def detach_distribution(fn, site: str = "?"):
     if tuple(new.batch_shape) != tuple(fn.batch_shape):
         new = new.expand(fn.batch_shape)
     return new
+
+
+# --------------------------------------------------------------------------- potential energy
+CHAIN_PLATE = "_ppl_lvm_chains"
+
+
+class PotentialEnergy:
+    r"""A model's potential energy on unconstrained space, for :math:`C` chains at once.
+
+    Every continuous latent site :math:`x_s` with support :math:`S_s` is written as
+    :math:`x_s = T_s(u_s)` with :math:`T_s = ` ``biject_to(S_s)`` (Pyro's transforms, as in
+    its HMC), and
+
+    .. math::
+
+        U(u) = -\log p\big(\mathcal{D}, T(u)\big)
+               - \sum_s \log\left|\det \frac{\partial T_s}{\partial u_s}\right| .
+
+    The log-joint comes from a trace of the model conditioned on :math:`T(u)`, so every
+    ``poutine.scale`` and every subsampled ``pyro.plate`` keeps its scale: with a plate of
+    ``size=N, subsample_size=B`` each call evaluates the likelihood of a fresh minibatch
+    multiplied by :math:`N/B`, an unbiased estimate of the full-data potential (the stochastic
+    potential of SG-MCMC, Welling & Teh 2011; Chen, Fox & Guestrin 2014).
+
+    The :math:`C` chains are a ``pyro.plate`` left of the model's own plates (one model run for
+    all chains, one shared minibatch); a model that does not broadcast over it is mapped with
+    ``torch.func.vmap`` instead (``mode``; chosen on the first call by comparing both).
+
+    :param model: the model.
+    :param ProgramStructure structure: its prototype structure (latent sites must be continuous).
+    :param int max_plate_nesting: plate dims the model uses.
+    :param str mode: ``"auto"``, ``"plate"`` or ``"vmap"``.
+    """
+
+    def __init__(self, model, structure: ProgramStructure, max_plate_nesting: int, mode: str = "auto"):
+        from torch.distributions import biject_to
+
+        if mode not in ("auto", "plate", "vmap"):
+            raise ValueError(f"mode must be 'auto', 'plate' or 'vmap', got {mode!r}")
+        self.model = model
+        self.structure = structure
+        self.sites = list(structure.latent_sites)
+        self.transforms = {}
+        for name in self.sites:
+            info = structure.sites[name]
+            try:
+                self.transforms[name] = biject_to(info.support)
+            except NotImplementedError as exc:
+                raise ValueError(
+                    f"Latent site {name!r} has support {info.support}, which has no bijection to "
+                    "unconstrained space in torch.distributions.biject_to; gradient-based samplers "
+                    "cannot move it."
+                ) from exc
+        batch = max([len(s.batch_shape) for s in structure.sites.values()] + [int(max_plate_nesting)])
+        self.ndim = batch + 1  # chains + batch dims
+        self.mode = mode
+
+    # ---------------------------------------------------------------- transforms
+    def constrain(self, unconstrained: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Map ``{site: (C, *unconstrained shape)}`` to the sites' supports."""
+        return {n: self.transforms[n](u) for n, u in unconstrained.items()}
+
+    def unconstrain(self, values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Inverse of :meth:`constrain`."""
+        return {n: self.transforms[n].inv(v) for n, v in values.items()}
+
+    def log_abs_det_jacobian(self, unconstrained, values) -> torch.Tensor:
+        """:math:`\\sum_s \\log|\\det \\partial T_s/\\partial u_s|` per chain, shape ``(C,)``."""
+        total = None
+        for n, u in unconstrained.items():
+            ladj = self.transforms[n].log_abs_det_jacobian(u, values[n])
+            ladj = ladj.reshape(u.shape[0], -1).sum(-1)
+            total = ladj if total is None else total + ladj
+        return total
+
+    # ---------------------------------------------------------------- model evaluation
+    def _layout(self, value: torch.Tensor, name: str) -> torch.Tensor:
+        info = self.structure.sites[name]
+        pad = self.ndim - 1 - len(info.batch_shape)
+        return value.reshape((value.shape[0],) + (1,) * pad + tuple(info.value_shape))
+
+    def _plate_log_probs(self, values, num_chains, args, kwargs):
+        laid = {n: self._layout(v, n) for n, v in values.items()}
+
+        def in_chains(*a, **k):
+            with pyro.plate(CHAIN_PLATE, num_chains, dim=-self.ndim):
+                return self.model(*a, **k)
+
+        trace = poutine.trace(poutine.condition(in_chains, data=laid)).get_trace(*args, **kwargs)
+        trace.compute_log_prob()
+        out = {}
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site) or name not in self.structure.sites:
+                continue
+            out[name] = (_pad_left(site["log_prob"], self.ndim, name),
+                         _pad_left(site["unscaled_log_prob"], self.ndim, name))
+        fixed = {n: s["value"] for n, s in trace.nodes.items() if s["type"] == "sample" and site_is_subsample(s)}
+        return out, fixed
+
+    def _random_subsamples(self, like: torch.Tensor):
+        # the indices pyro.plate would draw (a random subset), shared by every chain
+        return {n: torch.randperm(p.size, device=like.device)[: p.subsample_size]
+                for n, p in self.structure.subsampled_plates.items()}
+
+    def _vmap_log_probs(self, values, fixed, args, kwargs):
+        return _vmapped_log_probs(self.model, values, fixed, list(self.structure.sites), self.ndim, args, kwargs)
+
+    def _choose_mode(self, values, args, kwargs):
+        k = min(3, next(iter(values.values())).shape[0])
+        few = {n: v[:k].detach() for n, v in values.items()}
+        plate_err = vmap_err = a = b = None
+        with preserved_rng():
+            try:
+                a, fixed = self._plate_log_probs(few, k, args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - any failure means the model does not broadcast
+                plate_err, fixed = exc, self._random_subsamples(next(iter(few.values())))
+            try:
+                b = self._vmap_log_probs(few, fixed, args, kwargs)
+            except Exception as exc:  # noqa: BLE001
+                vmap_err = exc
+
+        def total(lp):
+            return {n: v[0].expand((k,) + tuple(v[0].shape[1:])).reshape(k, -1).sum(-1) for n, v in lp.items()}
+
+        if a is not None and b is not None:
+            ta, tb = total(a), total(b)
+            same = set(ta) == set(tb) and all(torch.allclose(ta[n], tb[n], rtol=1e-4, atol=1e-4) for n in ta)
+            self.mode = "plate" if same else "vmap"
+        elif a is not None:
+            self.mode = "plate"
+        elif b is not None:
+            self.mode = "vmap"
+        else:
+            raise ValueError(
+                "Could not evaluate the model for a batch of chains, neither inside a chain plate "
+                f"({type(plate_err).__name__}: {plate_err}) nor with torch.func.vmap "
+                f"({type(vmap_err).__name__}: {vmap_err}). Make the model broadcast over extra "
+                "batch dimensions on the left (index with `...`, declare batch dimensions with "
+                "pyro.plate(..., dim=-k))."
+            ) from plate_err
+
+    def log_probs(self, values: Dict[str, torch.Tensor], args, kwargs) -> Dict[str, tuple]:
+        """``{site: (scaled log_prob, unscaled log_prob)}`` of every sample site at ``values``.
+
+        ``values`` are constrained ``(C, *site shape)`` tensors; results have the chains in
+        dim 0 and :attr:`ndim` dims (plates aligned right).
+        """
+        num_chains = next(iter(values.values())).shape[0]
+        if self.mode == "auto":
+            self._choose_mode(values, args, kwargs)
+        if self.mode == "plate":
+            return self._plate_log_probs(values, num_chains, args, kwargs)[0]
+        ref = next(iter(values.values()))
+        return self._vmap_log_probs(values, self._random_subsamples(ref), args, kwargs)
+
+    def _per_chain(self, lp: torch.Tensor, num_chains: int) -> torch.Tensor:
+        return lp.expand((num_chains,) + tuple(lp.shape[1:])).reshape(num_chains, -1).sum(-1)
+
+    def __call__(self, unconstrained: Dict[str, torch.Tensor], args, kwargs) -> torch.Tensor:
+        """:math:`U(u)` per chain, shape ``(C,)`` (differentiable in ``u`` and the model's params)."""
+        values = self.constrain(unconstrained)
+        num_chains = next(iter(values.values())).shape[0]
+        lp = self.log_probs(values, args, kwargs)
+        log_joint = sum(self._per_chain(v[0], num_chains) for v in lp.values())
+        return -(log_joint + self.log_abs_det_jacobian(unconstrained, values))
+
+    def log_joint(self, values: Dict[str, torch.Tensor], args, kwargs) -> torch.Tensor:
+        """:math:`\\log p(\\mathcal{D}, x)` per chain at constrained ``values`` (no Jacobian)."""
+        num_chains = next(iter(values.values())).shape[0]
+        lp = self.log_probs(values, args, kwargs)
+        return sum(self._per_chain(v[0], num_chains) for v in lp.values())
+
+    def observation_log_likelihood(self, values, args, kwargs, log_probs=None) -> Dict[str, torch.Tensor]:
+        """``{observed site: (C, *batch shape)}`` unscaled log-likelihood of each observation."""
+        num_chains = next(iter(values.values())).shape[0]
+        if log_probs is None:
+            log_probs = self.log_probs(values, args, kwargs)
+        out = {}
+        for name, info in self.structure.observed_sites.items():
+            ulp = log_probs[name][1]
+            shape = tuple(info.batch_shape)
+            ulp = ulp.expand((num_chains,) + tuple(ulp.shape[1:]))
+            out[name] = ulp.reshape((num_chains,) + shape) if ulp[0].numel() == math.prod(shape) \
+                else ulp.reshape(num_chains, -1)
+        return out

@@ -16,11 +16,14 @@ from .base import (
 from .iwae import IWAE
 from .vis import ChiSquareVIS
 from .svi import SVI
+from .sghmc import SGHMC, SGLD, ConstantStepSize, CyclicalStepSize, PolynomialDecay
 
 __all__ = [
     "BACKENDS",
     "Backend",
     "ChiSquareVIS",
+    "ConstantStepSize",
+    "CyclicalStepSize",
     "Checkpoint",
     "EarlyStopping",
     "EvidenceEstimate",
@@ -28,6 +31,9 @@ __all__ = [
     "GuidedBackend",
     "IWAE",
     "LogLoss",
+    "PolynomialDecay",
+    "SGHMC",
+    "SGLD",
     "SVI",
     "get_backend",
     "list_backends",

@@ -403,11 +403,12 @@ class Backend:
         self.losses.append(loss)
         return loss
 
-    def run(self, *args, num_steps: int = 1000, progress: Optional[bool] = None,
+    def run(self, *args, num_steps: Optional[int] = None, progress: Optional[bool] = None,
             callbacks: Sequence[Callable] = (), **kwargs) -> "Fit":
         """Run ``num_steps`` updates and return a :class:`Fit`.
 
-        :param num_steps: number of calls to :meth:`step` (added to any steps already taken).
+        :param num_steps: number of calls to :meth:`step` (added to any steps already taken);
+            default 1000 for the optimisation backends, warmup plus kept draws for samplers.
         :param progress: show a tqdm bar with the current loss; default: only when interactive
             (a terminal or Jupyter). ``PPL_LVM_PROGRESS=0`` turns it off everywhere.
         :param callbacks: callables ``cb(backend, step, loss) -> bool``; returning ``True``
@@ -415,6 +416,8 @@ class Backend:
         :raises DivergenceError: when the objective or a gradient becomes NaN/inf; the
             parameters keep their last finite values and ``err.fit`` holds the fit so far.
         """
+        if num_steps is None:
+            num_steps = self._default_num_steps()
         num_steps = check_positive_int(num_steps, "num_steps")
         for cb in callbacks:
             if not callable(cb):
@@ -447,6 +450,13 @@ class Backend:
 
     def make_fit(self, args, kwargs) -> "Fit":
         return Fit(self, args, kwargs)
+
+    def _default_num_steps(self) -> int:
+        return 1000
+
+    def _default_num_samples(self) -> int:
+        """Draws that ``Fit.posterior_samples``/``to_inferencedata`` return when not told."""
+        return 1000
 
     # ------------------------------------------------------------------ results (hooks)
     def _posterior_samples(self, num_samples: int, args, kwargs) -> Dict[str, torch.Tensor]:
@@ -551,13 +561,20 @@ class Fit:
         """Positional data replace the fit's positional data when given; keywords are merged."""
         return (tuple(args) if args else self.args), {**self.kwargs, **kwargs}
 
-    def posterior_samples(self, num_samples: int = 1000, *args, sites: Optional[Sequence[str]] = None,
-                          **kwargs) -> Dict[str, torch.Tensor]:
+    def _num_samples(self, num_samples):
+        if num_samples is None:
+            return self.backend._default_num_samples()
+        return check_positive_int(num_samples, "num_samples")
+
+    def posterior_samples(self, num_samples: Optional[int] = None, *args,
+                          sites: Optional[Sequence[str]] = None, **kwargs) -> Dict[str, torch.Tensor]:
         """Draws from the fitted posterior (approximation): ``{site: (num_samples, *shape)}``.
 
-        Extra positional/keyword arguments replace the data the fit was run on.
+        ``num_samples`` defaults to 1000 draws from a guide, or to every kept draw of a sampler
+        (chains concatenated). Extra positional/keyword arguments replace the data the fit was
+        run on.
         """
-        num_samples = check_positive_int(num_samples, "num_samples")
+        num_samples = self._num_samples(num_samples)
         a, k = self._data(args, kwargs)
         self.backend.setup(*a, **k)
         with torch.no_grad():
@@ -577,8 +594,8 @@ class Fit:
         with torch.no_grad():
             return self.backend._log_evidence(num_particles, a, k)
 
-    def predictive(self, num_samples: int = 1000, *args, return_sites: Optional[Sequence[str]] = None,
-                   **kwargs) -> Dict[str, torch.Tensor]:
+    def predictive(self, num_samples: Optional[int] = None, *args,
+                   return_sites: Optional[Sequence[str]] = None, **kwargs) -> Dict[str, torch.Tensor]:
         """Posterior predictive draws: the model run on posterior samples.
 
         Observed sites are *sampled* (replicated data, as for a posterior predictive check),
@@ -586,8 +603,7 @@ class Fit:
         ``fit.predictive(500, x_new, None)`` for a model ``model(x, y=None)``).  Returns
         ``{site: tensor}`` with the draws in the first dimension.
         """
-        num_samples = check_positive_int(num_samples, "num_samples")
-        samples = self.posterior_samples(num_samples)
+        samples = self.posterior_samples(self._num_samples(num_samples))
         a, k = self._data(args, kwargs)
         model = poutine.uncondition(self.backend.model)
         with torch.no_grad():
@@ -598,11 +614,15 @@ class Fit:
                 return pyro.infer.Predictive(model, posterior_samples=samples,
                                              return_sites=return_sites, parallel=False)(*a, **k)
 
-    def to_inferencedata(self, num_samples: int = 1000, *args, **kwargs):
-        """``arviz.InferenceData`` with posterior, sample_stats, log_likelihood, observed_data."""
+    def to_inferencedata(self, num_samples: Optional[int] = None, *args, **kwargs):
+        """``arviz.InferenceData`` with posterior, sample_stats, log_likelihood, observed_data.
+
+        ``num_samples``: guide draws (default 1000), or for a sampler at most this many draws
+        in all, thinned evenly within each chain (default: every kept draw).
+        """
         from ..diagnostics import groups_to_inferencedata
 
-        num_samples = check_positive_int(num_samples, "num_samples")
+        num_samples = self._num_samples(num_samples)
         a, k = self._data(args, kwargs)
         self.backend.setup(*a, **k)
         with torch.no_grad():

@@ -1,0 +1,620 @@
+r"""Stochastic-gradient MCMC: SG-HMC and SGLD on any continuous Pyro model.
+
+The sampler moves :math:`C` chains of the model's latent variables on unconstrained space
+(:class:`~ppl_lvm.traces.PotentialEnergy`: Pyro's ``biject_to`` transforms plus their
+log-Jacobians).  Minibatches come from the model's own
+``pyro.plate(..., subsample_size=B)``: the plate scales the minibatch likelihood by
+:math:`N/B`, so the potential :math:`\tilde U` of each step is an unbiased estimate of the
+full-data potential :math:`U`.  Pyro's and NumPyro's HMC/NUTS refuse subsampled plates; this
+backend is built for them.
+
+**SG-HMC** (Chen, Fox & Guestrin 2014, eq. 15, in the "SGD with momentum" parametrization,
+learning rate :math:`\eta = \epsilon^2`, friction :math:`\alpha = \epsilon C`, unit mass):
+
+.. math::
+
+    v &\leftarrow (1 - \alpha)\, v - \eta\, G \nabla \tilde U(u)
+          + \mathcal N\!\big(0,\; 2 (\alpha - \hat\beta)\, \eta\, G\big), \\
+    u &\leftarrow u + v,
+
+with :math:`\hat\beta = 0` (the gradient-noise estimate, which the friction dominates for small
+:math:`\eta`) and preconditioner :math:`G = I` by default.  With :math:`\alpha = 1` the momentum
+is forgotten at every step and the update is **SGLD** (Welling & Teh 2011),
+:math:`u \leftarrow u - \eta \nabla\tilde U + \mathcal N(0, 2\eta)`.
+
+``preconditioner="rmsprop"`` uses :math:`G = \operatorname{diag}\big(1/(\lambda + \sqrt{V})\big)`
+with :math:`V` a running average of squared gradients (pSGLD, Li, Chen, Carlson & Carin 2016).
+:math:`V` adapts during warmup only and is then frozen, so that the kept draws come from a
+sampler with a constant preconditioner, for which the correction term :math:`\Gamma` that
+pSGLD drops is exactly zero.
+
+**Structured SG-MCMC** (Alexos, Boyd & Mandt 2022): with ``groups=[[...], [...]]`` the latent
+sites are split into groups; group :math:`i` moves on the potential averaged over the other
+groups' earlier chain states,
+:math:`U_i(u_i) = \mathbb E_{u_{-i} \sim \text{buffer}}\, U(u_i, u_{-i})`, which targets the
+factorized approximation :math:`\prod_i q_i(u_i)`, :math:`q_i \propto \exp(-U_i)`, and mixes
+faster when the groups are strongly coupled in the posterior.  ``coupling=\rho`` uses the other
+groups' *current* state with probability :math:`\rho` (the paper's dropout variant:
+:math:`\rho = 1` is ordinary SG-HMC, :math:`\rho = 0` fully factorized).  All groups are
+evaluated in one batched model run.
+
+Model parameters (``pyro.param``, ``PyroModule`` weights without priors) are fitted during
+warmup by stochastic-approximation EM (the optimizer ascends the chain-averaged log-joint),
+then frozen, so the kept draws target a fixed posterior.
+
+References:
+
+* Chen, Fox, Guestrin. *Stochastic Gradient Hamiltonian Monte Carlo*. ICML 2014.
+* Welling, Teh. *Bayesian Learning via Stochastic Gradient Langevin Dynamics*. ICML 2011.
+* Li, Chen, Carlson, Carin. *Preconditioned SGLD for Deep Neural Networks*. AAAI 2016.
+* Zhang, Li, Zhang, Chen, Wilson. *Cyclical SG-MCMC for Bayesian Deep Learning*. ICLR 2020.
+* Alexos, Boyd, Mandt. *Structured Stochastic Gradient MCMC*. ICML 2022.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+
+from ..errors import DivergenceError, IncompatibleModelError
+from ..traces import PotentialEnergy, ParticleEvaluator, ProgramStructure, trace_program
+from ..validation import check_positive_int
+from .base import Backend, register_backend
+
+__all__ = ["SGHMC", "SGLD", "ConstantStepSize", "PolynomialDecay", "CyclicalStepSize"]
+
+
+# --------------------------------------------------------------------------- step-size schedules
+class ConstantStepSize:
+    """:math:`\\eta_t = \\eta`."""
+
+    def __init__(self, step_size: float):
+        self.step_size = _positive_float(step_size, "step_size")
+
+    def __call__(self, t: int) -> float:
+        return self.step_size
+
+    def explore(self, t: int) -> bool:
+        """Whether step ``t`` is an exploration step (no noise, no draw kept)."""
+        return False
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.step_size:g})"
+
+
+class PolynomialDecay(ConstantStepSize):
+    """:math:`\\eta_t = \\eta_0\\,(1 + t/\\tau)^{-\\gamma}` (Welling & Teh 2011 use
+    :math:`\\gamma \\in (0.5, 1]`, which satisfies the Robbins-Monro conditions).
+
+    :param step_size: :math:`\\eta_0`.
+    :param decay_steps: :math:`\\tau`, the step at which the step size has fallen by :math:`2^{-\\gamma}`.
+    :param power: :math:`\\gamma` (default 0.55).
+    """
+
+    def __init__(self, step_size: float, decay_steps: float = 1000.0, power: float = 0.55):
+        super().__init__(step_size)
+        self.decay_steps = _positive_float(decay_steps, "decay_steps")
+        self.power = _positive_float(power, "power")
+
+    def __call__(self, t: int) -> float:
+        return self.step_size * (1.0 + t / self.decay_steps) ** (-self.power)
+
+    def __repr__(self):
+        return f"PolynomialDecay({self.step_size:g}, decay_steps={self.decay_steps:g}, power={self.power:g})"
+
+
+class CyclicalStepSize(ConstantStepSize):
+    """Cosine cycles (Zhang et al. 2020, eq. 1):
+    :math:`\\eta_t = \\tfrac{\\eta_0}{2}\\big(\\cos(\\pi\\, r_t) + 1\\big)`, :math:`r_t` the position
+    within the current cycle in :math:`[0, 1)`.
+
+    Steps with :math:`r_t <` ``exploration`` explore (momentum SGD, no noise, nothing kept);
+    the rest of each cycle samples.  The schedule counts steps from the start of the run,
+    warmup included.
+
+    :param step_size: :math:`\\eta_0`, the largest step size.
+    :param cycle_length: steps per cycle.
+    :param exploration: fraction of each cycle spent exploring (default 0.5).
+    """
+
+    def __init__(self, step_size: float, cycle_length: int = 1000, exploration: float = 0.5):
+        super().__init__(step_size)
+        self.cycle_length = check_positive_int(cycle_length, "cycle_length")
+        if not isinstance(exploration, numbers.Real) or not 0.0 <= exploration < 1.0:
+            raise ValueError(f"exploration must be a fraction in [0, 1), got {exploration!r}")
+        self.exploration = float(exploration)
+
+    def _position(self, t: int) -> float:
+        return (t % self.cycle_length) / self.cycle_length
+
+    def __call__(self, t: int) -> float:
+        return 0.5 * self.step_size * (math.cos(math.pi * self._position(t)) + 1.0)
+
+    def explore(self, t: int) -> bool:
+        return self._position(t) < self.exploration
+
+    def __repr__(self):
+        return (f"CyclicalStepSize({self.step_size:g}, cycle_length={self.cycle_length}, "
+                f"exploration={self.exploration:g})")
+
+
+def _positive_float(value, name) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _schedule(step_size):
+    if isinstance(step_size, ConstantStepSize):
+        return step_size
+    if isinstance(step_size, numbers.Real) and not isinstance(step_size, bool):
+        return ConstantStepSize(step_size)
+    raise TypeError(
+        "step_size must be a positive number or a schedule (ConstantStepSize, PolynomialDecay, "
+        f"CyclicalStepSize), got {type(step_size).__name__}."
+    )
+
+
+# --------------------------------------------------------------------------- the sampler
+@register_backend("sghmc")
+class SGHMC(Backend):
+    r"""Stochastic-gradient Hamiltonian Monte Carlo with many chains in one tensor program.
+
+    See the module docstring for the update, the preconditioner and the structured variant.
+
+    :param model: a Pyro model whose latent sites are all continuous; minibatches through
+        ``pyro.plate(name, N, subsample_size=B)``.
+    :param guide: optional; when given, the chains start at draws from it (e.g. after an SVI
+        fit). Otherwise see ``init``.
+    :param step_size: :math:`\eta` (a float) or a schedule (:class:`ConstantStepSize`,
+        :class:`PolynomialDecay`, :class:`CyclicalStepSize`). The potential is a sum over all
+        :math:`N` data points, so :math:`\eta` must shrink roughly like :math:`1/N`; without a
+        preconditioner the update is stable for :math:`\eta \lambda_{\max} < 2(2-\alpha)`,
+        :math:`\lambda_{\max}` the largest curvature of :math:`U`.
+    :param friction: :math:`\alpha \in (0, 1]` (1 gives SGLD).
+    :param num_chains: chains run side by side (vectorized).
+    :param num_samples: draws kept per chain by a default :meth:`run`.
+    :param warmup: steps discarded at the start (parameters and preconditioner adapt here).
+    :param thin: keep every ``thin``-th step after warmup.
+    :param preconditioner: ``None`` or ``"rmsprop"`` (pSGLD-style diagonal preconditioner).
+    :param rmsprop_decay: running-average decay of the squared gradients (default 0.99).
+    :param rmsprop_eps: :math:`\lambda`, added to :math:`\sqrt V` (default 1e-5).
+    :param init: ``"uniform"`` (uniform on :math:`[-r, r]` in unconstrained space, like Stan
+        and Pyro's ``init_to_uniform``), ``"prior"`` (draws from the prior), or a dict
+        ``{site: value}`` (constrained values, broadcast to every chain and jittered by
+        ``init_radius`` times a standard normal in unconstrained space).
+    :param init_radius: :math:`r` (default 2).
+    :param groups: structured SG-MCMC: a list of lists of site names; unnamed sites form one
+        more group.
+    :param coupling: :math:`\rho \in [0, 1]`, the probability of using the other groups'
+        current state rather than a stored one (structured SG-MCMC only).
+    :param buffer_size: number of past states per chain kept for structured SG-MCMC.
+    :param optim: optimizer of the model's parameters during warmup (default Adam, lr 1e-2).
+    :param learn_params: fit the model's parameters during warmup (default ``True``).
+
+    Example::
+
+        >>> sampler = SGHMC(model, step_size=1e-4, friction=0.1, num_chains=4,
+        ...                 num_samples=1000, warmup=1000)
+        >>> fit = sampler.run(X, y)           # model(X, y) subsamples its data plate
+        >>> idata = fit.to_inferencedata()    # (chain, draw) for az.summary / az.rhat / az.ess
+    """
+
+    name = "sghmc"
+    needs_guide = False
+    _capture_params = False
+    valid_for = ("models whose latent sites are all continuous, with or without minibatches "
+                 "from pyro.plate(subsample_size=B); local latents only without subsampling")
+
+    def __init__(self, model, guide=None, *, step_size=1e-3, friction: float = 0.1, num_chains: int = 4,
+                 num_samples: int = 1000, warmup: int = 1000, thin: int = 1,
+                 preconditioner: Optional[str] = None, rmsprop_decay: float = 0.99,
+                 rmsprop_eps: float = 1e-5, init="uniform", init_radius: float = 2.0,
+                 groups: Optional[Sequence[Sequence[str]]] = None, coupling: float = 0.0,
+                 buffer_size: int = 100, optim=None, learn_params: bool = True,
+                 max_plate_nesting: Optional[int] = None, data_plate: Optional[str] = None,
+                 validate: bool = True):
+        super().__init__(model, guide, optim, max_plate_nesting=max_plate_nesting,
+                         data_plate=data_plate, validate=validate)
+        self.schedule = _schedule(step_size)
+        if isinstance(friction, bool) or not isinstance(friction, numbers.Real) or not 0.0 < friction <= 1.0:
+            raise ValueError(f"friction must be in (0, 1] (1 gives SGLD), got {friction!r}")
+        self.friction = float(friction)
+        self.num_chains = check_positive_int(num_chains, "num_chains")
+        self.num_samples = check_positive_int(num_samples, "num_samples")
+        if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+        self.warmup = int(warmup)
+        self.thin = check_positive_int(thin, "thin")
+        if preconditioner not in (None, "rmsprop"):
+            raise ValueError(f"preconditioner must be None or 'rmsprop', got {preconditioner!r}")
+        self.preconditioner = preconditioner
+        if not 0.0 < rmsprop_decay < 1.0:
+            raise ValueError(f"rmsprop_decay must be in (0, 1), got {rmsprop_decay!r}")
+        self.rmsprop_decay = float(rmsprop_decay)
+        self.rmsprop_eps = _positive_float(rmsprop_eps, "rmsprop_eps")
+        if not (init in ("uniform", "prior") or isinstance(init, dict)):
+            raise ValueError(f"init must be 'uniform', 'prior' or a dict {{site: value}}, got {init!r}")
+        self.init = init
+        self.init_radius = _positive_float(init_radius, "init_radius")
+        if groups is not None:
+            if isinstance(groups, (str, bytes)) or not all(
+                    isinstance(g, (list, tuple)) and g and all(isinstance(n, str) for n in g) for g in groups):
+                raise TypeError("groups must be a list of non-empty lists of site names, "
+                                "e.g. groups=[['w1', 'b1'], ['w2', 'b2']].")
+            flat = [n for g in groups for n in g]
+            if len(flat) != len(set(flat)):
+                raise ValueError(f"groups must not share sites; got {groups!r}")
+            groups = [list(g) for g in groups]
+        self.groups = groups
+        if not isinstance(coupling, numbers.Real) or not 0.0 <= coupling <= 1.0:
+            raise ValueError(f"coupling must be a probability in [0, 1], got {coupling!r}")
+        self.coupling = float(coupling)
+        self.buffer_size = check_positive_int(buffer_size, "buffer_size")
+        self.learn_params = bool(learn_params)
+        self.potential: Optional[PotentialEnergy] = None
+        self._reset_chains()
+
+    def _reset_chains(self):
+        self._u: Optional[Dict[str, torch.Tensor]] = None   # unconstrained positions (C, ...)
+        self._v: Optional[Dict[str, torch.Tensor]] = None   # momenta
+        self._sq: Optional[Dict[str, torch.Tensor]] = None  # rmsprop running squared gradients
+        self._buffer: Optional[Dict[str, torch.Tensor]] = None  # (S, C, ...) past states
+        self._buffer_count = 0
+        self._draws: List[Dict[str, torch.Tensor]] = []
+        self._draw_potential: List[torch.Tensor] = []
+        self._draw_step_size: List[float] = []
+        self._group_of: Dict[str, int] = {}
+
+    # ------------------------------------------------------------------ checks and setup
+    def check_model(self, structure: ProgramStructure) -> None:
+        discrete = structure.discrete_latents
+        if discrete:
+            raise IncompatibleModelError(
+                f"{type(self).__name__} moves continuous variables along gradients, but the model has "
+                f"discrete latent site(s) {sorted(discrete)}. Marginalize them by enumeration "
+                "(infer={'enumerate': 'parallel'} with SVI and TraceEnum_ELBO) or sample them "
+                "with backend='gflownet_em'."
+            )
+        if not structure.latent_sites:
+            raise IncompatibleModelError(
+                "The model has no latent sample sites, so there is nothing to sample. Give its "
+                "unknowns priors with pyro.sample, or fit point estimates with SVI and an empty guide."
+            )
+        sub = structure.subsampled_plates
+        trapped = sorted(n for n, s in structure.latent_sites.items() if any(p in sub for p in s.plates))
+        if trapped:
+            raise IncompatibleModelError(
+                f"Latent site(s) {trapped} sit inside the subsampled plate(s) {sorted(sub)}: a chain "
+                "cannot keep a state for the data points outside each minibatch. Switch "
+                "subsampling off (subsample_size=None) to sample them with SG-HMC, or fit local "
+                "latents with an amortized guide (backend='iwae' or 'svi')."
+            )
+        if self.groups is not None:
+            unknown = sorted({n for g in self.groups for n in g} - set(structure.latent_sites))
+            if unknown:
+                raise ValueError(f"groups name site(s) {unknown} that are not latent sites of the model; "
+                                 f"latent sites are {sorted(structure.latent_sites)}.")
+
+    def _after_setup(self, structure: ProgramStructure, *args, **kwargs) -> None:
+        try:
+            self.potential = PotentialEnergy(self.model, structure, structure.max_plate_nesting)
+        except ValueError as exc:
+            raise IncompatibleModelError(str(exc)) from exc
+        if self._u is not None:
+            proto = trace_program(self.model, args, kwargs)
+            for name in structure.latent_sites:
+                if name not in self._u:
+                    raise ValueError(
+                        f"The data changed the model's latent sites (new site {name!r}); the chains "
+                        "cannot continue. Build a new sampler for these data.")
+                shape = tuple(self.potential.transforms[name].inv(proto.nodes[name]["value"]).shape)
+                if tuple(self._u[name].shape[1:]) != shape:
+                    raise ValueError(
+                        f"The data changed the shape of latent site {name!r} from "
+                        f"{tuple(self._u[name].shape[1:])} to {shape} (unconstrained); the chains "
+                        "cannot continue. Build a new sampler for these data.")
+        if self.groups is not None:
+            self._after_setup_groups()
+
+    # ------------------------------------------------------------------ initialisation
+    def _initial_values(self, args, kwargs) -> Dict[str, torch.Tensor]:
+        C = self.num_chains
+        structure = self.structure
+        pe = self.potential
+        proto = trace_program(self.model, args, kwargs)
+        ref = {n: proto.nodes[n]["value"].detach() for n in structure.latent_sites}
+        if self.guide is not None:
+            ev = ParticleEvaluator(self.model, self.guide, structure, structure.max_plate_nesting)
+            with torch.no_grad():
+                vals = ev.latent_values(ev.guide_trace(C, args, kwargs), C)
+            return pe.unconstrain({n: v.detach() for n, v in vals.items()})
+        if self.init == "prior":
+            draws = []
+            with torch.no_grad():
+                for _ in range(C):  # once, at the start: a user's model need not broadcast here
+                    tr = poutine.trace(poutine.block(self.model, hide_types=["param"])).get_trace(*args, **kwargs)
+                    draws.append({n: tr.nodes[n]["value"].detach() for n in structure.latent_sites})
+            return pe.unconstrain({n: torch.stack([d[n] for d in draws]) for n in structure.latent_sites})
+        if isinstance(self.init, dict):
+            unknown = sorted(set(self.init) - set(structure.latent_sites))
+            if unknown:
+                raise ValueError(f"init names site(s) {unknown} that are not latent sites; latent sites "
+                                 f"are {sorted(structure.latent_sites)}.")
+            out = {}
+            for n, x0 in ref.items():
+                if n in self.init:
+                    v = torch.as_tensor(self.init[n], dtype=x0.dtype, device=x0.device)
+                    if tuple(v.shape) != tuple(x0.shape):
+                        raise ValueError(f"init[{n!r}] has shape {tuple(v.shape)}, the site has {tuple(x0.shape)}.")
+                    u0 = pe.transforms[n].inv(v).expand((C,) + tuple(pe.transforms[n].inv(v).shape))
+                    out[n] = u0 + self.init_radius * torch.randn_like(u0)
+                else:
+                    u0 = pe.transforms[n].inv(x0)
+                    out[n] = (torch.rand((C,) + tuple(u0.shape), dtype=u0.dtype, device=u0.device) * 2 - 1) \
+                        * self.init_radius
+            return out
+        out = {}
+        for n, x0 in ref.items():
+            u0 = pe.transforms[n].inv(x0)
+            out[n] = (torch.rand((C,) + tuple(u0.shape), dtype=u0.dtype, device=u0.device) * 2 - 1) * self.init_radius
+        return out
+
+    def _init_chains(self, args, kwargs):
+        u = self._initial_values(args, kwargs)
+        bad = [n for n, t in u.items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ValueError(f"The initial values of site(s) {bad} are not finite on unconstrained space; "
+                             "pass init='uniform' or finite values inside the support.")
+        self._u = {n: t.detach().clone() for n, t in u.items()}
+        self._v = {n: torch.zeros_like(t) for n, t in self._u.items()}
+        self._sq = None
+
+    # ------------------------------------------------------------------ one step
+    def _structured_inputs(self, u):
+        """Positions for the G x C batch: group g's copy holds its own current state and the
+        other groups' states drawn from the buffer (or current, with probability rho)."""
+        C, G = self.num_chains, self._num_groups
+        S = min(self._buffer_count, self.buffer_size)
+        ref = next(iter(u.values()))
+        if S == 0:
+            return {n: t.repeat((G,) + (1,) * (t.dim() - 1)) for n, t in u.items()}
+        # one stored state per (copy, other group, chain), the groups drawn independently
+        idx = torch.randint(0, S, (G, G, C), device=ref.device)
+        use_current = torch.rand((G, G, C), device=ref.device) < self.coupling
+        out = {}
+        for n, t in u.items():
+            h = self._group_of[n]
+            stored = self._buffer[n][idx[:, h], torch.arange(C, device=ref.device)]  # (G, C, ...)
+            keep = use_current[:, h]
+            keep = keep.reshape(keep.shape + (1,) * (t.dim() - 1))
+            other = torch.where(keep, t.detach().unsqueeze(0), stored)
+            copies = [t if g == h else other[g] for g in range(G)]
+            out[n] = torch.cat(copies, 0)
+        return out
+
+    def _potential_and_grads(self, args, kwargs, u, learn):
+        names = list(u)
+        with poutine.trace(param_only=True) as capture:
+            if self.groups is None:
+                U = self.potential(u, args, kwargs)
+            else:
+                U = self.potential(self._structured_inputs(u), args, kwargs)
+        params = []
+        if learn:
+            params = [site["value"].unconstrained() for site in capture.trace.nodes.values()
+                      if site["type"] == "param"]
+            params = [p for p in params if p.requires_grad]
+        total = U.sum()
+        grads = torch.autograd.grad(total, [u[n] for n in names] + params, allow_unused=True)
+        g = {n: (gr if gr is not None else torch.zeros_like(u[n])) for n, gr in zip(names, grads)}
+        pg = list(zip(params, grads[len(names):]))
+        return U.detach(), g, pg
+
+    def _divergence(self, what):
+        raise DivergenceError(
+            f"{type(self).__name__} step {self.num_steps}: {what}. The step was not taken; the "
+            "chains keep their last finite state. Lower the step size (it must shrink like 1/N "
+            "with N data points), raise the friction, or use preconditioner='rmsprop'.",
+            step=self.num_steps,
+        )
+
+    def _step(self, *args, **kwargs) -> float:
+        if self._u is None:
+            self._init_chains(args, kwargs)
+        t = self.num_steps
+        eta = float(self.schedule(t))
+        explore = bool(self.schedule.explore(t))
+        in_warmup = t < self.warmup
+        learn = self.learn_params and in_warmup
+        u = {n: x.detach().requires_grad_(True) for n, x in self._u.items()}
+        U, grads, param_grads = self._potential_and_grads(args, kwargs, u, learn)
+
+        finite = torch.stack([torch.isfinite(U).all()] + [torch.isfinite(g).all() for g in grads.values()])
+        if not bool(finite.all()):
+            if not bool(torch.isfinite(U).all()):
+                chains = torch.nonzero(~torch.isfinite(U)).flatten().tolist()
+                self._divergence(f"the potential energy is not finite in chain(s) {chains}")
+            bad = [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
+            self._divergence(f"the gradient of the potential at site(s) {bad} is not finite")
+
+        if param_grads:
+            ok = all(g is None or bool(torch.isfinite(g).all()) for _, g in param_grads)
+            if not ok:
+                self._divergence("the gradient of a model parameter is not finite")
+            scale = 1.0 / U.shape[0]
+            params = []
+            for p, g in param_grads:
+                if g is not None:
+                    p.grad = g * scale
+                    params.append(p)
+            self.optim(params)
+            pyro.infer.util.zero_grads(params)
+
+        alpha = self.friction
+        new_u, new_v = {}, {}
+        if self.preconditioner == "rmsprop":
+            if self._sq is None:
+                self._sq = {n: g.detach() ** 2 for n, g in grads.items()}
+            elif in_warmup:
+                b = self.rmsprop_decay
+                self._sq = {n: b * self._sq[n] + (1 - b) * grads[n].detach() ** 2 for n in grads}
+        for n, g in grads.items():
+            g = g.detach()
+            precond = 1.0 if self._sq is None else 1.0 / (self.rmsprop_eps + self._sq[n].sqrt())
+            v = (1.0 - alpha) * self._v[n] - eta * precond * g
+            if not explore:
+                v = v + torch.sqrt(2.0 * alpha * eta * precond * torch.ones_like(g)) * torch.randn_like(g)
+            new_v[n] = v
+            new_u[n] = self._u[n] + v
+        if not all(bool(torch.isfinite(x).all()) for x in new_u.values()):
+            self._divergence("the proposed position is not finite")
+        self._u, self._v = new_u, new_v
+
+        if self.groups is not None:
+            self._push_buffer(new_u)
+        if not in_warmup and not explore and (t - self.warmup) % self.thin == 0:
+            with torch.no_grad():
+                self._draws.append({n: x.detach().clone() for n, x in self.potential.constrain(new_u).items()})
+            # the potential was evaluated before the move; it is the energy of the previous state
+            self._draw_potential.append(U[: self.num_chains].clone())
+            self._draw_step_size.append(eta)
+        return float(U.mean())
+
+    def _push_buffer(self, u):
+        S = self.buffer_size
+        if self._buffer is None:
+            self._buffer = {n: x.new_zeros((S,) + tuple(x.shape)) for n, x in u.items()}
+        slot = self._buffer_count % S
+        for n, x in u.items():
+            self._buffer[n][slot] = x.detach()
+        self._buffer_count += 1
+
+    # ------------------------------------------------------------------ results
+    def _default_num_steps(self) -> int:
+        return self.warmup + self.num_samples * self.thin
+
+    def _default_num_samples(self) -> int:
+        return max(1, len(self._draws) * self.num_chains)
+
+    @property
+    def num_draws(self) -> int:
+        """Draws kept per chain so far."""
+        return len(self._draws)
+
+    def samples(self, group_by_chain: bool = True) -> Dict[str, torch.Tensor]:
+        """Every kept draw: ``{site: (chain, draw, *shape)}`` (or ``(chain * draw, *shape)``)."""
+        if not self._draws:
+            raise RuntimeError(
+                f"No draws kept yet: {self.num_steps} steps taken, warmup is {self.warmup}. Run the "
+                "sampler past warmup (run() with no num_steps runs warmup + num_samples * thin)."
+            )
+        out = {}
+        for n in self._draws[0]:
+            x = torch.stack([d[n] for d in self._draws], 1)  # (C, D, ...)
+            out[n] = x if group_by_chain else x.reshape((-1,) + tuple(x.shape[2:]))
+        return out
+
+    def _thinned(self, num_samples):
+        """``{site: (C, d, ...)}`` with at most ``num_samples`` draws in all, evenly spaced per chain."""
+        by_chain = self.samples()
+        D = self.num_draws
+        per_chain = max(1, min(D, num_samples // self.num_chains))
+        idx = torch.linspace(0, D - 1, per_chain).round().long()
+        return {n: x[:, idx] for n, x in by_chain.items()}, idx
+
+    def _posterior_samples(self, num_samples, args, kwargs):
+        total = self.num_draws * self.num_chains
+        if num_samples > total and self._draws:
+            warnings.warn(f"{num_samples} draws asked for, {total} kept ({self.num_chains} chains x "
+                          f"{self.num_draws}); returning all of them.", RuntimeWarning, stacklevel=4)
+        draws, _ = self._thinned(num_samples)
+        return {n: x.reshape((-1,) + tuple(x.shape[2:])) for n, x in draws.items()}
+
+    def _inference_data_groups(self, num_samples, args, kwargs):
+        draws, idx = self._thinned(num_samples)
+        C, d = self.num_chains, idx.numel()
+        potential = torch.stack(self._draw_potential, 1)[:, idx]  # (C, d)
+        step_size = torch.tensor(self._draw_step_size, dtype=torch.float64)[idx].expand(C, d)
+        groups = {"posterior": draws,
+                  "sample_stats": {"potential_energy": potential, "step_size": step_size}}
+        proto = trace_program(self.model, args, kwargs)
+        groups["observed_data"] = {n: proto.nodes[n]["value"] for n in self.structure.observed_sites}
+        sub = self.structure.subsampled_plates
+        if sub:
+            warnings.warn(
+                f"The model subsamples plate(s) {sorted(sub)} with these arguments, so the "
+                "log_likelihood group (for az.loo/az.waic) is left out. Pass arguments that switch "
+                "subsampling off, e.g. fit.to_inferencedata(None, X, y, subsample_size=None).",
+                RuntimeWarning, stacklevel=4)
+            return groups
+        flat = {n: x.reshape((C * d,) + tuple(x.shape[2:])) for n, x in draws.items()}
+        loglik, lp = {}, []
+        chunk = 512
+        for start in range(0, C * d, chunk):
+            part = {n: x[start:start + chunk] for n, x in flat.items()}
+            log_probs = self.potential.log_probs(part, args, kwargs)
+            for n, v in self.potential.observation_log_likelihood(part, args, kwargs, log_probs).items():
+                loglik.setdefault(n, []).append(v)
+            k = next(iter(part.values())).shape[0]
+            lp.append(sum(self.potential._per_chain(v[0], k) for v in log_probs.values()))
+        groups["log_likelihood"] = {n: torch.cat(v).reshape((C, d) + tuple(v[0].shape[1:]))
+                                    for n, v in loglik.items()}
+        groups["sample_stats"]["lp"] = torch.cat(lp).reshape(C, d)
+        return groups
+
+    # ------------------------------------------------------------------ state
+    def _extra_state(self) -> dict:
+        return {
+            "u": self._u, "v": self._v, "sq": self._sq, "buffer": self._buffer,
+            "buffer_count": self._buffer_count, "draws": self._draws,
+            "draw_potential": self._draw_potential, "draw_step_size": self._draw_step_size,
+        }
+
+    def _load_extra_state(self, extra: dict) -> None:
+        self._reset_chains()
+        self._u, self._v, self._sq = extra.get("u"), extra.get("v"), extra.get("sq")
+        self._buffer, self._buffer_count = extra.get("buffer"), int(extra.get("buffer_count", 0))
+        self._draws = list(extra.get("draws") or [])
+        self._draw_potential = list(extra.get("draw_potential") or [])
+        self._draw_step_size = list(extra.get("draw_step_size") or [])
+        if self.structure is not None and self.groups is not None:
+            self._after_setup_groups()
+
+    def _after_setup_groups(self):
+        named = {n for g in self.groups for n in g}
+        rest = [n for n in self.structure.latent_sites if n not in named]
+        all_groups = self.groups + ([rest] if rest else [])
+        self._group_of = {n: i for i, g in enumerate(all_groups) for n in g}
+        self._num_groups = len(all_groups)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(chains={self.num_chains}, steps={self.num_steps}, "
+                f"draws={self.num_draws}, step_size={self.schedule!r}, friction={self.friction:g})")
+
+
+@register_backend("sgld")
+class SGLD(SGHMC):
+    r"""Stochastic-gradient Langevin dynamics (Welling & Teh 2011): SG-HMC with friction 1,
+
+    .. math:: u \leftarrow u - \eta\, G \nabla \tilde U(u) + \mathcal N(0, 2 \eta G),
+
+    with ``preconditioner="rmsprop"`` giving pSGLD (Li et al. 2016). Takes every option of
+    :class:`SGHMC` except ``friction``.
+    """
+
+    name = "sgld"
+    valid_for = SGHMC.valid_for
+
+    def __init__(self, model, guide=None, **options):
+        if "friction" in options:
+            raise TypeError("SGLD has no friction option (it is SG-HMC with friction=1); use SGHMC "
+                            "to choose the friction.")
+        super().__init__(model, guide, friction=1.0, **options)
