@@ -13,7 +13,7 @@ import pytest
 from ppl_lvm import IncompatibleModelError
 from ppl_lvm.inference import BACKENDS
 from ppl_lvm.models import MODELS
-from ppl_lvm.testing import FIXTURES
+from ppl_lvm.testing import FIXTURES, LinearGaussianSSM
 
 #: (backend, model) pairs that must raise IncompatibleModelError
 EXPECTED_INCOMPATIBLE = {
@@ -29,9 +29,21 @@ BACKEND_OPTIONS = {
     # the rmsprop preconditioner makes one step size fit models of very different curvature
     "sghmc": dict(step_size=1e-3, friction=0.1, num_chains=4, warmup=100, preconditioner="rmsprop"),
     "sgld": dict(step_size=1e-3, num_chains=4, warmup=100, preconditioner="rmsprop"),
+    "smc_filter": dict(optim=lambda: pyro.optim.Adam({"lr": 0.05}), num_particles=100),
 }
 
 NUM_STEPS = 300
+#: backends whose one step is a whole pass over the data (a filter run): fewer steps
+FEW_STEPS = {"smc_filter": 60}
+
+#: backends that run only state-space objects, and those that run only Pyro programs
+STATE_SPACE_ONLY = {"smc_filter"}
+
+
+def _incompatible(backend_name, kind, short):
+    if (backend_name, short) in EXPECTED_INCOMPATIBLE:
+        return True
+    return (kind == "ssm") != (backend_name in STATE_SPACE_ONLY)
 
 
 def _cases():
@@ -41,6 +53,12 @@ def _cases():
             fx = cls(num_steps=10) if name == "lgssm" else cls()
             return fx.model, fx.guide, fx.args
         cases[f"fixture:{name}"] = make
+    # state-space objects (Pyro's SMCFilter contract): only the particle filter runs them
+    def make_ssm():
+        fx = LinearGaussianSSM(num_steps=20)
+        return (fx.smc_model(learn_transition=True), fx.smc_guide(), (fx.x[1:],),
+                {"init_kwargs": {"initial": fx.x[0]}})
+    cases["ssm:lgssm"] = make_ssm
     for name, factory in MODELS.items():
         def make(factory=factory):
             obj, args = factory()
@@ -60,15 +78,17 @@ def _options(backend_name):
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("backend_name", sorted(BACKENDS))
 def test_backend_model_matrix(backend_name, case):
-    model, guide, args = CASES[case]()
+    model, guide, args, *kw = CASES[case]()
+    kwargs = kw[0] if kw else {}
     backend = BACKENDS[backend_name](model, guide, **_options(backend_name))
-    short = case.split(":", 1)[1]
-    if (backend_name, short) in EXPECTED_INCOMPATIBLE:
+    kind, short = case.split(":", 1)
+    if _incompatible(backend_name, kind, short):
         with pytest.raises(IncompatibleModelError):
-            backend.run(*args, num_steps=NUM_STEPS)
+            backend.run(*args, num_steps=NUM_STEPS, **kwargs)
         assert backend.num_steps == 0
         return
-    fit = backend.run(*args, num_steps=NUM_STEPS)
+    fit = backend.run(*args, num_steps=NUM_STEPS if backend_name not in FEW_STEPS else FEW_STEPS[backend_name],
+                      **kwargs)
     losses = np.asarray(fit.losses)
     assert np.all(np.isfinite(losses))
     first, last = losses[:30].mean(), losses[-30:].mean()

@@ -16,6 +16,7 @@ from .base import (
 from .iwae import IWAE
 from .vis import ChiSquareVIS
 from .svi import SVI
+from .smc import ParticleFilter, SMCFilterBackend
 from .sghmc import SGHMC, SGLD, ConstantStepSize, CyclicalStepSize, PolynomialDecay
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "GuidedBackend",
     "IWAE",
     "LogLoss",
+    "ParticleFilter",
+    "SMCFilterBackend",
     "PolynomialDecay",
     "SGHMC",
     "SGLD",

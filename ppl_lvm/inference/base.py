@@ -39,7 +39,7 @@ import pyro.optim
 from pyro import poutine
 from pyro.util import get_rng_state, set_rng_state
 
-from ..errors import DivergenceError
+from ..errors import DivergenceError, IncompatibleModelError
 from ..traces import (LogWeights, ParticleEvaluator, ProgramStructure, log_mean_exp, structure_from_trace,
                       trace_program)
 from ..validation import (check_callable, check_finite_data, check_model_guide, check_positive_int,
@@ -224,8 +224,13 @@ class Backend:
 
     def __init__(self, model, guide=None, optim=None, *, max_plate_nesting: Optional[int] = None,
                  data_plate: Optional[str] = None, validate: bool = True):
-        check_callable(model, "model")
-        check_callable(guide, "guide", allow_none=not self.needs_guide)
+        # a state-space object (init/step, Pyro's SMCFilter contract) is refused in setup() with
+        # a pointer to the particle filter, so that the registry can say which backend fits
+        self._state_space_object = (not callable(model) and callable(getattr(model, "init", None))
+                                    and callable(getattr(model, "step", None)))
+        if not self._state_space_object:
+            check_callable(model, "model")
+            check_callable(guide, "guide", allow_none=not self.needs_guide)
         if optim is None:
             optim = pyro.optim.Adam({"lr": 1e-2})
         if not isinstance(optim, pyro.optim.PyroOptim):
@@ -273,6 +278,12 @@ class Backend:
         the random number generators, classifies the sites, and checks this backend's
         requirements.  Called automatically by :meth:`step`.
         """
+        if getattr(self, "_state_space_object", False):
+            raise IncompatibleModelError(
+                f"{type(self).__name__} runs Pyro programs (callables); this model is a state-space "
+                "object with init(state, ...)/step(state, ...) methods. Filter it with "
+                "backend='smc_filter' (ppl_lvm.inference.SMCFilterBackend or ParticleFilter)."
+            )
         key = self._signature(args, kwargs)
         if key == self._setup_key and self.structure is not None:
             return self.structure

@@ -58,7 +58,6 @@ import numbers
 import warnings
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import pyro
 import torch
 from pyro import poutine

@@ -634,7 +634,7 @@ class LinearGaussianSSM(ExactFixture):
         return {f"z_{t}": sd[t] for t in range(self.num_steps)}
 
     # -- SMC interface ------------------------------------------------------
-    def smc_model(self):
+    def smc_model(self, learn_transition=False):
         """Model object for :class:`pyro.infer.SMCFilter`.
 
         ``init(state, initial=None)`` samples :math:`z_0` (site ``"z"``) and,
@@ -644,8 +644,11 @@ class LinearGaussianSSM(ExactFixture):
         current state, so after ``init(initial=x[0])`` and ``step(x=x[t])`` for
         ``t = 1..k``, ``smc.get_empirical()["z"]`` approximates the filtering
         distribution :math:`p(z_k \\mid x_{0:k})`.
+
+        With ``learn_transition=True`` the transition :math:`a` is the Pyro parameter
+        ``"lgssm.transition"`` (initialised at 0.5), to be learned by particle maximum likelihood.
         """
-        return _LGSSMSMCModel(self)
+        return _LGSSMSMCModel(self, learn_transition)
 
     def smc_guide(self, locally_optimal=False):
         """Proposal object for :class:`pyro.infer.SMCFilter` matching :meth:`smc_model`.
@@ -668,15 +671,19 @@ def _as_obs(value, like_dtype, device):
 class _LGSSMSMCModel:
     """SMCFilter model for :class:`LinearGaussianSSM` (see ``smc_model``)."""
 
-    def __init__(self, fixture):
+    def __init__(self, fixture, learn_transition=False):
         self.fixture = fixture
+        self.learn_transition = bool(learn_transition)
 
     def _consts(self):
         f = self.fixture
-        return tuple(
+        a, s0, q, r = tuple(
             torch.tensor(v, dtype=f.dtype, device=f.device)
             for v in (f.transition, f.init_scale, f.process_scale, f.obs_scale)
         )
+        if self.learn_transition:
+            a = pyro.param(f"{f.name}.transition", lambda: torch.tensor(0.5, dtype=f.dtype, device=f.device))
+        return a, s0, q, r
 
     def init(self, state, initial=None):
         f = self.fixture
