@@ -733,6 +733,17 @@ def detach_distribution(fn, site: str = "?"):
 CHAIN_PLATE = "_ppl_lvm_chains"
 
 
+@contextlib.contextmanager
+def _validation_off():
+    torch_default = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        with pyro.validation_enabled(False):
+            yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(torch_default)
+
+
 class PotentialEnergy:
     r"""A model's potential energy on unconstrained space, for :math:`C` chains at once.
 
@@ -783,6 +794,9 @@ class PotentialEnergy:
         batch = max([len(s.batch_shape) for s in structure.sites.values()] + [int(max_plate_nesting)])
         self.ndim = batch + 1  # chains + batch dims
         self.mode = mode
+        #: ``{plate name: indices}`` to hold the minibatch fixed across calls (``None``: a fresh
+        #: minibatch per call, as the model's plates draw them)
+        self.fixed_subsamples: Optional[Dict[str, torch.Tensor]] = None
 
     # ---------------------------------------------------------------- transforms
     def constrain(self, unconstrained: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -810,6 +824,8 @@ class PotentialEnergy:
 
     def _plate_log_probs(self, values, num_chains, args, kwargs):
         laid = {n: self._layout(v, n) for n, v in values.items()}
+        if self.fixed_subsamples:
+            laid.update(self.fixed_subsamples)
 
         def in_chains(*a, **k):
             with pyro.plate(CHAIN_PLATE, num_chains, dim=-self.ndim):
@@ -828,6 +844,8 @@ class PotentialEnergy:
 
     def _random_subsamples(self, like: torch.Tensor):
         # the indices pyro.plate would draw (a random subset), shared by every chain
+        if self.fixed_subsamples:
+            return dict(self.fixed_subsamples)
         return {n: torch.randperm(p.size, device=like.device)[: p.subsample_size]
                 for n, p in self.structure.subsampled_plates.items()}
 
@@ -872,15 +890,31 @@ class PotentialEnergy:
         """``{site: (scaled log_prob, unscaled log_prob)}`` of every sample site at ``values``.
 
         ``values`` are constrained ``(C, *site shape)`` tensors; results have the chains in
-        dim 0 and :attr:`ndim` dims (plates aligned right).
+        dim 0 and :attr:`ndim` dims (plates aligned right).  Argument validation is off here
+        (the model was validated at setup): a value that leaves the support numerically, such
+        as ``exp(u)`` underflowing to 0 in a proposal, gives a non-finite energy, which samplers
+        reject, instead of an exception.
         """
         num_chains = next(iter(values.values())).shape[0]
-        if self.mode == "auto":
-            self._choose_mode(values, args, kwargs)
-        if self.mode == "plate":
-            return self._plate_log_probs(values, num_chains, args, kwargs)[0]
-        ref = next(iter(values.values()))
-        return self._vmap_log_probs(values, self._random_subsamples(ref), args, kwargs)
+        with _validation_off():
+            if self.mode == "auto":
+                self._choose_mode(values, args, kwargs)
+            if self.mode == "plate":
+                return self._plate_log_probs(values, num_chains, args, kwargs)[0]
+            ref = next(iter(values.values()))
+            return self._vmap_log_probs(values, self._random_subsamples(ref), args, kwargs)
+
+    def log_probs_and_subsamples(self, values, args, kwargs):
+        """:meth:`log_probs` plus ``{plate name: indices}`` of the minibatch it used (to condition
+        further runs on the same minibatch with ``poutine.condition``)."""
+        num_chains = next(iter(values.values())).shape[0]
+        with _validation_off():
+            if self.mode == "auto":
+                self._choose_mode(values, args, kwargs)
+            if self.mode == "plate":
+                return self._plate_log_probs(values, num_chains, args, kwargs)
+            fixed = self._random_subsamples(next(iter(values.values())))
+            return self._vmap_log_probs(values, fixed, args, kwargs), fixed
 
     def _per_chain(self, lp: torch.Tensor, num_chains: int) -> torch.Tensor:
         return lp.expand((num_chains,) + tuple(lp.shape[1:])).reshape(num_chains, -1).sum(-1)

@@ -19,6 +19,8 @@ from ppl_lvm.testing import FIXTURES, LinearGaussianSSM
 EXPECTED_INCOMPATIBLE = {
     ("sghmc", "binary"),  # discrete latents: SG-MCMC moves along gradients
     ("sgld", "binary"),
+    ("smc", "binary"),  # HMC moves
+    ("smc_online", "binary"),
 }
 
 #: constructor options per backend for a short fit
@@ -30,11 +32,13 @@ BACKEND_OPTIONS = {
     "sghmc": dict(step_size=1e-3, friction=0.1, num_chains=4, warmup=100, preconditioner="rmsprop"),
     "sgld": dict(step_size=1e-3, num_chains=4, warmup=100, preconditioner="rmsprop"),
     "smc_filter": dict(optim=lambda: pyro.optim.Adam({"lr": 0.05}), num_particles=100),
+    "smc": dict(num_particles=100, num_moves=2),
+    "smc_online": dict(optim=lambda: pyro.optim.Adam({"lr": 0.05}), num_particles=50, num_moves=2),
 }
 
 NUM_STEPS = 300
 #: backends whose one step is a whole pass over the data (a filter run): fewer steps
-FEW_STEPS = {"smc_filter": 60}
+FEW_STEPS = {"smc_filter": 60, "smc": 60, "smc_online": 100}
 
 #: backends that run only state-space objects, and those that run only Pyro programs
 STATE_SPACE_ONLY = {"smc_filter"}

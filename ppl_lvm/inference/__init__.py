@@ -17,6 +17,7 @@ from .iwae import IWAE
 from .vis import ChiSquareVIS
 from .svi import SVI
 from .smc import ParticleFilter, SMCFilterBackend
+from .smc_sampler import OpenHorizonSMC, SMCSampler
 from .sghmc import SGHMC, SGLD, ConstantStepSize, CyclicalStepSize, PolynomialDecay
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "GuidedBackend",
     "IWAE",
     "LogLoss",
+    "OpenHorizonSMC",
+    "SMCSampler",
     "ParticleFilter",
     "SMCFilterBackend",
     "PolynomialDecay",

@@ -221,6 +221,8 @@ class Backend:
     _capture_params: ClassVar[bool] = True
     valid_for: ClassVar[str] = ""
     needs_guide: ClassVar[bool] = True
+    #: whether ``Fit.log_evidence`` accepts ``num_runs`` (independent repeats of an SMC run)
+    _evidence_from_runs: ClassVar[bool] = False
 
     def __init__(self, model, guide=None, optim=None, *, max_plate_nesting: Optional[int] = None,
                  data_plate: Optional[str] = None, validate: bool = True):
@@ -598,10 +600,19 @@ class Fit:
         return samples
 
     def log_evidence(self, num_particles: int = 1000, *args, **kwargs) -> EvidenceEstimate:
-        r"""Estimate :math:`\log p(x)` where the backend can (with standard error and k-hat)."""
+        r"""Estimate :math:`\log p(x)` where the backend can (with standard error and k-hat).
+
+        The SMC backends take ``num_runs=`` (independent runs whose :math:`\hat Z` are averaged;
+        the standard error comes from their spread)."""
+        num_runs = kwargs.pop("num_runs", None)
         num_particles = check_positive_int(num_particles, "num_particles")
         a, k = self._data(args, kwargs)
         self.backend.setup(*a, **k)
+        if num_runs is not None:
+            if not self.backend._evidence_from_runs:
+                raise TypeError(f"{type(self.backend).__name__}.log_evidence takes no num_runs; only the "
+                                "SMC backends repeat independent runs.")
+            k = {**k, "num_runs": check_positive_int(num_runs, "num_runs")}
         with torch.no_grad():
             return self.backend._log_evidence(num_particles, a, k)
 

@@ -497,6 +497,7 @@ class SMCFilterBackend(Backend):
     name = "smc_filter"
     needs_guide = False
     _capture_params = False
+    _evidence_from_runs = True
     valid_for = ("state-space model objects with init(state, ...)/step(state, ...) (Pyro's SMCFilter "
                  "contract); learns proposal/model parameters by ascending the SMC log-evidence")
 

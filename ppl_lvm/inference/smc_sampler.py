@@ -1,0 +1,596 @@
+r"""SMC samplers for static models: adaptive likelihood tempering, and open-horizon SMC.
+
+**Tempered SMC** (:class:`SMCSampler`; Del Moral, Doucet & Jasra 2006; Chopin &
+Papaspiliopoulos 2020, ch. 17).  :math:`K` particles start from the prior (all latent sites
+drawn by the model) and follow the path
+
+.. math::
+
+    \pi_\beta(z) \propto p(z)\, p(x \mid z)^{\beta}, \qquad 0 = \beta_0 < \beta_1 < \dots < \beta_n = 1 .
+
+Each step (i) picks :math:`\beta_{t+1}` by bisection so that the incremental weights
+:math:`w^k = p(x \mid z^k)^{\beta_{t+1} - \beta_t}` have an effective sample size of
+``target_ess`` :math:`\cdot K`, (ii) adds :math:`\log \frac1K \sum_k w^k` to :math:`\log\hat Z`
+(the particles carry equal weights, having been resampled), (iii) resamples, and (iv) moves
+every particle with ``num_moves`` HMC transitions that leave :math:`\pi_{\beta_{t+1}}`
+invariant.  :math:`\hat Z` is an unbiased estimate of :math:`p(x)`.  The HMC kernel works on
+the model's unconstrained space (:class:`~ppl_lvm.traces.PotentialEnergy`), with a diagonal
+mass matrix set from the particles' variances (the cloud knows the posterior's scales) and a
+step size adapted towards acceptance 0.65 between moves; ``num_leapfrog=1`` is MALA.
+
+**Open-horizon SMC** (:class:`OpenHorizonSMC`), for models whose data arrive in minibatches
+through ``pyro.plate(..., subsample_size=B)``, following Zhao, Mair, Schön & Sjölund
+(AISTATS 2024) for partially stochastic Bayesian neural networks: the particles over the
+latent ("stochastic") sites persist across minibatches.  At each step, with minibatch
+:math:`b` of :math:`B` points out of :math:`N`,
+
+1. the particles are reweighted by the minibatch likelihood :math:`p(y_b \mid z^k, \psi)`,
+   and resampled when the ESS falls below ``ess_threshold`` :math:`\cdot K`;
+2. each particle moves by ``num_moves`` MALA/HMC steps on the minibatch posterior
+   :math:`p(z)\,p(y_b \mid z, \psi)^{N/B}`;
+3. the model's parameters :math:`\psi` (``pyro.param`` sites and ``PyroModule`` weights without
+   priors: the deterministic part) take one optimizer step along the Fisher-identity gradient
+   :math:`\frac NB \sum_k W^k \nabla_\psi \log p(y_b \mid z^k, \psi)`.
+
+The horizon is open: the data stream cycles through the data set without end, so the particle
+system is a stochastic approximation (it does not target the exact posterior after a fixed
+number of epochs); what it delivers is a trained :math:`\psi` together with a particle
+approximation of the stochastic sites' uncertainty.
+
+References:
+
+* Del Moral, Doucet, Jasra. *Sequential Monte Carlo samplers*. JRSS B 2006.
+* Chopin, Papaspiliopoulos. *An Introduction to Sequential Monte Carlo*. Springer 2020.
+* Buchholz, Chopin, Jacob. *Adaptive tuning of Hamiltonian Monte Carlo within SMC*. Bayesian
+  Analysis 2021 (mass matrix from the particles, step-size adaptation).
+* Zhao, Mair, Schön, Sjölund. *On Feynman-Kac training of partial Bayesian neural networks*.
+  AISTATS 2024.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Dict, Optional
+
+import pyro
+import torch
+from pyro import poutine
+
+from ..errors import DivergenceError, IncompatibleModelError
+from ..traces import PotentialEnergy, ProgramStructure, log_mean_exp, _log_mean_exp_se, trace_program
+from ..validation import check_positive_int
+from .base import Backend, EvidenceEstimate, register_backend
+from .smc import RESAMPLERS
+
+__all__ = ["SMCSampler", "OpenHorizonSMC"]
+
+
+def _fraction(value, name, low=0.0, high=1.0, open_low=True):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            (low < value if open_low else low <= value) and value <= high):
+        raise ValueError(f"{name} must be in {'(' if open_low else '['}{low}, {high}], got {value!r}")
+    return float(value)
+
+
+class _ParticleSampler(Backend):
+    """Shared machinery: particles on unconstrained space, prior draws, HMC moves."""
+
+    needs_guide = False
+    _capture_params = False
+    _evidence_from_runs = True
+
+    def __init__(self, model, guide=None, optim=None, *, num_particles: int = 1000, num_moves: int = 5,
+                 num_leapfrog: int = 5, step_size: float = 0.5, resampling: str = "systematic",
+                 max_plate_nesting: Optional[int] = None, validate: bool = True):
+        super().__init__(model, guide, optim, max_plate_nesting=max_plate_nesting, validate=validate)
+        self.num_particles = check_positive_int(num_particles, "num_particles")
+        self.num_moves = check_positive_int(num_moves, "num_moves")
+        self.num_leapfrog = check_positive_int(num_leapfrog, "num_leapfrog")
+        if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real) or not step_size > 0:
+            raise ValueError(f"step_size must be a positive number, got {step_size!r}")
+        self.step_size = float(step_size)
+        if resampling not in RESAMPLERS:
+            raise ValueError(f"resampling must be one of {sorted(RESAMPLERS)}, got {resampling!r}")
+        self.resampling = resampling
+        self.potential: Optional[PotentialEnergy] = None
+        self._u: Optional[Dict[str, torch.Tensor]] = None
+        self.acceptance = []
+
+    def check_model(self, structure: ProgramStructure) -> None:
+        if structure.discrete_latents:
+            raise IncompatibleModelError(
+                f"{type(self).__name__} moves particles with HMC, but the model has discrete latent "
+                f"site(s) {sorted(structure.discrete_latents)}. Marginalize them by enumeration "
+                "(SVI with TraceEnum_ELBO) or sample them with backend='gflownet_em'.")
+        if not structure.latent_sites:
+            raise IncompatibleModelError("The model has no latent sample sites; there is nothing to sample.")
+
+    def _after_setup(self, structure, *args, **kwargs):
+        try:
+            self.potential = PotentialEnergy(self.model, structure, structure.max_plate_nesting)
+        except ValueError as exc:
+            raise IncompatibleModelError(str(exc)) from exc
+        if self.guide is not None:
+            extra = sorted(set(self.guide_structure.latent_sites) - set(structure.latent_sites))
+            if extra:
+                raise IncompatibleModelError(
+                    f"The guide samples site(s) {extra} that are not latent sites of the model (auxiliary "
+                    f"variables, as in autoguides); {type(self).__name__} needs the guide's density at given "
+                    "latent values. Use a guide that samples the model's latent sites directly, or guide=None.")
+
+    def _guide_log_prob(self, values, args, kwargs) -> torch.Tensor:
+        """log q(z) of the guide at constrained ``values`` (``(K, *shape)``), per particle."""
+        from ..traces import CHAIN_PLATE, _pad_left
+
+        pe = self.potential
+        k = next(iter(values.values())).shape[0]
+        laid = {n: pe._layout(v, n) for n, v in values.items()}
+
+        def in_plate(*a, **kw):
+            with pyro.plate(CHAIN_PLATE, k, dim=-pe.ndim):
+                return self.guide(*a, **kw)
+
+        tr = poutine.trace(poutine.condition(in_plate, data=laid)).get_trace(*args, **kwargs)
+        tr.compute_log_prob()
+        total = None
+        for name, site in tr.nodes.items():
+            if site["type"] == "sample" and name in values:
+                term = pe._per_chain(_pad_left(site["log_prob"], pe.ndim, name), k)
+                total = term if total is None else total + term
+        return total
+
+    # ------------------------------------------------------------------ particles
+    def _prior_draws(self, args, kwargs) -> Dict[str, torch.Tensor]:
+        """K draws of the latent sites from the base distribution (the prior, or the guide when
+        one is given), ``{site: (K, *shape)}`` on unconstrained space."""
+        K, structure, pe = self.num_particles, self.structure, self.potential
+        names = list(structure.latent_sites)
+        if self.guide is not None:
+            from ..traces import ParticleEvaluator
+
+            ev = ParticleEvaluator(self.model, self.guide, structure, structure.max_plate_nesting)
+            with torch.no_grad():
+                vals = ev.latent_values(ev.guide_trace(K, args, kwargs), K)
+            return {n: t.detach() for n, t in pe.unconstrain(vals).items()}
+        try:
+            def in_plate(*a, **k):
+                with pyro.plate("_ppl_lvm_prior_draws", K, dim=-pe.ndim):
+                    return self.model(*a, **k)
+            with torch.no_grad():
+                tr = poutine.trace(poutine.block(in_plate, hide_types=["param"])).get_trace(*args, **kwargs)
+            out = {}
+            for n in names:
+                v = tr.nodes[n]["value"]
+                shape = tuple(structure.sites[n].value_shape)
+                if v.numel() != K * math.prod(shape):
+                    raise ValueError("not vectorized")
+                out[n] = v.reshape((K,) + shape)
+        except Exception:  # noqa: BLE001 - a model that does not broadcast: draw one at a time
+            draws = []
+            with torch.no_grad():
+                for _ in range(K):
+                    tr = poutine.trace(poutine.block(self.model, hide_types=["param"])).get_trace(*args, **kwargs)
+                    draws.append({n: tr.nodes[n]["value"] for n in names})
+            out = {n: torch.stack([d[n] for d in draws]) for n in names}
+        return {n: t.detach() for n, t in pe.unconstrain(out).items()}
+
+    def _split_log_probs(self, u, args, kwargs):
+        """(log base density + log|J|, log-likelihood ratio), each ``(K,)``, differentiable in ``u``.
+
+        The base is the prior (the ratio is then the likelihood) or, with a guide, the guide
+        (the ratio is log p(x, z) - log q(z))."""
+        pe = self.potential
+        values = pe.constrain(u)
+        k = next(iter(values.values())).shape[0]
+        lp = pe.log_probs(values, args, kwargs)
+        ladj = pe.log_abs_det_jacobian(u, values)
+        prior = ladj.new_zeros(k)
+        lik = ladj.new_zeros(k)
+        for name, (term, _) in lp.items():
+            s = pe._per_chain(term, k)
+            if self.structure.sites[name].is_observed:
+                lik = lik + s
+            else:
+                prior = prior + s
+        if self.guide is not None:
+            log_q = self._guide_log_prob(values, args, kwargs)
+            return ladj + log_q, prior + lik - log_q
+        return ladj + prior, lik
+
+    def _energy(self, u, beta, args, kwargs, lik_scale=1.0):
+        u = {n: t.detach().requires_grad_(True) for n, t in u.items()}
+        prior, lik = self._split_log_probs(u, args, kwargs)
+        U = -(prior + beta * lik_scale * lik)
+        grads = torch.autograd.grad(U.sum(), list(u.values()))
+        return U.detach(), dict(zip(u, (g.detach() for g in grads))), lik.detach()
+
+    def _hmc_moves(self, u, beta, args, kwargs, lik_scale=1.0, mass="cloud"):
+        """``num_moves`` HMC transitions per particle leaving pi_beta invariant (vectorized).
+
+        The diagonal inverse mass ``var`` (velocity = momentum * var) is the particles' variance
+        (``mass="cloud"``), or ``1 / mean_k g_k^2`` from the particles' gradients
+        (``mass="gradient"``: for a Gaussian target E[g^2] is the precision), which keeps its scale
+        when resampling has collapsed the cloud.
+        """
+        K = self.num_particles
+        U, g, _ = self._energy(u, beta, args, kwargs, lik_scale)
+        if mass == "gradient":
+            var = {n: 1.0 / (t.reshape(K, -1) ** 2).mean(0).clamp_min(1e-12).reshape(t.shape[1:])
+                   for n, t in g.items()}
+        else:
+            var = {n: t.reshape(K, -1).var(0).clamp_min(1e-8).reshape(t.shape[1:]) if K > 1
+                   else torch.ones_like(t[0]) for n, t in u.items()}
+        for _ in range(self.num_moves):
+            eps = self.step_size
+            p = {n: torch.randn_like(t) / var[n].sqrt() for n, t in u.items()}
+            kin0 = sum(0.5 * (p[n] ** 2 * var[n]).reshape(K, -1).sum(-1) for n in u)
+            q = dict(u)
+            pn = {n: p[n] - 0.5 * eps * g[n] for n in u}
+            for step in range(self.num_leapfrog):
+                q = {n: q[n] + eps * pn[n] * var[n] for n in u}
+                Un, gn, _ = self._energy(q, beta, args, kwargs, lik_scale)
+                scale = 0.5 * eps if step == self.num_leapfrog - 1 else eps
+                pn = {n: pn[n] - scale * gn[n] for n in u}
+            kin1 = sum(0.5 * (pn[n] ** 2 * var[n]).reshape(K, -1).sum(-1) for n in u)
+            log_accept = (U + kin0) - (Un + kin1)
+            log_accept = torch.where(torch.isfinite(log_accept), log_accept, torch.full_like(log_accept, -math.inf))
+            accept = torch.log(torch.rand_like(log_accept)) < log_accept
+            for n in u:
+                mask = accept.reshape((K,) + (1,) * (u[n].dim() - 1))
+                u[n] = torch.where(mask, q[n], u[n])
+                g[n] = torch.where(mask, gn[n], g[n])
+            U = torch.where(accept, Un, U)
+            rate = float(accept.to(U.dtype).mean())
+            self.acceptance.append(rate)
+            # move the step size towards acceptance 0.65 (a multiplicative Robbins-Monro rule)
+            self.step_size = float(min(max(eps * math.exp(rate - 0.65), 1e-4), 1e3))
+        return u
+
+    def _resample(self, u, log_w):
+        idx = RESAMPLERS[self.resampling](torch.softmax(log_w, 0))
+        return {n: t[idx] for n, t in u.items()}
+
+    # ------------------------------------------------------------------ results
+    def _default_num_samples(self) -> int:
+        return self.num_particles
+
+    def particles(self) -> Dict[str, torch.Tensor]:
+        """The current particles on the sites' supports, ``{site: (K, *shape)}``."""
+        if self._u is None:
+            raise RuntimeError("No particles yet: run the sampler first.")
+        return {n: t.detach() for n, t in self.potential.constrain(self._u).items()}
+
+    def _posterior_samples(self, num_samples, args, kwargs):
+        parts = self.particles()
+        K = self.num_particles
+        if num_samples >= K:
+            if num_samples > K:
+                warnings.warn(f"{num_samples} draws asked for, the sampler holds {K} particles; returning "
+                              "all of them.", RuntimeWarning, stacklevel=4)
+            return parts
+        idx = torch.randperm(K, device=next(iter(parts.values())).device)[:num_samples]
+        return {n: t[idx] for n, t in parts.items()}
+
+    def _inference_data_groups(self, num_samples, args, kwargs):
+        draws = self._posterior_samples(num_samples, args, kwargs)
+        n = next(iter(draws.values())).shape[0]
+        chains = 4 if n % 4 == 0 and n >= 16 else 1
+        cd = lambda v: v.reshape((chains, n // chains) + tuple(v.shape[1:]))  # noqa: E731
+        groups = {"posterior": {k: cd(v) for k, v in draws.items()}}
+        proto = trace_program(self.model, args, kwargs)
+        groups["observed_data"] = {k: proto.nodes[k]["value"] for k in self.structure.observed_sites}
+        if not self.structure.subsampled_plates:
+            lp = self.potential.log_probs(draws, args, kwargs)
+            ll = self.potential.observation_log_likelihood(draws, args, kwargs, lp)
+            groups["log_likelihood"] = {k: cd(v) for k, v in ll.items()}
+        return groups
+
+    def _extra_state(self) -> dict:
+        return {"u": self._u, "step_size": self.step_size}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        self._u = extra.get("u")
+        self.step_size = float(extra.get("step_size", self.step_size))
+
+
+@register_backend("smc")
+class SMCSampler(_ParticleSampler):
+    r"""Adaptive tempered SMC for static Pyro models with continuous latents (module docstring).
+
+    Each :meth:`step` is one tempering iteration (choose the next :math:`\beta`, reweight,
+    resample, move); once :math:`\beta = 1` further steps only move the particles (more
+    decorrelated draws; the evidence is final).  ``run()`` with no ``num_steps`` runs until
+    :math:`\beta = 1`.  The loss reported per step is :math:`-\log p(x, z)` averaged over the
+    particles.
+
+    :param model: a Pyro model with continuous latent sites and no subsampled plate.
+    :param guide: optional base distribution: with a guide :math:`q` the path is
+        :math:`\pi_\beta \propto q^{1-\beta} p(x, \cdot)^{\beta}` and the particles start from
+        :math:`q` (e.g. an SVI fit), which shortens the path when :math:`q` is close to the
+        posterior; the evidence estimate is unchanged in meaning. The guide must sample the
+        model's latent sites directly (no auxiliary sites).
+    :param int num_particles: :math:`K`.
+    :param float target_ess: fraction of :math:`K` the incremental weights' ESS is held at.
+    :param int num_moves: HMC transitions per particle per temperature.
+    :param int num_leapfrog: leapfrog steps per transition (1 gives MALA).
+    :param float step_size: initial leapfrog step size (in units of the particles' standard
+        deviations; adapted towards acceptance 0.65).
+    :param str resampling: ``"systematic"``, ``"stratified"`` or ``"multinomial"``.
+
+    Attributes after a run: ``betas`` (the temperatures), ``log_evidence_`` (this run's
+    :math:`\log\hat Z`), ``ess`` (per step), ``acceptance`` (per move).
+    """
+
+    name = "smc"
+    valid_for = ("static Pyro models with continuous latents and no subsampled plate (tempered SMC "
+                 "sampler with HMC moves; log-evidence)")
+
+    def __init__(self, model, guide=None, *, num_particles: int = 1000, target_ess: float = 0.5,
+                 num_moves: int = 5, num_leapfrog: int = 5, step_size: float = 0.5,
+                 resampling: str = "systematic", max_steps: int = 1000,
+                 max_plate_nesting: Optional[int] = None, validate: bool = True):
+        super().__init__(model, guide, None, num_particles=num_particles, num_moves=num_moves,
+                         num_leapfrog=num_leapfrog, step_size=step_size, resampling=resampling,
+                         max_plate_nesting=max_plate_nesting, validate=validate)
+        self.target_ess = _fraction(target_ess, "target_ess")
+        self.max_steps = check_positive_int(max_steps, "max_steps")
+        self.beta = 0.0
+        self.betas = [0.0]
+        self.log_evidence_ = 0.0
+        self.ess = []
+        self._lik = None
+
+    def check_model(self, structure):
+        super().check_model(structure)
+        if structure.subsampled_plates:
+            raise IncompatibleModelError(
+                f"The tempered SMC sampler needs the full likelihood, but the model subsamples plate(s) "
+                f"{sorted(structure.subsampled_plates)}. Pass arguments that switch subsampling off, "
+                "or use backend='smc_online' (open-horizon SMC) or 'sghmc' for minibatches.")
+
+    @property
+    def done(self) -> bool:
+        """Whether the temperature has reached 1."""
+        return self.beta >= 1.0
+
+    def _next_beta(self, lik):
+        """Largest beta' in (beta, 1] whose incremental weights keep ESS >= target * K."""
+        K, beta = lik.shape[0], self.beta
+        lik = torch.where(torch.isfinite(lik), lik, torch.full_like(lik, -math.inf))
+
+        def ess(b):
+            lw = (b - beta) * lik
+            lw = lw - torch.logsumexp(lw, 0)
+            return float(torch.exp(-torch.logsumexp(2 * lw, 0)))
+
+        target = self.target_ess * K
+        if ess(1.0) >= target:
+            return 1.0
+        lo, hi = beta, 1.0
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if ess(mid) >= target:
+                lo = mid
+            else:
+                hi = mid
+        return max(lo, beta + 1e-12)
+
+    def _step(self, *args, **kwargs) -> float:
+        if self._u is None:
+            self._u = self._prior_draws(args, kwargs)
+            self.beta, self.betas, self.log_evidence_, self.ess = 0.0, [0.0], 0.0, []
+        if not self.done:
+            _, lik = self._split_log_probs(self._u, args, kwargs)
+            lik = lik.detach()
+            if not bool(torch.isfinite(lik).any()):
+                raise DivergenceError(f"SMCSampler step {self.num_steps}: the log-likelihood is not finite "
+                                      "for any particle.", step=self.num_steps)
+            new_beta = self._next_beta(lik)
+            lw = (new_beta - self.beta) * torch.where(torch.isfinite(lik), lik, torch.full_like(lik, -math.inf))
+            self.log_evidence_ += float(log_mean_exp(lw, 0))
+            norm = lw - torch.logsumexp(lw, 0)
+            self.ess.append(float(torch.exp(-torch.logsumexp(2 * norm, 0))))
+            self._u = self._resample(self._u, lw)
+            self.beta = new_beta
+            self.betas.append(new_beta)
+        self._u = self._hmc_moves(self._u, self.beta, args, kwargs)
+        with torch.no_grad():
+            prior, lik = self._split_log_probs(self._u, args, kwargs)
+            log_joint = prior + lik - self.potential.log_abs_det_jacobian(self._u, self.potential.constrain(self._u))
+        return float(-log_joint.mean())
+
+    def run(self, *args, num_steps: Optional[int] = None, progress: Optional[bool] = None, callbacks=(), **kwargs):
+        """Run tempering steps (until beta = 1 when ``num_steps`` is None) and return a Fit."""
+        if num_steps is not None:
+            return super().run(*args, num_steps=num_steps, progress=progress, callbacks=callbacks, **kwargs)
+        from tqdm.auto import tqdm
+        from .base import _progress_default
+
+        self.setup(*args, **kwargs)
+        show = _progress_default() if progress is None else bool(progress)
+        bar = tqdm(total=1.0, disable=not show, desc="SMCSampler", bar_format="{l_bar}{bar}| beta={n:.3f}")
+        try:
+            while not self.done:
+                if self.num_steps >= self.max_steps:
+                    raise RuntimeError(f"SMCSampler reached max_steps={self.max_steps} at beta={self.beta:.4g}; "
+                                       "raise max_steps or lower target_ess.")
+                before = self.beta
+                try:
+                    self.step(*args, **kwargs)
+                except DivergenceError as err:
+                    err.fit = self.make_fit(args, kwargs)
+                    raise
+                bar.update(self.beta - before)
+                for cb in callbacks:
+                    if cb(self, self.num_steps - 1, self.losses[-1]):
+                        return self.make_fit(args, kwargs)
+        finally:
+            bar.close()
+        return self.make_fit(args, kwargs)
+
+    def _log_evidence(self, num_particles, args, kwargs):
+        """``num_runs`` (keyword, default 5) fresh tempered runs with ``num_particles`` each; the
+        estimate is the log of the mean of their :math:`\\hat Z` with a delta-method standard error."""
+        runs = int(kwargs.pop("num_runs", 5))
+        if runs < 1:
+            raise ValueError(f"num_runs must be a positive integer, got {runs}")
+        vals = []
+        for _ in range(runs):
+            fresh = SMCSampler(self.model, num_particles=num_particles, target_ess=self.target_ess,
+                               num_moves=self.num_moves, num_leapfrog=self.num_leapfrog,
+                               step_size=self.step_size, resampling=self.resampling,
+                               max_plate_nesting=self.max_plate_nesting, validate=False)
+            with torch.enable_grad():  # the HMC moves need gradients (Fit calls this under no_grad)
+                fresh.run(*args, progress=False, **kwargs)
+            vals.append(fresh.log_evidence_)
+        v = torch.tensor(vals, dtype=torch.float64)
+        se = float(_log_mean_exp_se(v, 0)) if runs > 1 else float("nan")
+        return EvidenceEstimate(float(log_mean_exp(v, 0)), se, float("nan"), num_particles * runs, None, None)
+
+    def _extra_state(self) -> dict:
+        return {**super()._extra_state(), "beta": self.beta, "betas": list(self.betas),
+                "log_evidence": self.log_evidence_, "ess": list(self.ess)}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        super()._load_extra_state(extra)
+        self.beta = float(extra.get("beta", 0.0))
+        self.betas = list(extra.get("betas", [0.0]))
+        self.log_evidence_ = float(extra.get("log_evidence", 0.0))
+        self.ess = list(extra.get("ess", []))
+
+
+@register_backend("smc_online")
+class OpenHorizonSMC(_ParticleSampler):
+    r"""Open-horizon SMC over minibatches, with Fisher-identity training of the model's
+    parameters (module docstring; Zhao et al. 2024).
+
+    Each :meth:`step` takes the minibatch that the model's subsampled plate draws, reweights
+    the particles by its likelihood, resamples when the ESS is low, moves them with MALA/HMC
+    on the minibatch posterior, and updates the model's parameters.  The loss is
+    :math:`-\frac NB \log \sum_k W^k p(y_b \mid z^k, \psi)`, the minibatch's predictive
+    log-likelihood scaled to the data set.
+
+    :param model: a Pyro model with continuous latent sites (the stochastic part) and
+        parameters (the deterministic part); minibatches through ``pyro.plate(..., subsample_size=B)``.
+    :param guide: optional; the particles then start from it, weighted by :math:`p(z)/q(z)`.
+    :param optim: optimizer of the model's parameters (default Adam, lr 1e-2).
+    :param int num_particles: :math:`K`.
+    :param float ess_threshold: resample when ESS < ``ess_threshold * K``.
+    :param int num_moves, num_leapfrog: MALA/HMC transitions per step (default 5 MALA steps: fewer
+        let the cloud collapse under the repeated reweighting).
+    :param float step_size: initial leapfrog step size (particle-scaled, adapted).
+    """
+
+    name = "smc_online"
+    valid_for = ("Pyro models with continuous latents and (optionally) parameters, minibatches from "
+                 "pyro.plate(subsample_size=B); particles persist across minibatches")
+
+    def __init__(self, model, guide=None, optim=None, *, num_particles: int = 100, ess_threshold: float = 0.5,
+                 num_moves: int = 5, num_leapfrog: int = 1, step_size: float = 0.2,
+                 resampling: str = "systematic", max_plate_nesting: Optional[int] = None, validate: bool = True):
+        super().__init__(model, guide, optim, num_particles=num_particles, num_moves=num_moves,
+                         num_leapfrog=num_leapfrog, step_size=step_size, resampling=resampling,
+                         max_plate_nesting=max_plate_nesting, validate=validate)
+        self.ess_threshold = _fraction(ess_threshold, "ess_threshold", open_low=False)
+        self._log_w = None
+
+    def check_model(self, structure):
+        super().check_model(structure)
+        sub = structure.subsampled_plates
+        trapped = sorted(n for n, s in structure.latent_sites.items() if any(p in sub for p in s.plates))
+        if trapped:
+            raise IncompatibleModelError(
+                f"Latent site(s) {trapped} sit inside the subsampled plate(s) {sorted(sub)}; particles over "
+                "them cannot persist across minibatches. Make them global, or use an amortized guide "
+                "(backend='iwae' or 'svi').")
+
+    def _scale(self):
+        sub = self.structure.subsampled_plates
+        return math.prod(p.scale for p in sub.values()) if sub else 1.0
+
+    def _step(self, *args, **kwargs) -> float:
+        K = self.num_particles
+        if self._u is None:
+            self._u = self._prior_draws(args, kwargs)
+            self._log_w = None
+            if self.guide is not None:  # particles from the guide carry weights p(z) / q(z)
+                with torch.no_grad():
+                    values = self.potential.constrain(self._u)
+                    lp = self.potential.log_probs(values, args, kwargs)
+                    lw = sum(self.potential._per_chain(t, K) for n, (t, _) in lp.items()
+                             if not self.structure.sites[n].is_observed)
+                    lw = lw - self._guide_log_prob(values, args, kwargs)
+                    self._log_w = lw - torch.logsumexp(lw, 0)
+        scale = self._scale()
+        # one model run gives the minibatch likelihood per particle, with gradients for psi
+        fixed = {}
+        with poutine.trace(param_only=True) as capture:
+            u = {n: t.detach() for n, t in self._u.items()}
+            pe = self.potential
+            lp, fixed = pe.log_probs_and_subsamples(pe.constrain(u), args, kwargs)
+        lik = sum(pe._per_chain(term, K) for name, (term, _) in lp.items()
+                  if self.structure.sites[name].is_observed) / scale  # unscaled minibatch log-lik
+        if not bool(torch.isfinite(lik).all()):
+            raise DivergenceError(f"OpenHorizonSMC step {self.num_steps}: the minibatch log-likelihood is not "
+                                  "finite for some particle; lower the learning rate or step size.",
+                                  step=self.num_steps)
+        log_w = (self._log_w if self._log_w is not None else lik.new_full((K,), -math.log(K))) + lik.detach()
+        loss = -scale * float(torch.logsumexp(log_w, 0) - torch.logsumexp(
+            self._log_w if self._log_w is not None else lik.new_full((K,), -math.log(K)), 0))
+        W = torch.softmax(log_w, 0)
+        params = [s["value"].unconstrained() for s in capture.trace.nodes.values() if s["type"] == "param"]
+        params = [p for p in params if p.requires_grad]
+        if params:
+            # Fisher identity: (N/B) sum_k W_k grad_psi log p(y_b | z_k, psi)
+            objective = -scale * (W.detach() * lik).sum()
+            grads = torch.autograd.grad(objective, params, allow_unused=True)
+            used = []
+            for p, g in zip(params, grads):
+                if g is not None:
+                    if not bool(torch.isfinite(g).all()):
+                        raise DivergenceError(f"OpenHorizonSMC step {self.num_steps}: a parameter gradient is "
+                                              "not finite; the update was skipped.", step=self.num_steps)
+                    p.grad = g
+                    used.append(p)
+            self.optim(used)
+            pyro.infer.util.zero_grads(used)
+        log_w = log_w - torch.logsumexp(log_w, 0)
+        ess = float(torch.exp(-torch.logsumexp(2 * log_w, 0)))
+        if ess < self.ess_threshold * K:
+            self._u = self._resample(self._u, log_w)
+            log_w = torch.full_like(log_w, -math.log(K))
+        self._log_w = log_w.detach()
+        # move on the minibatch posterior p(z) p(y_b | z)^(N/B), the same minibatch
+        self._u = self._hmc_moves(self._u, 1.0, args, kwargs, mass="gradient") if not fixed else \
+            self._moves_on_minibatch(args, kwargs, fixed)
+        return loss
+
+    def _moves_on_minibatch(self, args, kwargs, fixed):
+        # hold the subsample indices so that every move sees the step's minibatch
+        self.potential.fixed_subsamples = fixed
+        try:
+            return self._hmc_moves(self._u, 1.0, args, kwargs, mass="gradient")
+        finally:
+            self.potential.fixed_subsamples = None
+
+    def _posterior_samples(self, num_samples, args, kwargs):
+        """Draws from the weighted particle system (resampled by weight)."""
+        parts = self.particles()
+        K = self.num_particles
+        w = torch.softmax(self._log_w, 0) if self._log_w is not None else None
+        if w is None:
+            return super()._posterior_samples(num_samples, args, kwargs)
+        idx = torch.multinomial(w, num_samples, replacement=True)
+        return {n: t[idx] for n, t in parts.items()}
+
+    def _default_num_samples(self) -> int:
+        return self.num_particles
+
+    def _extra_state(self) -> dict:
+        return {**super()._extra_state(), "log_w": self._log_w}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        super()._load_extra_state(extra)
+        self._log_w = extra.get("log_w")

@@ -1,0 +1,159 @@
+"""Tempered SMC sampler and open-horizon SMC against exact answers.
+
+The SMC evidence estimate Z-hat is unbiased; log Z-hat is tested over independent runs with
+the standard error of their mean (and E[log Z-hat] <= log Z by Jensen, a bias of about
+Var(log Z-hat)/2, small here).  Posterior moments: the run-averaged particle mean is z-tested
+with the across-run standard error (t with few degrees of freedom: bound 4).
+"""
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from ppl_lvm import SVI, IncompatibleModelError
+from ppl_lvm.inference import OpenHorizonSMC, SMCSampler
+from ppl_lvm.testing import BayesianLinearRegression, BinaryLatents
+
+RUNS = 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _runs(model, args, guide=None, runs=RUNS, **opts):
+    out = []
+    for _ in range(runs):
+        s = SMCSampler(model, guide, **opts)
+        s.run(*args)
+        out.append(s)
+    return out
+
+
+def test_linreg_evidence_and_posterior_moments():
+    fx = BayesianLinearRegression(num_data=100, num_features=3, seed=0)
+    samplers = _runs(fx.model, fx.args, num_particles=400)
+    lz = np.array([s.log_evidence_ for s in samplers])
+    se = lz.std(ddof=1) / math.sqrt(RUNS)
+    assert abs(lz.mean() - fx.exact_log_evidence()) < 3 * se + 1e-9, (lz.mean(), fx.exact_log_evidence(), se)
+    means = torch.stack([s.particles()["w"].mean(0) for s in samplers])
+    sds = torch.stack([s.particles()["w"].std(0) for s in samplers])
+    z = (means.mean(0) - fx.exact_posterior_mean()["w"]) / (means.std(0) / math.sqrt(RUNS))
+    assert float(z.abs().max()) < 4, z
+    ratio = sds.mean(0) / fx.exact_posterior_sd()["w"]
+    assert float((ratio - 1).abs().max()) < 0.15, ratio
+    s = samplers[0]
+    assert s.betas[0] == 0.0 and s.betas[-1] == 1.0 and len(s.betas) > 2
+    assert all(b1 > b0 for b0, b1 in zip(s.betas, s.betas[1:]))
+    assert 0.3 < np.mean(s.acceptance) < 0.95
+
+
+def _scale_model(y):
+    sigma = pyro.sample("sigma", dist.HalfNormal(torch.ones((), dtype=y.dtype)))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(0.0, sigma), obs=y)
+
+
+def test_constrained_site_evidence_and_mean_by_quadrature():
+    g = torch.Generator().manual_seed(3)
+    y = 0.7 * torch.randn(40, generator=g, dtype=torch.float64)
+    s_grid = np.linspace(1e-4, 5, 400001)
+    ds = s_grid[1] - s_grid[0]
+    log_joint = (np.log(2) - 0.5 * np.log(2 * np.pi) - 0.5 * s_grid ** 2
+                 - len(y) * (np.log(s_grid) + 0.5 * np.log(2 * np.pi)) - 0.5 * float((y ** 2).sum()) / s_grid ** 2)
+    m = log_joint.max()
+    log_z = m + np.log(np.exp(log_joint - m).sum() * ds)
+    post_mean = (s_grid * np.exp(log_joint - m)).sum() / np.exp(log_joint - m).sum()
+    samplers = _runs(_scale_model, (y,), num_particles=400)
+    lz = np.array([s.log_evidence_ for s in samplers])
+    se = lz.std(ddof=1) / math.sqrt(RUNS)
+    assert abs(lz.mean() - log_z) < 3 * se + 1e-9, (lz.mean(), log_z, se)
+    means = np.array([float(s.particles()["sigma"].mean()) for s in samplers])
+    assert all(bool((s.particles()["sigma"] > 0).all()) for s in samplers)
+    assert abs(means.mean() - post_mean) < 4 * means.std(ddof=1) / math.sqrt(RUNS)
+
+
+def test_guide_as_base_distribution_shortens_the_path():
+    fx = BayesianLinearRegression(num_data=100, num_features=3, seed=0)
+    SVI(fx.model, fx.guide, pyro.optim.Adam({"lr": 0.05})).run(*fx.args, num_steps=1500)
+    samplers = _runs(fx.model, fx.args, guide=fx.guide, runs=6, num_particles=400)
+    lz = np.array([s.log_evidence_ for s in samplers])
+    se = lz.std(ddof=1) / math.sqrt(len(lz))
+    assert abs(lz.mean() - fx.exact_log_evidence()) < 3 * se + 1e-9
+    from_prior = SMCSampler(fx.model, num_particles=400)
+    from_prior.run(*fx.args)
+    assert len(samplers[0].betas) < len(from_prior.betas)
+
+
+def test_fit_log_evidence_repeats_runs_and_inferencedata():
+    fx = BayesianLinearRegression(num_data=50, num_features=2, seed=1)
+    s = SMCSampler(fx.model, num_particles=200)
+    fit = s.run(*fx.args)
+    est = fit.log_evidence(200, num_runs=4)
+    assert math.isfinite(est.stderr) and est.num_particles == 800
+    assert abs(est.log_evidence - fx.exact_log_evidence()) < 4 * est.stderr + 0.05
+    idata = fit.to_inferencedata()
+    assert idata.posterior["w"].shape == (4, 50, 2)
+    assert idata.log_likelihood["y"].shape == (4, 50, 50)
+    more = s.step(*fx.args)  # after beta = 1: rejuvenation moves only
+    assert math.isfinite(more) and s.log_evidence_ == fit.backend.log_evidence_
+
+
+def test_refusals():
+    fx = BayesianLinearRegression(num_data=50, num_features=2, subsample_size=10)
+    with pytest.raises(IncompatibleModelError, match="smc_online"):
+        SMCSampler(fx.model, num_particles=10).run(*fx.args)
+    with pytest.raises(IncompatibleModelError, match="gflownet_em"):
+        SMCSampler(BinaryLatents().model, num_particles=10).run(*BinaryLatents().args)
+    with pytest.raises(ValueError, match="target_ess"):
+        SMCSampler(fx.model, target_ess=0.0)
+
+
+# --------------------------------------------------------------------------- open horizon
+def test_open_horizon_learns_the_deterministic_part():
+    """y = phi x + psi + noise with phi ~ N(0, 1) stochastic and psi a parameter: psi's
+    marginal maximum-likelihood value is the GLS estimate under Cov(y) = s^2 I + x x^T."""
+    g = torch.Generator().manual_seed(0)
+    N = 1000
+    x = torch.randn(N, generator=g, dtype=torch.float64)
+    y = 0.8 * x + 1.5 + 0.5 * torch.randn(N, generator=g, dtype=torch.float64)
+
+    def model(x, y, subsample_size=100):
+        psi = pyro.param("psi", torch.tensor(0.0, dtype=torch.float64))
+        phi = pyro.sample("phi", dist.Normal(torch.zeros((), dtype=torch.float64), 1.0))
+        with pyro.plate("data", x.shape[0], subsample_size=subsample_size) as i:
+            pyro.sample("y", dist.Normal(phi.unsqueeze(-1) * x[i] + psi, 0.5), obs=y[i])
+
+    C = 0.25 * torch.eye(N, dtype=torch.float64) + torch.outer(x, x)
+    c1 = torch.linalg.solve(C, torch.ones(N, dtype=torch.float64))
+    psi_hat = float(c1 @ y / c1.sum())
+    prec = 1 + float(x @ x) / 0.25
+    phi_mean = float((y - psi_hat) @ x) / 0.25 / prec
+    phi_sd = prec ** -0.5
+    s = OpenHorizonSMC(model, optim=pyro.optim.Adam({"lr": 0.02}), num_particles=200)
+    fit = s.run(x, y, num_steps=500)
+    # psi: the MLE's own standard error is 0.5 / sqrt(N) = 0.016; allow 3 of them
+    assert abs(pyro.param("psi").item() - psi_hat) < 3 * 0.5 / math.sqrt(N)
+    phi = s.particles()["phi"]
+    # the cloud follows the latest minibatch posteriors, whose means scatter by
+    # phi_sd * sqrt(N / B) around the full posterior mean: 3 of those
+    assert abs(float(phi.mean()) - phi_mean) < 3 * phi_sd * math.sqrt(N / 100)
+    assert 0.2 * phi_sd < float(phi.std()) < 5 * phi_sd
+    assert fit.losses[-50:].mean() < fit.losses[:10].mean()
+    assert fit.posterior_samples(30)["phi"].shape == (30,)
+
+
+def test_open_horizon_refuses_local_latents_in_the_minibatch():
+    from ppl_lvm.testing import NormalNormalLocal
+
+    fx = NormalNormalLocal(num_data=20, subsample_size=5)
+    with pytest.raises(IncompatibleModelError, match="persist"):
+        OpenHorizonSMC(fx.model, num_particles=10).run(*fx.args, num_steps=2)
