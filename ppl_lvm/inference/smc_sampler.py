@@ -578,7 +578,6 @@ class OpenHorizonSMC(_ParticleSampler):
     def _posterior_samples(self, num_samples, args, kwargs):
         """Draws from the weighted particle system (resampled by weight)."""
         parts = self.particles()
-        K = self.num_particles
         w = torch.softmax(self._log_w, 0) if self._log_w is not None else None
         if w is None:
             return super()._posterior_samples(num_samples, args, kwargs)
