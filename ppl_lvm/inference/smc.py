@@ -82,7 +82,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from ..errors import IncompatibleModelError
-from ..traces import log_mean_exp, _log_mean_exp_se
+from ..traces import _log_mean_exp_se, _validation_off, log_mean_exp
 from ..validation import check_positive_int
 from .base import Backend, EvidenceEstimate, register_backend
 
@@ -109,11 +109,20 @@ def _inverse_cdf(weights: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 
 def systematic_resample(weights: torch.Tensor) -> torch.Tensor:
-    """Systematic resampling: one uniform shift, points :math:`(k + u)/K`. Returns ``(K,)`` indices."""
+    """Systematic resampling: one uniform shift, points :math:`(j + u)/K`. Returns ``(K,)`` indices.
+
+    O(K) without a search: the number of points below :math:`c_k` (the cumulative weight) is
+    :math:`\lceil K c_k - u \rceil`, so scattering a one at each such count and taking the
+    cumulative sum gives, for every point, the number of :math:`c_k` at or below it.
+    """
     k = weights.shape[-1]
+    cdf = weights.cumsum(-1)
+    cdf = cdf / cdf[..., -1:]
     u = torch.rand((), dtype=weights.dtype, device=weights.device)
-    points = (torch.arange(k, dtype=weights.dtype, device=weights.device) + u) / k
-    return _inverse_cdf(weights, points)
+    below = torch.ceil(k * cdf - u).clamp_(0, k).long()
+    counts = torch.zeros(k + 1, dtype=torch.long, device=weights.device)
+    counts.scatter_add_(0, below, torch.ones_like(below))
+    return counts[:-1].cumsum(0).clamp_(max=k - 1)
 
 
 def stratified_resample(weights: torch.Tensor) -> torch.Tensor:
@@ -354,7 +363,11 @@ class ParticleFilter:
 
     def _advance(self, method, args, kwargs):
         k = self.num_particles
-        m, g = self._run_programs(method, args, kwargs, self.state, k)
+        if self.num_steps == 0:  # validate the distributions' arguments on the first step only
+            m, g = self._run_programs(method, args, kwargs, self.state, k)
+        else:
+            with _validation_off():
+                m, g = self._run_programs(method, args, kwargs, self.state, k)
         ref = next(iter(m.values.values()), None) if m.values else (m.observed if m.observed is not None else None)
         if ref is None:
             raise ValueError(f"model.{method} has no sample sites; each step must sample or observe something.")
@@ -396,8 +409,12 @@ class ParticleFilter:
                 "sites": {n: v.detach() for n, v in m.values.items()},
                 "log_w": lw.detach(), "method": method, "args": args, "kwargs": kwargs,
             })
-        # resample (decided on the device: no host synchronization)
-        if self.ess_threshold > 0.0:
+        # resample: on an accelerator the decision stays on the device (no host synchronization);
+        # on the CPU a Python branch skips the work when the ESS is high
+        if self.ess_threshold > 0.0 and lw.device.type == "cpu" and self.ess_threshold < 1.0 \
+                and not bool(ess < self.ess_threshold * k):
+            do = torch.zeros((), dtype=torch.bool)
+        elif self.ess_threshold > 0.0:
             idx = RESAMPLERS[self.resampling](lw.detach().exp())
             if self.resampling_gradient == "fisher" and lw.requires_grad:
                 # value -log K, gradient of the ancestors' weights (Scibior & Wood 2021)
