@@ -38,7 +38,7 @@ BACKEND_OPTIONS = {
 
 NUM_STEPS = 300
 #: backends whose one step is a whole pass over the data (a filter run): fewer steps
-FEW_STEPS = {"smc_filter": 60, "smc": 60, "smc_online": 100}
+FEW_STEPS = {"smc_filter": 60, "smc": 60, "smc_online": 60}
 
 #: backends that run only state-space objects, and those that run only Pyro programs
 STATE_SPACE_ONLY = {"smc_filter"}
