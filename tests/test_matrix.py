@@ -32,13 +32,13 @@ BACKEND_OPTIONS = {
     "sghmc": dict(step_size=1e-3, friction=0.1, num_chains=4, warmup=100, preconditioner="rmsprop"),
     "sgld": dict(step_size=1e-3, num_chains=4, warmup=100, preconditioner="rmsprop"),
     "smc_filter": dict(optim=lambda: pyro.optim.Adam({"lr": 0.05}), num_particles=100),
-    "smc": dict(num_particles=100, num_moves=2),
+    "smc": dict(num_particles=100, num_moves=2, num_leapfrog=3),
     "smc_online": dict(optim=lambda: pyro.optim.Adam({"lr": 0.05}), num_particles=50, num_moves=2),
 }
 
 NUM_STEPS = 300
 #: backends whose one step is a whole pass over the data (a filter run): fewer steps
-FEW_STEPS = {"smc_filter": 60, "smc": 60, "smc_online": 60}
+FEW_STEPS = {"smc_filter": 60, "smc": 40, "smc_online": 60}
 
 #: backends that run only state-space objects, and those that run only Pyro programs
 STATE_SPACE_ONLY = {"smc_filter"}

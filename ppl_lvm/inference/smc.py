@@ -109,7 +109,7 @@ def _inverse_cdf(weights: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 
 def systematic_resample(weights: torch.Tensor) -> torch.Tensor:
-    """Systematic resampling: one uniform shift, points :math:`(j + u)/K`. Returns ``(K,)`` indices.
+    r"""Systematic resampling: one uniform shift, points :math:`(j + u)/K`. Returns ``(K,)`` indices.
 
     O(K) without a search: the number of points below :math:`c_k` (the cumulative weight) is
     :math:`\lceil K c_k - u \rceil`, so scattering a one at each such count and taking the

@@ -29,3 +29,7 @@ __all__ += ["BayesianLinearRegression"]
 from .vae import VAE  # noqa: E402
 
 __all__ += ["VAE"]
+
+from .bnn_lv import BNN, BNNLV  # noqa: E402
+
+__all__ += ["BNN", "BNNLV"]

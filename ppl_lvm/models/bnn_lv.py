@@ -1,0 +1,396 @@
+r"""Bayesian neural networks with latent input variables (BNN+LV), and the homoscedastic BNN.
+
+Model (Depeweg, Hernández-Lobato, Doshi-Velez & Udluft 2018):
+
+.. math::
+
+    W \sim \mathcal N(0, s_w^2 I), \qquad
+    z_n \sim \mathcal N(0, \gamma^2 I_L), \qquad
+    y_n \mid x_n, z_n, W \sim \mathcal N\big(f_W([x_n, z_n]),\; \sigma^2 I\big),
+
+with :math:`f_W` a tanh MLP.  The latent input :math:`z_n` lets the network turn one input into
+a whole (heteroscedastic, skewed, bimodal) distribution of outputs.  The noise scale
+:math:`\sigma` is a parameter (``noise="learned"``), a latent site with a half-normal prior
+(``noise="inferred"``) or a fixed number.  ``latent_dim=0`` gives the ordinary homoscedastic
+BNN (:class:`BNN`).
+
+**Predictive uncertainty** (:meth:`BNNLV.predict`) splits by the law of total variance into
+
+.. math::
+
+    \operatorname{Var}(y \mid x) =
+    \underbrace{\operatorname{Var}_W\big(\mathbb E[y \mid x, W]\big)}_{\text{epistemic}}
+    + \underbrace{\mathbb E_W\big[\operatorname{Var}(y \mid x, W)\big]}_{\text{aleatoric: } z \text{ and } \varepsilon},
+
+estimated by Monte Carlo over posterior draws of :math:`W` and prior draws of :math:`z`.
+
+**Non-identifiability and its mitigation** (Yacoby, Pan & Doshi-Velez 2022): explanatory
+power can move between :math:`W` and :math:`z`, e.g. a network that reads the signal off
+:math:`z` (which then encodes :math:`x`) fits the training data as well as the true one and
+generalizes badly; the posterior mode is biased even with infinite data.  Their remedy
+constrains inference so that the latent inputs cannot carry information about the inputs
+(under the generative model :math:`z \\perp x`).  ``independence_penalty=lambda`` implements
+that constraint as a factor :math:`-\\lambda N\\,\\mathrm{HSIC}(x_{1:B}, z_{1:B})` in the log joint,
+with HSIC (Gretton et al. 2005, Gaussian kernels) as the dependence measure where the paper
+estimates a mutual information: same target (independence of :math:`x` and the inferred
+:math:`z`), a different estimator.  Because it is part of the model, every backend (SVI, IWAE,
+chi^2-VIS, SG-HMC, SMC) runs the mitigated model.
+
+**Guides** (:meth:`BNNLV.guide`): mean-field Gaussian over :math:`W` (and log-normal over
+:math:`\sigma` when inferred); over :math:`z` either one Gaussian per data point
+(``amortized=False``) or an encoder network of :math:`(x, y)` (``amortized=True``, which also
+scales to minibatches of new data).
+
+The model broadcasts over particle/chain plates (global weights carry extra batch dims on the
+left), so IWAE, chi^2-VIS, SG-HMC and the SMC samplers run it in their vectorized plate mode.
+
+References:
+
+* Depeweg, Hernández-Lobato, Doshi-Velez, Udluft. *Decomposition of uncertainty in Bayesian
+  deep learning for efficient and risk-sensitive learning*. ICML 2018.
+* Yacoby, Pan, Doshi-Velez. *Mitigating the effects of non-identifiability on inference for
+  Bayesian neural networks with latent variables*. JMLR 2022.
+* Gretton, Bousquet, Smola, Schölkopf. *Measuring statistical dependence with Hilbert-Schmidt
+  norms*. ALT 2005.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+from torch.distributions import constraints
+
+from . import register_model
+
+__all__ = ["BNNLV", "BNN", "hsic"]
+
+
+def hsic(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""Biased HSIC estimate (Gretton et al. 2005) between paired samples ``a`` ``(..., n, d_a)``
+    and ``b`` ``(..., n, d_b)``, Gaussian kernels with median-heuristic bandwidths:
+    :math:`\mathrm{tr}(K H L H) / (n-1)^2`, zero in the limit iff ``a`` and ``b`` are independent.
+    Batched over the leading dims."""
+    n = a.shape[-2]
+
+    def gram(v):
+        d2 = (v.unsqueeze(-2) - v.unsqueeze(-3)).pow(2).sum(-1)
+        med = d2.detach().flatten(-2).median(-1).values.clamp_min(1e-12)
+        return torch.exp(-d2 / med[..., None, None])
+
+    K, L = gram(a), gram(b)
+    Kc = K - K.mean(-1, keepdim=True) - K.mean(-2, keepdim=True) + K.mean((-1, -2), keepdim=True)
+    return (Kc * L).sum((-1, -2)) / (n - 1) ** 2
+
+
+def _drop_plate_dim(value: torch.Tensor, event_dims: int) -> torch.Tensor:
+    """A global site drawn inside a particle/chain plate has shape ``(..., K, 1, *event)``: the
+    ``1`` is the data plate's dim. Drop it so that the weights' batch dims are ``(..., K)``."""
+    if value.dim() >= event_dims + 2 and value.shape[-(event_dims + 1)] == 1:
+        return value.squeeze(-(event_dims + 1))
+    return value
+
+
+class BNNLV(PyroModule):
+    """BNN with latent inputs (module docstring).
+
+    :param int in_dim: input dimension D.
+    :param int out_dim: output dimension.
+    :param hidden: hidden layer sizes (default ``(50, 50)``).
+    :param int latent_dim: L, the latent input dimension (0: homoscedastic BNN).
+    :param float prior_scale: :math:`s_w`, prior sd of every weight and bias.
+    :param float latent_scale: :math:`\\gamma`, prior sd of the latent inputs.
+    :param noise: ``"learned"`` (a parameter), ``"inferred"`` (HalfNormal(``noise_prior``) prior)
+        or a positive number (fixed).
+    :param float noise_prior: scale of the half-normal prior when ``noise="inferred"``.
+    :param bool amortized: guide over z by an encoder of (x, y) instead of per-point parameters.
+    :param float independence_penalty: :math:`\\lambda \\ge 0`, the non-identifiability
+        mitigation (see the module docstring): adds :math:`-\\lambda N\\,\\mathrm{HSIC}(x, z)` to
+        the log joint. 0 (default) is the plain model.
+    :param str name: prefix of site and parameter names.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 1, hidden: Sequence[int] = (50, 50), latent_dim: int = 1,
+                 prior_scale: float = 1.0, latent_scale: float = 1.0, noise="learned", noise_prior: float = 1.0,
+                 amortized: bool = False, encoder_hidden: Sequence[int] = (32,), independence_penalty: float = 0.0,
+                 name: str = "bnnlv"):
+        super().__init__()
+        for label, value, low in (("in_dim", in_dim, 1), ("out_dim", out_dim, 1), ("latent_dim", latent_dim, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{label} must be an int >= {low}, got {value!r}")
+        hidden = tuple(hidden)
+        if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+            raise ValueError(f"hidden must be a non-empty sequence of positive ints, got {hidden!r}")
+        for label, value in (("prior_scale", prior_scale), ("latent_scale", latent_scale),
+                             ("noise_prior", noise_prior)):
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{label} must be a positive number, got {value!r}")
+        if not (noise in ("learned", "inferred") or (isinstance(noise, (int, float)) and noise > 0)):
+            raise ValueError(f"noise must be 'learned', 'inferred' or a positive number, got {noise!r}")
+        if amortized and latent_dim == 0:
+            raise ValueError("amortized=True needs latent_dim >= 1 (there is no z to encode).")
+        self.in_dim, self.out_dim, self.hidden, self.latent_dim = in_dim, out_dim, hidden, latent_dim
+        self.prior_scale, self.latent_scale = float(prior_scale), float(latent_scale)
+        self.noise, self.noise_prior = noise, float(noise_prior)
+        self.amortized, self.name = bool(amortized), name
+        if not isinstance(independence_penalty, (int, float)) or independence_penalty < 0:
+            raise ValueError(f"independence_penalty must be a non-negative number, got {independence_penalty!r}")
+        if independence_penalty and not latent_dim:
+            raise ValueError("independence_penalty needs latent_dim >= 1.")
+        self.independence_penalty = float(independence_penalty)
+        self.sizes = (in_dim + latent_dim,) + hidden + (out_dim,)
+        if self.amortized:
+            layers, sizes = [], (in_dim + out_dim,) + tuple(encoder_hidden) + (2 * latent_dim,)
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+                layers.append(nn.Linear(a, b))
+                if i < len(sizes) - 2:
+                    layers.append(nn.Tanh())
+            self.encoder = nn.Sequential(*layers)
+        self._num_data = None
+
+    # ------------------------------------------------------------------ helpers
+    def _weight_sites(self):
+        for i, (a, b) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
+            yield f"{self.name}.w{i}", (a, b)
+            yield f"{self.name}.b{i}", (b,)
+
+    def _check(self, x, y):
+        if not torch.is_tensor(x) or x.dim() != 2 or x.shape[-1] != self.in_dim:
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"x must be a tensor of shape (N, {self.in_dim}), got {shape}.")
+        if y is not None:
+            if not torch.is_tensor(y) or y.shape != (x.shape[0], self.out_dim):
+                shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+                raise ValueError(f"y must be a tensor of shape ({x.shape[0]}, {self.out_dim}) (use "
+                                 f"y.reshape(-1, {self.out_dim})), got {shape}.")
+
+    def forward_net(self, x: torch.Tensor, weights: Dict[str, torch.Tensor], z: Optional[torch.Tensor] = None):
+        """:math:`f_W([x, z])` for weights with any batch dims on the left: ``(..., N, out_dim)``."""
+        names = list(self._weight_sites())
+        w0 = _drop_plate_dim(weights[names[0][0]], 2)
+        batch = w0.shape[:-2]
+        h = x.expand(batch + x.shape) if batch else x
+        if self.latent_dim:
+            h = torch.cat([h.expand(z.shape[:-1] + (x.shape[-1],)), z], -1) if z is not None else h
+        for i in range(len(self.sizes) - 1):
+            w = _drop_plate_dim(weights[f"{self.name}.w{i}"], 2)
+            b = _drop_plate_dim(weights[f"{self.name}.b{i}"], 1)
+            h = h @ w + b.unsqueeze(-2)
+            if i < len(self.sizes) - 2:
+                h = torch.tanh(h)
+        return h
+
+    # ------------------------------------------------------------------ model and guide
+    def model(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, subsample_size: Optional[int] = None):
+        self._check(x, y)
+        zero = x.new_zeros(())
+        weights = {}
+        for site, shape in self._weight_sites():
+            weights[site] = pyro.sample(site, dist.Normal(zero, self.prior_scale).expand(shape).to_event(len(shape)))
+        if self.noise == "inferred":
+            sigma = _drop_plate_dim(pyro.sample(f"{self.name}.sigma", dist.HalfNormal(zero + self.noise_prior)), 0)
+        elif self.noise == "learned":
+            sigma = pyro.param(f"{self.name}.sigma", lambda: x.new_tensor(0.5), constraint=constraints.positive)
+        else:
+            sigma = zero + float(self.noise)
+        with pyro.plate(f"{self.name}.data", x.shape[0], subsample_size=subsample_size, dim=-1,
+                        device=x.device) as ind:
+            z = None
+            if self.latent_dim:
+                z = pyro.sample(f"{self.name}.z", dist.Normal(zero, self.latent_scale)
+                                .expand([self.latent_dim]).to_event(1))
+            x_b = x.index_select(0, ind)
+            mean = self.forward_net(x_b, weights, z)
+            pyro.sample(f"{self.name}.y", dist.Normal(mean, sigma.unsqueeze(-1).unsqueeze(-1)).to_event(1),
+                        obs=None if y is None else y.index_select(0, ind))
+        if self.independence_penalty and z is not None and y is not None and x_b.shape[0] > 2:
+            # the prior makes z independent of x; penalize dependence in the posterior (mitigation)
+            dep = hsic(x_b.expand(z.shape[:-1] + (x_b.shape[-1],)), z)
+            if dep.dim() > 0:  # batch dims of particles/chains sit left of the data plate's dim
+                dep = dep.unsqueeze(-1)
+            pyro.factor(f"{self.name}.independence", -self.independence_penalty * x.shape[0] * dep)
+        return mean
+
+    def guide(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, subsample_size: Optional[int] = None):
+        self._check(x, y)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        for site, shape in self._weight_sites():
+            fan_in = shape[0] if len(shape) == 2 else 1
+            # small random means break the symmetry between hidden units
+            loc = pyro.param(f"{site}.loc", lambda: (torch.randn(shape, generator=g, dtype=x.dtype)
+                                                     / math.sqrt(fan_in)).to(x.device))
+            scale = pyro.param(f"{site}.scale", lambda: x.new_full(shape, 1e-2), constraint=constraints.positive)
+            pyro.sample(site, dist.Normal(loc, scale).to_event(len(shape)))
+        if self.noise == "inferred":
+            loc = pyro.param(f"{self.name}.sigma.loc", lambda: x.new_tensor(math.log(0.5)))
+            scale = pyro.param(f"{self.name}.sigma.scale", lambda: x.new_tensor(0.1), constraint=constraints.positive)
+            pyro.sample(f"{self.name}.sigma", dist.LogNormal(loc, scale))
+        if not self.latent_dim:
+            return
+        if self.amortized:
+            if y is None:
+                raise ValueError("The amortized guide encodes (x, y): pass y.")
+            ref = next(self.encoder.parameters())
+            if ref.dtype != x.dtype or ref.device != x.device:  # the encoder follows the data
+                self.encoder.to(dtype=x.dtype, device=x.device)
+            pyro.module(f"{self.name}.encoder", self.encoder)
+        else:
+            n = x.shape[0]
+            z_loc = pyro.param(f"{self.name}.z.loc", lambda: x.new_zeros(n, self.latent_dim))
+            z_scale = pyro.param(f"{self.name}.z.scale", lambda: x.new_full((n, self.latent_dim), self.latent_scale),
+                                 constraint=constraints.positive)
+            if z_loc.shape[0] != n:
+                raise ValueError(f"The per-point guide over z was built for {z_loc.shape[0]} data points, "
+                                 f"got {n}; use amortized=True to infer z for new data.")
+        with pyro.plate(f"{self.name}.data", x.shape[0], subsample_size=subsample_size, dim=-1,
+                        device=x.device) as ind:
+            if self.amortized:
+                h = self.encoder(torch.cat([x.index_select(0, ind), y.index_select(0, ind)], -1))
+                loc = h[..., : self.latent_dim]
+                scale = nn.functional.softplus(h[..., self.latent_dim:]) + 1e-3
+            else:
+                loc, scale = z_loc.index_select(0, ind), z_scale.index_select(0, ind)
+            pyro.sample(f"{self.name}.z", dist.Normal(loc, scale).to_event(1))
+
+    # ------------------------------------------------------------------ prediction
+    def _guide_weight_draws(self, num_samples, like):
+        out = {}
+        store = pyro.get_param_store()
+        for site, shape in self._weight_sites():
+            if f"{site}.loc" not in store:
+                raise RuntimeError(f"No fitted guide parameters for {site!r}: fit the guide first or pass "
+                                   "posterior samples (e.g. from SG-HMC) to predict().")
+            loc, scale = pyro.param(f"{site}.loc").detach(), pyro.param(f"{site}.scale").detach()
+            out[site] = loc + scale * torch.randn((num_samples,) + tuple(shape), dtype=loc.dtype, device=loc.device)
+        if self.noise == "inferred":
+            loc = pyro.param(f"{self.name}.sigma.loc").detach()
+            scale = pyro.param(f"{self.name}.sigma.scale").detach()
+            out[f"{self.name}.sigma"] = (loc + scale * torch.randn(num_samples, dtype=loc.dtype, device=loc.device)).exp()
+        return out
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, num_samples: int = 200, num_latent: int = 50,
+                samples: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """Predictive distribution at inputs ``x`` and its epistemic/aleatoric split.
+
+        :param samples: posterior draws ``{site: (S, *shape)}`` of the weights (and sigma when
+            inferred), e.g. ``fit.posterior_samples()`` of any backend; by default ``num_samples``
+            draws from the fitted mean-field guide.
+        :param num_latent: prior draws of z per weight draw.
+        :returns: dict with ``mean``, ``epistemic_var``, ``aleatoric_var``, ``total_var`` (each
+            ``(N, out_dim)``) and ``samples`` (``(S * num_latent, N, out_dim)`` draws of y).
+        """
+        self._check(x, None)
+        if samples is None:
+            samples = self._guide_weight_draws(num_samples, x)
+        weights = {site: samples[site] for site, _ in self._weight_sites()}
+        S = next(iter(weights.values())).shape[0]
+        sigma = self._sigma(samples, S, x)
+        M = num_latent if self.latent_dim else 1
+        N = x.shape[0]
+        if self.latent_dim:  # M latent draws per weight draw: stack them along the data axis
+            z = self.latent_scale * torch.randn((S, M * N, self.latent_dim), dtype=x.dtype, device=x.device)
+            f = self.forward_net(x.repeat(M, 1), weights, z).reshape(S, M, N, self.out_dim)
+        else:
+            f = self.forward_net(x, weights).unsqueeze(1)
+        cond_mean = f.mean(1)                                # E[y | x, W]
+        cond_var = f.var(1, unbiased=False) + sigma.reshape(S, 1, 1) ** 2  # Var(y | x, W)
+        y = f + sigma.reshape(S, 1, 1, 1) * torch.randn_like(f)
+        return {
+            "mean": cond_mean.mean(0),
+            "epistemic_var": cond_mean.var(0, unbiased=False),
+            "aleatoric_var": cond_var.mean(0),
+            "total_var": cond_mean.var(0, unbiased=False) + cond_var.mean(0),
+            "samples": y.reshape((-1,) + tuple(y.shape[2:])),
+            "_f": f, "_sigma": sigma,
+        }
+
+    def _sigma(self, samples, S, like):
+        if self.noise == "inferred":
+            return samples[f"{self.name}.sigma"].reshape(S)
+        if self.noise == "learned":
+            return pyro.param(f"{self.name}.sigma").detach().expand(S)
+        return like.new_full((S,), float(self.noise))
+
+    @torch.no_grad()
+    def log_predictive(self, x: torch.Tensor, y: torch.Tensor, num_samples: int = 200, num_latent: int = 50,
+                       samples: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """Held-out log predictive density per point,
+        :math:`\\log \\frac{1}{SM}\\sum_{s,m} \\mathcal N(y \\mid f_{W_s}([x, z_m]), \\sigma_s^2)`."""
+        self._check(x, y)
+        pred = self.predict(x, num_samples, num_latent, samples)
+        f, sigma = pred["_f"], pred["_sigma"]
+        lp = dist.Normal(f, sigma.reshape(-1, 1, 1, 1)).log_prob(y).sum(-1)  # (S, M, N)
+        lp = lp.reshape(-1, lp.shape[-1])
+        return torch.logsumexp(lp, 0) - math.log(lp.shape[0])
+
+    def plot_predictive(self, x: torch.Tensor, pred: Optional[dict] = None, x_train=None, y_train=None,
+                        ax=None, level: float = 0.9, **predict_kwargs):
+        """Predictive mean, the ``level`` interval of y, and the epistemic band (1-d inputs)."""
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        if self.in_dim != 1 or self.out_dim != 1:
+            raise ValueError("plot_predictive draws 1-d inputs and outputs; use predict() otherwise.")
+        if pred is None:
+            pred = self.predict(x, **predict_kwargs)
+        if ax is None:
+            _, ax = plt.subplots(figsize=(7, 4))
+        xs = x[:, 0].cpu().numpy()
+        order = np.argsort(xs)
+        ys = pred["samples"][..., 0].cpu().numpy()
+        lo, hi = np.quantile(ys, [(1 - level) / 2, (1 + level) / 2], axis=0)
+        mean = pred["mean"][:, 0].cpu().numpy()
+        epi = pred["epistemic_var"][:, 0].sqrt().cpu().numpy()
+        ax.fill_between(xs[order], lo[order], hi[order], alpha=0.25, label=f"{int(level * 100)}% predictive")
+        ax.fill_between(xs[order], (mean - 2 * epi)[order], (mean + 2 * epi)[order], alpha=0.4,
+                        label="epistemic ±2 sd")
+        ax.plot(xs[order], mean[order], lw=1.5, label="mean")
+        if x_train is not None and y_train is not None:
+            ax.scatter(x_train[:, 0].cpu().numpy(), y_train[:, 0].cpu().numpy(), s=8, c="k", alpha=0.6,
+                       label="data")
+        ax.legend(fontsize=8)
+        return ax
+
+    # ------------------------------------------------------------------ data
+    @staticmethod
+    def simulate(num_data: int = 500, kind: str = "heteroscedastic", seed: int = 0, dtype=torch.float64):
+        """Depeweg et al.'s toy problems, ``(x, y)`` of shapes ``(N, 1)``.
+
+        * ``"heteroscedastic"``: :math:`x \\sim U(-4, 4)`,
+          :math:`y = 7 \\sin x + 3 |\\cos(x/2)|\\,\\varepsilon`;
+        * ``"bimodal"``: :math:`x \\sim U(-2, 2)`, with probability 1/2 each
+          :math:`y = 10 \\sin x + \\varepsilon` or :math:`y = 10 \\cos x + \\varepsilon`;
+
+        :math:`\\varepsilon \\sim \\mathcal N(0, 1)`.
+        """
+        if kind not in ("heteroscedastic", "bimodal"):
+            raise ValueError(f"kind must be 'heteroscedastic' or 'bimodal', got {kind!r}")
+        g = torch.Generator().manual_seed(seed)
+        if kind == "heteroscedastic":
+            x = 8 * torch.rand(num_data, 1, generator=g, dtype=dtype) - 4
+            eps = torch.randn(num_data, 1, generator=g, dtype=dtype)
+            return x, 7 * torch.sin(x) + 3 * torch.abs(torch.cos(x / 2)) * eps
+        x = 4 * torch.rand(num_data, 1, generator=g, dtype=dtype) - 2
+        eps = torch.randn(num_data, 1, generator=g, dtype=dtype)
+        branch = torch.rand(num_data, 1, generator=g, dtype=dtype) < 0.5
+        return x, torch.where(branch, 10 * torch.sin(x), 10 * torch.cos(x)) + eps
+
+
+class BNN(BNNLV):
+    """The homoscedastic BNN baseline: :class:`BNNLV` with ``latent_dim=0``."""
+
+    def __init__(self, in_dim: int, out_dim: int = 1, hidden: Sequence[int] = (50, 50), name: str = "bnn", **kw):
+        kw.pop("latent_dim", None)
+        super().__init__(in_dim, out_dim, hidden, latent_dim=0, name=name, **kw)
+
+
+@register_model("bnn_lv")
+def _matrix_case():
+    x, y = BNNLV.simulate(num_data=40, seed=0)
+    return BNNLV(1, 1, hidden=(8,), latent_dim=1, noise=1.0, name="matrix_bnnlv"), (x, y)
