@@ -516,7 +516,7 @@ class SMCFilterBackend(Backend):
     _capture_params = False
     _evidence_from_runs = True
     valid_for = ("state-space model objects with init(state, ...)/step(state, ...) (Pyro's SMCFilter "
-                 "contract); learns proposal/model parameters by ascending the SMC log-evidence")
+                 "contract); exact log-evidence, smoothing, model parameters by particle maximum likelihood")
 
     def __init__(self, model, guide=None, optim=None, *, num_particles: int = 100, ess_threshold: float = 0.5,
                  resampling: str = "systematic", resampling_gradient: str = "fisher",
