@@ -797,6 +797,9 @@ class PotentialEnergy:
         #: ``{plate name: indices}`` to hold the minibatch fixed across calls (``None``: a fresh
         #: minibatch per call, as the model's plates draw them)
         self.fixed_subsamples: Optional[Dict[str, torch.Tensor]] = None
+        #: give every chain its own minibatch (a vmapped run with per-chain subsample indices)
+        #: instead of one minibatch shared by all chains in a plate run
+        self.independent_minibatches = False
 
     # ---------------------------------------------------------------- transforms
     def constrain(self, unconstrained: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -897,12 +900,24 @@ class PotentialEnergy:
         """
         num_chains = next(iter(values.values())).shape[0]
         with _validation_off():
+            if self._per_chain_minibatches(num_chains):
+                return self._vmap_log_probs({**values, **self._per_chain_subsamples(values)}, {}, args, kwargs)
             if self.mode == "auto":
                 self._choose_mode(values, args, kwargs)
             if self.mode == "plate":
                 return self._plate_log_probs(values, num_chains, args, kwargs)[0]
             ref = next(iter(values.values()))
             return self._vmap_log_probs(values, self._random_subsamples(ref), args, kwargs)
+
+    def _per_chain_minibatches(self, num_chains):
+        return (self.independent_minibatches and num_chains > 1 and not self.fixed_subsamples
+                and bool(self.structure.subsampled_plates))
+
+    def _per_chain_subsamples(self, values):
+        ref = next(iter(values.values()))
+        c = ref.shape[0]
+        return {n: torch.rand(c, p.size, device=ref.device).argsort(-1)[:, : p.subsample_size]
+                for n, p in self.structure.subsampled_plates.items()}
 
     def log_probs_and_subsamples(self, values, args, kwargs):
         """:meth:`log_probs` plus ``{plate name: indices}`` of the minibatch it used (to condition

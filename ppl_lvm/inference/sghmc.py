@@ -197,6 +197,24 @@ class SGHMC(Backend):
     :param buffer_size: number of past states per chain kept for structured SG-MCMC.
     :param optim: optimizer of the model's parameters during warmup (default Adam, lr 1e-2).
     :param learn_params: fit the model's parameters during warmup (default ``True``).
+    :param shared_minibatch: ``False`` (default): every chain draws its own minibatch (one
+        vmapped model run per step), so the chains are independent and R-hat, ESS and Monte
+        Carlo errors mean what they say. ``True``: all chains share one minibatch in one plate
+        run (faster for models that broadcast), but the minibatch noise is then common to the
+        chains and correlates them (measured: correlation 0.82 between chains with B = 50 of
+        N = 1000), which makes R-hat and ESS over-optimistic.
+
+    **Choosing the step size.**  On a Gaussian posterior with curvature :math:`\lambda` along
+    some direction, the minibatch noise inflates the variance along it by about
+    :math:`1 + \eta\lambda (N/B - 1) / (2\alpha)` (sampling without replacement), and the
+    discretization by a further :math:`O(\eta\lambda/\alpha)`.  Keep
+    :math:`\eta\lambda_{\max}(N/B - 1)/(2\alpha)` small for the stiffest direction (the
+    largest eigenvalue of the likelihood's Hessian, about :math:`N/\sigma^2` for a regression
+    with standardized inputs); marginal R-hat and ESS do not reveal this bias (tutorial 04).
+
+    Draws' ``sample_stats``: ``lp`` (the full-data log-joint of the kept draw, computed in
+    ``to_inferencedata`` when the data are not subsampled), ``potential_energy`` (the
+    minibatch potential of the state the kept step started from) and ``step_size``.
 
     Example::
 
@@ -217,7 +235,7 @@ class SGHMC(Backend):
                  preconditioner: Optional[str] = None, rmsprop_decay: float = 0.99,
                  rmsprop_eps: float = 1e-5, init="uniform", init_radius: float = 2.0,
                  groups: Optional[Sequence[Sequence[str]]] = None, coupling: float = 0.0,
-                 buffer_size: int = 100, optim=None, learn_params: bool = True,
+                 buffer_size: int = 100, optim=None, learn_params: bool = True, shared_minibatch: bool = False,
                  max_plate_nesting: Optional[int] = None, data_plate: Optional[str] = None,
                  validate: bool = True):
         super().__init__(model, guide, optim, max_plate_nesting=max_plate_nesting,
@@ -258,6 +276,7 @@ class SGHMC(Backend):
         self.coupling = float(coupling)
         self.buffer_size = check_positive_int(buffer_size, "buffer_size")
         self.learn_params = bool(learn_params)
+        self.shared_minibatch = bool(shared_minibatch)
         self.potential: Optional[PotentialEnergy] = None
         self._reset_chains()
 
@@ -307,6 +326,7 @@ class SGHMC(Backend):
             self.potential = PotentialEnergy(self.model, structure, structure.max_plate_nesting)
         except ValueError as exc:
             raise IncompatibleModelError(str(exc)) from exc
+        self.potential.independent_minibatches = not self.shared_minibatch
         if self._u is not None:
             proto = trace_program(self.model, args, kwargs)
             for name in structure.latent_sites:
@@ -498,7 +518,19 @@ class SGHMC(Backend):
 
     # ------------------------------------------------------------------ results
     def _default_num_steps(self) -> int:
-        return self.warmup + self.num_samples * self.thin
+        keep = self.num_samples * self.thin
+        exploring = getattr(self.schedule, "exploration", 0.0)
+        if exploring:  # a cyclical schedule keeps draws only in the sampling part of each cycle
+            keep = math.ceil(keep / (1.0 - exploring))
+        return self.warmup + keep
+
+    @property
+    def preconditioner_scale(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The rmsprop preconditioner :math:`G = 1/(\lambda + \sqrt V)` per site, ``(C, ...)``
+        (frozen after warmup), or ``None`` without a preconditioner."""
+        if self._sq is None:
+            return None
+        return {n: 1.0 / (self.rmsprop_eps + v.sqrt()) for n, v in self._sq.items()}
 
     def _default_num_samples(self) -> int:
         return max(1, len(self._draws) * self.num_chains)

@@ -197,7 +197,10 @@ class _Scorer(Messenger):
             if self.replay is not None and msg["name"] not in self.replay:
                 raise ValueError(
                     f"The model samples site {msg['name']!r}, which the proposal (guide) did not; "
-                    "the guide's init/step must sample every latent site of the model's."
+                    "the guide's init/step must sample every latent site of the model's. (In "
+                    "ParticleFilter.smooth this means model.step named its sites differently when "
+                    "called again for a past step: make step depend only on state and its "
+                    "arguments, e.g. pass the time step as an argument rather than counting on self.)"
                 )
             self.values[msg["name"]] = value
             self.latent = lp if self.latent is None else self.latent + lp
@@ -311,6 +314,7 @@ class ParticleFilter:
         r""":math:`\log \hat Z` of the steps so far (0-dim tensor)."""
         if self._log_z is None:
             raise RuntimeError("The filter has not been run: call init(...) first.")
+        self._check_finite()
         return self._log_z
 
     @property
@@ -452,6 +456,12 @@ class ParticleFilter:
     @torch.no_grad()
     def smooth(self, num_trajectories: int = 100) -> Dict[str, torch.Tensor]:
         r"""Draw smoothed trajectories by backward simulation (needs ``store_particles=True``).
+
+        The transition density of step :math:`t` is evaluated by calling ``model.step`` again,
+        after the filter has finished, with the arguments step :math:`t` received: the model's
+        ``step`` must depend only on ``state`` and its arguments.  A model that keeps a counter
+        on ``self`` (allowed by Pyro's contract for filtering) must pass the time as an argument
+        instead, or its smoothed trajectories are wrong.
 
         Returns ``{state key: (M, T, ...)}`` and ``{"site/<name>": (M, T, ...)}`` for the latent
         sites: :math:`M` draws from :math:`p(z_{0:T} \mid y_{0:T})`, with T the number of
