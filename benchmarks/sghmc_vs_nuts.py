@@ -117,7 +117,8 @@ def main():
     ess_min, ess_med, lpd = predictive_stats(samples, xt, yt)
     rhat = az.rhat(az.convert_to_dataset({"sigma": samples["sigma"].numpy()}))["sigma"].values
     rows.append(("SG-HMC (B=%d, %d chains)" % (a.batch, a.chains), t, a.chains * a.samples, ess_min, ess_med, lpd))
-    print(f"SG-HMC: {sampler.num_steps} steps, mode {sampler.potential.mode}, sigma mean "
+    how = "shared minibatch" if sampler.shared_minibatch else "one minibatch per chain"
+    print(f"SG-HMC: {sampler.num_steps} steps, {how}, sigma mean "
           f"{float(samples['sigma'].mean()):.4f}, R-hat(sigma) {float(rhat):.3f}", flush=True)
     if not a.skip_nuts:
         samples, t = run_nuts(x, y, a.nuts_samples, a.nuts_warmup, a.seed)
