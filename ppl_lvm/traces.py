@@ -153,6 +153,12 @@ class ProgramStructure:
         return {n: s for n, s in self.latent_sites.items() if self.data_plate in s.plates}
 
     @property
+    def latents_in_subsampled_plates(self) -> list:
+        """Names of latent sites inside a subsampled plate (one value per minibatch point)."""
+        sub = self.subsampled_plates
+        return sorted(n for n, s in self.latent_sites.items() if any(p in sub for p in s.plates))
+
+    @property
     def global_latents(self) -> Dict[str, SiteInfo]:
         local = self.local_latents
         return {n: s for n, s in self.latent_sites.items() if n not in local}
@@ -507,25 +513,7 @@ class ParticleEvaluator:
             b = self._model_log_probs_vmap(gt, k, args, kwargs)
         except Exception as exc:  # noqa: BLE001
             vmap_err, b = exc, None
-        if a is not None and b is not None:
-            same = all(
-                torch.allclose(self._reduce_all(a[n][0], k), self._reduce_all(b[n][0], k),
-                               rtol=1e-4, atol=1e-4)
-                for n in a
-            ) and set(a) == set(b)
-            self.mode = "plate" if same else "vmap"
-        elif a is not None:
-            self.mode = "plate"
-        elif b is not None:
-            self.mode = "vmap"
-        else:
-            raise ValueError(
-                "Could not evaluate the model on a batch of particles, neither by running it "
-                f"inside a particle plate ({type(plate_err).__name__}: {plate_err}) nor with "
-                f"torch.func.vmap ({type(vmap_err).__name__}: {vmap_err}). Make the model "
-                "broadcast over extra batch dimensions on the left (index with `...`, use "
-                "pyro.plate(..., dim=-k) for every batch dimension)."
-            ) from plate_err
+        self.mode = _pick_mode(a, b, k, plate_err, vmap_err, "particles")
 
     def resolve_mode(self, args, kwargs) -> str:
         """Decide (once) between ``"plate"`` and ``"vmap"`` for these arguments; return it."""
@@ -623,6 +611,30 @@ class ParticleEvaluator:
                 else ulp.reshape(num_particles, -1)
         return out
 
+
+
+def _pick_mode(a, b, k, plate_err, vmap_err, what) -> str:
+    """Choose "plate" or "vmap" from the two evaluations of the same K draws (``None`` where the
+    evaluation failed): the plate run is used only where it gives the same log-densities."""
+    if a is not None and b is not None:
+        def total(lp, n):
+            v = lp[n][0]
+            return v.expand((k,) + tuple(v.shape[1:])).reshape(k, -1).sum(-1)
+
+        same = set(a) == set(b) and all(torch.allclose(total(a, n), total(b, n), rtol=1e-4, atol=1e-4)
+                                        for n in a)
+        return "plate" if same else "vmap"
+    if a is not None:
+        return "plate"
+    if b is not None:
+        return "vmap"
+    raise ValueError(
+        f"Could not evaluate the model on a batch of {what}, neither by running it inside a "
+        f"plate ({type(plate_err).__name__}: {plate_err}) nor with torch.func.vmap "
+        f"({type(vmap_err).__name__}: {vmap_err}). Make the model broadcast over extra batch "
+        "dimensions on the left (index with `...`, use pyro.plate(..., dim=-k) for every batch "
+        "dimension)."
+    ) from plate_err
 
 
 def _vmapped_log_probs(model, values, fixed, names, ndim, args, kwargs):
@@ -869,25 +881,7 @@ class PotentialEnergy:
             except Exception as exc:  # noqa: BLE001
                 vmap_err = exc
 
-        def total(lp):
-            return {n: v[0].expand((k,) + tuple(v[0].shape[1:])).reshape(k, -1).sum(-1) for n, v in lp.items()}
-
-        if a is not None and b is not None:
-            ta, tb = total(a), total(b)
-            same = set(ta) == set(tb) and all(torch.allclose(ta[n], tb[n], rtol=1e-4, atol=1e-4) for n in ta)
-            self.mode = "plate" if same else "vmap"
-        elif a is not None:
-            self.mode = "plate"
-        elif b is not None:
-            self.mode = "vmap"
-        else:
-            raise ValueError(
-                "Could not evaluate the model for a batch of chains, neither inside a chain plate "
-                f"({type(plate_err).__name__}: {plate_err}) nor with torch.func.vmap "
-                f"({type(vmap_err).__name__}: {vmap_err}). Make the model broadcast over extra "
-                "batch dimensions on the left (index with `...`, declare batch dimensions with "
-                "pyro.plate(..., dim=-k))."
-            ) from plate_err
+        self.mode = _pick_mode(a, b, k, plate_err, vmap_err, "chains")
 
     def log_probs(self, values: Dict[str, torch.Tensor], args, kwargs) -> Dict[str, tuple]:
         """``{site: (scaled log_prob, unscaled log_prob)}`` of every sample site at ``values``.

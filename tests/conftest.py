@@ -23,3 +23,12 @@ def cuda_params():
         "cpu",
         pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
     ]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: many small kernels (filters, samplers) avoid OpenMP overhead."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -30,13 +30,7 @@ from conftest import cuda_params
 NUM_RUNS = 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the filters are many small kernels: one thread avoids OpenMP overhead and contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("proposal, threshold", [

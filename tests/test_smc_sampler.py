@@ -21,12 +21,7 @@ from ppl_lvm.testing import BayesianLinearRegression, BinaryLatents
 RUNS = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _runs(model, args, guide=None, runs=RUNS, **opts):

@@ -307,7 +307,7 @@ class SGHMC(Backend):
                 "unknowns priors with pyro.sample, or fit point estimates with SVI and an empty guide."
             )
         sub = structure.subsampled_plates
-        trapped = sorted(n for n, s in structure.latent_sites.items() if any(p in sub for p in s.plates))
+        trapped = structure.latents_in_subsampled_plates
         if trapped:
             raise IncompatibleModelError(
                 f"Latent site(s) {trapped} sit inside the subsampled plate(s) {sorted(sub)}: a chain "

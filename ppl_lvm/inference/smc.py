@@ -531,26 +531,11 @@ class SMCFilterBackend(Backend):
     def __init__(self, model, guide=None, optim=None, *, num_particles: int = 100, ess_threshold: float = 0.5,
                  resampling: str = "systematic", resampling_gradient: str = "fisher",
                  max_plate_nesting: int = 0, validate: bool = True):
-        # Backend's own checks expect callables; a state-space object is checked in setup()
-        self.model, self.guide = model, guide
-        if optim is None:
-            optim = pyro.optim.Adam({"lr": 1e-2})
-        if not isinstance(optim, pyro.optim.PyroOptim):
-            raise TypeError(f"optim must be a pyro.optim optimizer, got {type(optim).__name__}.")
-        self.optim = optim
+        super().__init__(model, guide, optim, max_plate_nesting=max_plate_nesting, validate=validate)
         self.num_particles = check_positive_int(num_particles, "num_particles")
         self.ess_threshold = ess_threshold
         self.resampling = resampling
         self.resampling_gradient = resampling_gradient
-        self.max_plate_nesting = max_plate_nesting
-        self.data_plate = None
-        self.validate = validate
-        self.structure = None
-        self.guide_structure = None
-        self._setup_key = None
-        self._evaluator = None
-        self.num_steps = 0
-        self.losses = []
         self.filter_ = None
 
     def _make_filter(self, num_particles=None, **extra) -> ParticleFilter:

@@ -505,7 +505,7 @@ class OpenHorizonSMC(_ParticleSampler):
     def check_model(self, structure):
         super().check_model(structure)
         sub = structure.subsampled_plates
-        trapped = sorted(n for n, s in structure.latent_sites.items() if any(p in sub for p in s.plates))
+        trapped = structure.latents_in_subsampled_plates
         if trapped:
             raise IncompatibleModelError(
                 f"Latent site(s) {trapped} sit inside the subsampled plate(s) {sorted(sub)}; particles over "
