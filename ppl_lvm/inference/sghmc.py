@@ -526,7 +526,7 @@ class SGHMC(Backend):
 
     @property
     def preconditioner_scale(self) -> Optional[Dict[str, torch.Tensor]]:
-        """The rmsprop preconditioner :math:`G = 1/(\lambda + \sqrt V)` per site, ``(C, ...)``
+        r"""The rmsprop preconditioner :math:`G = 1/(\lambda + \sqrt V)` per site, ``(C, ...)``
         (frozen after warmup), or ``None`` without a preconditioner."""
         if self._sq is None:
             return None
