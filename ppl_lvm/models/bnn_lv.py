@@ -281,6 +281,28 @@ class BNNLV(PyroModule):
             out[f"{self.name}.sigma"] = (loc + scale * torch.randn(num_samples, dtype=loc.dtype, device=loc.device)).exp()
         return out
 
+    def _function_draws(self, x, num_samples, num_latent, samples, budget=2 ** 24):
+        """Yield ``(f, sigma)`` chunks: ``f`` ``(s, M, N, out_dim)`` network outputs for ``s`` weight
+        draws and ``M`` latent draws each, ``sigma`` ``(s,)``; chunked so that no intermediate
+        holds much more than ``budget`` numbers (posterior samples from MCMC can be thousands)."""
+        if samples is None:
+            samples = self._guide_weight_draws(num_samples, x)
+        weights = {site: samples[site] for site, _ in self._weight_sites()}
+        S = next(iter(weights.values())).shape[0]
+        sigma = self._sigma(samples, S, x)
+        M = num_latent if self.latent_dim else 1
+        N = x.shape[0]
+        chunk = max(1, budget // (M * N * max(self.sizes)))
+        for start in range(0, S, chunk):
+            w = {k: v[start:start + chunk] for k, v in weights.items()}
+            s = next(iter(w.values())).shape[0]
+            if self.latent_dim:  # M latent draws per weight draw, stacked along the data axis
+                z = self.latent_scale * torch.randn((s, M * N, self.latent_dim), dtype=x.dtype, device=x.device)
+                f = self.forward_net(x.repeat(M, 1), w, z).reshape(s, M, N, self.out_dim)
+            else:
+                f = self.forward_net(x, w).unsqueeze(1)
+            yield f, sigma[start:start + chunk]
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, num_samples: int = 200, num_latent: int = 50,
                 samples: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
@@ -289,33 +311,25 @@ class BNNLV(PyroModule):
         :param samples: posterior draws ``{site: (S, *shape)}`` of the weights (and sigma when
             inferred), e.g. ``fit.posterior_samples()`` of any backend; by default ``num_samples``
             draws from the fitted mean-field guide.
-        :param num_latent: prior draws of z per weight draw.
+        :param num_latent: prior draws of z per weight draw (for the moments).
         :returns: dict with ``mean``, ``epistemic_var``, ``aleatoric_var``, ``total_var`` (each
-            ``(N, out_dim)``) and ``samples`` (``(S * num_latent, N, out_dim)`` draws of y).
+            ``(N, out_dim)``) and ``samples`` (``(S, N, out_dim)``: one draw of y per weight draw,
+            with a fresh z and noise).
         """
         self._check(x, None)
-        if samples is None:
-            samples = self._guide_weight_draws(num_samples, x)
-        weights = {site: samples[site] for site, _ in self._weight_sites()}
-        S = next(iter(weights.values())).shape[0]
-        sigma = self._sigma(samples, S, x)
-        M = num_latent if self.latent_dim else 1
-        N = x.shape[0]
-        if self.latent_dim:  # M latent draws per weight draw: stack them along the data axis
-            z = self.latent_scale * torch.randn((S, M * N, self.latent_dim), dtype=x.dtype, device=x.device)
-            f = self.forward_net(x.repeat(M, 1), weights, z).reshape(S, M, N, self.out_dim)
-        else:
-            f = self.forward_net(x, weights).unsqueeze(1)
-        cond_mean = f.mean(1)                                # E[y | x, W]
-        cond_var = f.var(1, unbiased=False) + sigma.reshape(S, 1, 1) ** 2  # Var(y | x, W)
-        y = f + sigma.reshape(S, 1, 1, 1) * torch.randn_like(f)
+        means, cond_vars, ys = [], [], []
+        for f, sigma in self._function_draws(x, num_samples, num_latent, samples):
+            means.append(f.mean(1))                                                  # E[y | x, W]
+            cond_vars.append(f.var(1, unbiased=False) + sigma.reshape(-1, 1, 1) ** 2)  # Var(y | x, W)
+            ys.append(f[:, 0] + sigma.reshape(-1, 1, 1) * torch.randn_like(f[:, 0]))
+        cond_mean, cond_var = torch.cat(means), torch.cat(cond_vars)
+        epistemic = cond_mean.var(0, unbiased=False)
         return {
             "mean": cond_mean.mean(0),
-            "epistemic_var": cond_mean.var(0, unbiased=False),
+            "epistemic_var": epistemic,
             "aleatoric_var": cond_var.mean(0),
-            "total_var": cond_mean.var(0, unbiased=False) + cond_var.mean(0),
-            "samples": y.reshape((-1,) + tuple(y.shape[2:])),
-            "_f": f, "_sigma": sigma,
+            "total_var": epistemic + cond_var.mean(0),
+            "samples": torch.cat(ys),
         }
 
     def _sigma(self, samples, S, like):
@@ -331,11 +345,13 @@ class BNNLV(PyroModule):
         """Held-out log predictive density per point,
         :math:`\\log \\frac{1}{SM}\\sum_{s,m} \\mathcal N(y \\mid f_{W_s}([x, z_m]), \\sigma_s^2)`."""
         self._check(x, y)
-        pred = self.predict(x, num_samples, num_latent, samples)
-        f, sigma = pred["_f"], pred["_sigma"]
-        lp = dist.Normal(f, sigma.reshape(-1, 1, 1, 1)).log_prob(y).sum(-1)  # (S, M, N)
-        lp = lp.reshape(-1, lp.shape[-1])
-        return torch.logsumexp(lp, 0) - math.log(lp.shape[0])
+        total, count = None, 0
+        for f, sigma in self._function_draws(x, num_samples, num_latent, samples):
+            lp = dist.Normal(f, sigma.reshape(-1, 1, 1, 1)).log_prob(y).sum(-1)  # (s, M, N)
+            lp = torch.logsumexp(lp.reshape(-1, lp.shape[-1]), 0)
+            total = lp if total is None else torch.logaddexp(total, lp)
+            count += f.shape[0] * f.shape[1]
+        return total - math.log(count)
 
     def plot_predictive(self, x: torch.Tensor, pred: Optional[dict] = None, x_train=None, y_train=None,
                         ax=None, level: float = 0.9, **predict_kwargs):
