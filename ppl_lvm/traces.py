@@ -756,6 +756,24 @@ def _validation_off():
         torch.distributions.Distribution.set_default_validate_args(torch_default)
 
 
+def _subsets(rows: int, size: int, k: int, device) -> torch.Tensor:
+    """``rows`` independent uniform subsets of ``k`` of ``range(size)`` (without replacement).
+
+    For small ``k / size`` draw with replacement and redraw the rare rows with a repeat, O(k)
+    per row; otherwise the ``k`` largest of ``size`` uniforms, O(size) per row.
+    """
+    if k * 20 > size:
+        return torch.rand(rows, size, device=device).topk(k, -1).indices
+    idx = torch.randint(0, size, (rows, k), device=device)
+    for _ in range(100):
+        srt = idx.sort(-1).values
+        bad = (srt[:, 1:] == srt[:, :-1]).any(-1)
+        if not bool(bad.any()):
+            return idx
+        idx[bad] = torch.randint(0, size, (int(bad.sum()), k), device=device)
+    return torch.rand(rows, size, device=device).topk(k, -1).indices
+
+
 class PotentialEnergy:
     r"""A model's potential energy on unconstrained space, for :math:`C` chains at once.
 
@@ -776,7 +794,10 @@ class PotentialEnergy:
 
     The :math:`C` chains are a ``pyro.plate`` left of the model's own plates (one model run for
     all chains, one shared minibatch); a model that does not broadcast over it is mapped with
-    ``torch.func.vmap`` instead (``mode``; chosen on the first call by comparing both).
+    ``torch.func.vmap`` instead (``mode``; chosen on the first call by comparing both).  With
+    ``independent_minibatches`` (SG-HMC's default) every chain gets its own minibatch: the
+    model is mapped with vmap over chains and per-chain subsample indices, whatever ``mode``
+    says (``mode`` then describes only full-data and shared evaluations).
 
     :param model: the model.
     :param ProgramStructure structure: its prototype structure (latent sites must be continuous).
@@ -910,7 +931,7 @@ class PotentialEnergy:
     def _per_chain_subsamples(self, values):
         ref = next(iter(values.values()))
         c = ref.shape[0]
-        return {n: torch.rand(c, p.size, device=ref.device).argsort(-1)[:, : p.subsample_size]
+        return {n: _subsets(c, p.size, p.subsample_size, ref.device)
                 for n, p in self.structure.subsampled_plates.items()}
 
     def log_probs_and_subsamples(self, values, args, kwargs):
