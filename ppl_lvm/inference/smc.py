@@ -372,25 +372,19 @@ class ParticleFilter:
         else:
             with _validation_off():
                 m, g = self._run_programs(method, args, kwargs, self.state, k)
-        ref = next(iter(m.values.values()), None) if m.values else (m.observed if m.observed is not None else None)
-        if ref is None:
+        if m.latent is None and m.observed is None:
             raise ValueError(f"model.{method} has no sample sites; each step must sample or observe something.")
-        if self.guide is None:
-            incr = m.observed if m.observed is not None else ref.new_zeros(k)
-        else:
-            incr = (m.latent if m.latent is not None else 0.0) + (m.observed if m.observed is not None else 0.0)
-            if g.latent is not None:
-                incr = incr - g.latent
+        if g is not None:
             missing = sorted(set(g.values) - set(m.values))
             if missing:
                 raise ValueError(f"The guide's {method} samples site(s) {missing} that the model's {method} "
                                  "does not; the proposal must sample exactly the model's latent sites.")
-        if not torch.is_tensor(incr):
-            incr = ref.new_zeros(k)
-        incr = incr.expand(k)
-        dtype = incr.dtype
+        # log alpha = log p(z, y | state) - log q(z | state); the bootstrap's q is the transition
+        terms = [m.observed] if g is None else [m.latent, m.observed] + ([-g.latent] if g.latent is not None else [])
+        ref = m.latent if m.latent is not None else m.observed
+        incr = sum((t for t in terms if t is not None), ref.new_zeros(k))
         if self._log_w is None:
-            self._log_w = torch.full((k,), -math.log(k), dtype=dtype, device=incr.device)
+            self._log_w = torch.full((k,), -math.log(k), dtype=incr.dtype, device=incr.device)
             self._log_z = incr.new_zeros(())
         lw = self._log_w + incr
         log_norm = torch.logsumexp(lw, 0)

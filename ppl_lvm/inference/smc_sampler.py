@@ -542,9 +542,9 @@ class OpenHorizonSMC(_ParticleSampler):
             raise DivergenceError(f"OpenHorizonSMC step {self.num_steps}: the minibatch log-likelihood is not "
                                   "finite for some particle; lower the learning rate or step size.",
                                   step=self.num_steps)
-        log_w = (self._log_w if self._log_w is not None else lik.new_full((K,), -math.log(K))) + lik.detach()
-        loss = -scale * float(torch.logsumexp(log_w, 0) - torch.logsumexp(
-            self._log_w if self._log_w is not None else lik.new_full((K,), -math.log(K)), 0))
+        prev = self._log_w if self._log_w is not None else lik.new_full((K,), -math.log(K))  # normalized
+        log_w = prev + lik.detach()
+        loss = -scale * float(torch.logsumexp(log_w, 0))
         W = torch.softmax(log_w, 0)
         params = [s["value"].unconstrained() for s in capture.trace.nodes.values() if s["type"] == "param"]
         params = [p for p in params if p.requires_grad]
