@@ -362,28 +362,24 @@ class SGHMC(Backend):
                     tr = poutine.trace(poutine.block(self.model, hide_types=["param"])).get_trace(*args, **kwargs)
                     draws.append({n: tr.nodes[n]["value"].detach() for n in structure.latent_sites})
             return pe.unconstrain({n: torch.stack([d[n] for d in draws]) for n in structure.latent_sites})
-        if isinstance(self.init, dict):
-            unknown = sorted(set(self.init) - set(structure.latent_sites))
-            if unknown:
-                raise ValueError(f"init names site(s) {unknown} that are not latent sites; latent sites "
-                                 f"are {sorted(structure.latent_sites)}.")
-            out = {}
-            for n, x0 in ref.items():
-                if n in self.init:
-                    v = torch.as_tensor(self.init[n], dtype=x0.dtype, device=x0.device)
-                    if tuple(v.shape) != tuple(x0.shape):
-                        raise ValueError(f"init[{n!r}] has shape {tuple(v.shape)}, the site has {tuple(x0.shape)}.")
-                    u0 = pe.transforms[n].inv(v).expand((C,) + tuple(pe.transforms[n].inv(v).shape))
-                    out[n] = u0 + self.init_radius * torch.randn_like(u0)
-                else:
-                    u0 = pe.transforms[n].inv(x0)
-                    out[n] = (torch.rand((C,) + tuple(u0.shape), dtype=u0.dtype, device=u0.device) * 2 - 1) \
-                        * self.init_radius
-            return out
+        given = self.init if isinstance(self.init, dict) else {}
+        unknown = sorted(set(given) - set(structure.latent_sites))
+        if unknown:
+            raise ValueError(f"init names site(s) {unknown} that are not latent sites; latent sites "
+                             f"are {sorted(structure.latent_sites)}.")
         out = {}
         for n, x0 in ref.items():
-            u0 = pe.transforms[n].inv(x0)
-            out[n] = (torch.rand((C,) + tuple(u0.shape), dtype=u0.dtype, device=u0.device) * 2 - 1) * self.init_radius
+            if n in given:  # the given value, jittered per chain
+                v = torch.as_tensor(given[n], dtype=x0.dtype, device=x0.device)
+                if tuple(v.shape) != tuple(x0.shape):
+                    raise ValueError(f"init[{n!r}] has shape {tuple(v.shape)}, the site has {tuple(x0.shape)}.")
+                u0 = pe.transforms[n].inv(v)
+                out[n] = u0.expand((C,) + tuple(u0.shape)) + self.init_radius * torch.randn(
+                    (C,) + tuple(u0.shape), dtype=u0.dtype, device=u0.device)
+            else:  # uniform on [-r, r] in unconstrained space
+                u0 = pe.transforms[n].inv(x0)
+                out[n] = (torch.rand((C,) + tuple(u0.shape), dtype=u0.dtype, device=u0.device) * 2 - 1) \
+                    * self.init_radius
         return out
 
     def _init_chains(self, args, kwargs):
