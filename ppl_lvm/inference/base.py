@@ -692,6 +692,17 @@ class Fit:
         return f"Fit(backend={type(self.backend).__name__}, steps={self.num_steps}, last_loss={last})"
 
 
+def iid_chains(num_draws: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Reshape ``(num_draws, ...)`` i.i.d. draws to ``(chain, draw, ...)`` for ArviZ.
+
+    Independent or exchangeable draws (a guide's; SMC particles) split into 4 groups serve as
+    "chains" (R-hat then reads about 1 and ArviZ's shape check is satisfied); 1 chain when
+    ``num_draws`` is small or not a multiple of 4.
+    """
+    chains = 4 if num_draws % 4 == 0 and num_draws >= 16 else 1
+    return lambda v: v.reshape((chains, num_draws // chains) + tuple(v.shape[1:]))
+
+
 # --------------------------------------------------------------------------- guide-based results
 class ParticlePass(NamedTuple):
     """One vectorized draw of K guide particles scored under the model (see
@@ -870,12 +881,7 @@ class GuidedBackend(Backend):
         guide_proto = trace_program(self.guide, args, kwargs, role="guide")
         proto = trace_program(self.model, args, kwargs, replay=guide_proto)
         observed = {n: proto.nodes[n]["value"] for n in self.structure.observed_sites}
-        # Guide draws are i.i.d., so splitting them into 4 groups is a valid set of "chains"
-        # (ArviZ's R-hat then reads about 1 and its shape check is satisfied).
-        chains = 4 if num_samples % 4 == 0 and num_samples >= 16 else 1
-
-        def cd(v):
-            return v.reshape((chains, num_samples // chains) + tuple(v.shape[1:]))
+        cd = iid_chains(num_samples)
 
         return {
             "posterior": {n: cd(v) for n, v in latents.items()},

@@ -67,7 +67,7 @@ from pyro import poutine
 from ..errors import DivergenceError, IncompatibleModelError
 from ..traces import PotentialEnergy, ProgramStructure, log_mean_exp, _log_mean_exp_se, trace_program
 from ..validation import check_positive_int
-from .base import Backend, EvidenceEstimate, register_backend
+from .base import Backend, EvidenceEstimate, iid_chains, register_backend
 from .smc import RESAMPLERS
 
 __all__ = ["SMCSampler", "OpenHorizonSMC"]
@@ -282,8 +282,7 @@ class _ParticleSampler(Backend):
     def _inference_data_groups(self, num_samples, args, kwargs):
         draws = self._posterior_samples(num_samples, args, kwargs)
         n = next(iter(draws.values())).shape[0]
-        chains = 4 if n % 4 == 0 and n >= 16 else 1
-        cd = lambda v: v.reshape((chains, n // chains) + tuple(v.shape[1:]))  # noqa: E731
+        cd = iid_chains(n)
         groups = {"posterior": {k: cd(v) for k, v in draws.items()}}
         proto = trace_program(self.model, args, kwargs)
         groups["observed_data"] = {k: proto.nodes[k]["value"] for k in self.structure.observed_sites}
