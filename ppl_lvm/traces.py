@@ -816,6 +816,8 @@ class PotentialEnergy:
         self.transforms = {}
         for name in self.sites:
             info = structure.sites[name]
+            if info.is_discrete:  # scored at given values (GFlowNet-EM), never moved by gradients
+                continue
             try:
                 self.transforms[name] = biject_to(info.support)
             except NotImplementedError as exc:

@@ -19,8 +19,10 @@ from .svi import SVI
 from .smc import ParticleFilter, SMCFilterBackend
 from .smc_sampler import OpenHorizonSMC, SMCSampler
 from .sghmc import SGHMC, SGLD, ConstantStepSize, CyclicalStepSize, PolynomialDecay
+from .gflownet_em import AnnealedThreshold, GFlowNetEM, MLPPolicy
 
 __all__ = [
+    "AnnealedThreshold",
     "BACKENDS",
     "Backend",
     "ChiSquareVIS",
@@ -30,9 +32,11 @@ __all__ = [
     "EarlyStopping",
     "EvidenceEstimate",
     "Fit",
+    "GFlowNetEM",
     "GuidedBackend",
     "IWAE",
     "LogLoss",
+    "MLPPolicy",
     "OpenHorizonSMC",
     "SMCSampler",
     "ParticleFilter",
