@@ -34,6 +34,7 @@ BACKEND_OPTIONS = {
     "smc_filter": dict(optim=lambda: pyro.optim.Adam({"lr": 0.05}), num_particles=100),
     "smc": dict(num_particles=100, num_moves=2, num_leapfrog=3),
     "smc_online": dict(optim=lambda: pyro.optim.Adam({"lr": 0.05}), num_particles=50, num_moves=2),
+    "gflownet_em": dict(num_particles=16, hidden=(32,)),
 }
 
 NUM_STEPS = 300
@@ -43,9 +44,16 @@ FEW_STEPS = {"smc_filter": 60, "smc": 40, "smc_online": 60}
 #: backends that run only state-space objects, and those that run only Pyro programs
 STATE_SPACE_ONLY = {"smc_filter"}
 
+#: backends that need discrete latent sites (GFlowNet-EM's policy builds them), and the cases
+#: that have some; every other case must be refused by them
+DISCRETE_ONLY = {"gflownet_em"}
+DISCRETE_CASES = {"binary"}
+
 
 def _incompatible(backend_name, kind, short):
     if (backend_name, short) in EXPECTED_INCOMPATIBLE:
+        return True
+    if backend_name in DISCRETE_ONLY and short not in DISCRETE_CASES:
         return True
     return (kind == "ssm") != (backend_name in STATE_SPACE_ONLY)
 

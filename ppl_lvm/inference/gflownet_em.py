@@ -301,7 +301,7 @@ class GFlowNetEM(GuidedBackend):
             optim = pyro.optim.Adam(_default_learning_rates)
         super().__init__(model, None, optim, max_plate_nesting=max_plate_nesting, data_plate=data_plate,
                          validate=validate)
-        if guide is not None and not callable(guide):
+        if guide is not None and not callable(guide) and not self._state_space_object:
             raise TypeError(f"guide must be a Pyro program over the continuous latent sites or None, "
                             f"got {type(guide).__name__}.")
         if policy is not None and not isinstance(policy, nn.Module):
@@ -407,7 +407,7 @@ class GFlowNetEM(GuidedBackend):
         context_dim = sum(self._per_unit(mtrace.nodes[n]["value"], structure.sites[n]).shape[-1]
                           for n in self._obs_sites) if self.local else 0
         if self.continuous_guide is not None:
-            self._check_continuous_guide(structure, args, kwargs)
+            self._check_continuous_guide(structure, args, kwargs)  # may drop a discrete-only guide
         if self.policy is None:
             self.policy = MLPPolicy(context_dim, self.num_elements, self.num_choices, hidden=self.hidden,
                                     encoder=self.encoder).to(device=ref.device, dtype=ref.dtype)
@@ -445,6 +445,14 @@ class GFlowNetEM(GuidedBackend):
         sampled = {n: s for n, s in gtrace.nodes.items() if s["type"] == "sample" and not s["is_observed"]
                    and not site_is_subsample(s) and not (s.get("infer") or {}).get("is_auxiliary")}
         cont = structure.continuous_latents
+        if not cont and set(sampled) <= set(structure.discrete_latents):
+            import warnings
+
+            warnings.warn(
+                f"GFlowNetEM builds the discrete sites {sorted(sampled)} with its policy; the guide "
+                "given for them is not used (pass guide=None).", UserWarning, stacklevel=4)
+            self.continuous_guide = None
+            return
         missing = sorted(set(cont) - set(sampled))
         extra = sorted(set(sampled) - set(cont))
         if missing or extra:
