@@ -71,11 +71,10 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 from torch import nn
@@ -84,7 +83,7 @@ from ..errors import IncompatibleModelError
 from ..traces import (LogWeights, PotentialEnergy, _PlateSums, _pad_left, _validation_off, site_is_subsample,
                       trace_program)
 from ..validation import check_positive_int
-from .base import EvidenceEstimate, GuidedBackend, iid_chains, register_backend
+from .base import GuidedBackend, iid_chains, register_backend
 
 __all__ = ["GFlowNetEM", "MLPPolicy", "AnnealedThreshold"]
 
