@@ -15,13 +15,11 @@ from ppl_lvm.inference import BACKENDS
 from ppl_lvm.models import MODELS
 from ppl_lvm.testing import FIXTURES, LinearGaussianSSM
 
-#: (backend, model) pairs that must raise IncompatibleModelError
-EXPECTED_INCOMPATIBLE = {
-    ("sghmc", "binary"),  # discrete latents: SG-MCMC moves along gradients
-    ("sgld", "binary"),
-    ("smc", "binary"),  # HMC moves
-    ("smc_online", "binary"),
-}
+#: (backend, model) pairs that must raise IncompatibleModelError (besides the rules below)
+EXPECTED_INCOMPATIBLE = set()
+
+#: gradient-based samplers (SG-MCMC moves, HMC moves) refuse discrete latents
+CONTINUOUS_ONLY = {"sghmc", "sgld", "smc", "smc_online"}
 
 #: constructor options per backend for a short fit
 BACKEND_OPTIONS = {
@@ -47,13 +45,15 @@ STATE_SPACE_ONLY = {"smc_filter"}
 #: backends that need discrete latent sites (GFlowNet-EM's policy builds them), and the cases
 #: that have some; every other case must be refused by them
 DISCRETE_ONLY = {"gflownet_em"}
-DISCRETE_CASES = {"binary"}
+DISCRETE_CASES = {"binary", "discrete_vae"}
 
 
 def _incompatible(backend_name, kind, short):
     if (backend_name, short) in EXPECTED_INCOMPATIBLE:
         return True
     if backend_name in DISCRETE_ONLY and short not in DISCRETE_CASES:
+        return True
+    if backend_name in CONTINUOUS_ONLY and short in DISCRETE_CASES:
         return True
     return (kind == "ssm") != (backend_name in STATE_SPACE_ONLY)
 
