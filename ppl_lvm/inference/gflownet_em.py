@@ -655,9 +655,9 @@ class GFlowNetEM(GuidedBackend):
             terms.append((-_pad_left(site["log_prob"], ndim, name), plates))
         return values, terms
 
-    def _log_weights(self, actions, cont_values, guide_terms, args, kwargs, extra_local=None) -> LogWeights:
+    def _log_weights(self, actions, cont_values, guide_terms, args, kwargs) -> LogWeights:
         """Model log joint at the discrete choices (and guide draws), minus ``log q`` of the guide,
-        split into global and per-data-point parts (``extra_local``: per-unit terms to add)."""
+        split into global and per-data-point parts."""
         k = actions.shape[0]
         values = self._to_sites(actions)
         values.update(cont_values)

@@ -33,3 +33,11 @@ __all__ += ["VAE"]
 from .bnn_lv import BNN, BNNLV  # noqa: E402
 
 __all__ += ["BNN", "BNNLV"]
+
+from .discrete_vae import DiscreteVAE  # noqa: E402
+
+__all__ += ["DiscreteVAE"]
+
+from .gpfa import GPFA, SharedGPFA  # noqa: E402
+
+__all__ += ["GPFA", "SharedGPFA"]
