@@ -116,14 +116,33 @@ class BNNLV(PyroModule):
     :param float independence_penalty: :math:`\\lambda \\ge 0`, the non-identifiability
         mitigation (see the module docstring): adds :math:`-\\lambda N\\,\\mathrm{HSIC}(x, z)` to
         the log joint. 0 (default) is the plain model.
+    :param str stochastic_layers: ``"all"`` (default, a full BNN) or ``"last"``: a partial BNN
+        (Zhao, Mair, Schön & Sjölund 2024) whose hidden layers are parameters (point estimates,
+        learned by the backend's optimizer) and only the output layer has a prior.  This is
+        the setting of open-horizon SMC (``backend="smc_online"``), whose particles live in the
+        last layer's weight space.
+    :param int z_samples: ``0`` (default): each :math:`z_n` is a latent sample site.  ``M > 0``:
+        :math:`z_n` is integrated out by Monte Carlo inside the likelihood,
+        :math:`\hat p(y_n \mid x_n, W) = \frac1M \sum_m \mathcal N(y_n \mid f_W([x_n, z_{nm}]),
+        \sigma^2)`, an unbiased estimate (a ``pyro.factor``, fresh draws per call).  SMC weights
+        built from it are pseudo-marginal (still valid), which lets samplers that refuse latents
+        inside a subsampled plate (open-horizon SMC, SG-HMC with minibatches) run BNN+LV.
     :param str name: prefix of site and parameter names.
     """
 
     def __init__(self, in_dim: int, out_dim: int = 1, hidden: Sequence[int] = (50, 50), latent_dim: int = 1,
                  prior_scale: float = 1.0, latent_scale: float = 1.0, noise="learned", noise_prior: float = 1.0,
                  amortized: bool = False, encoder_hidden: Sequence[int] = (32,), independence_penalty: float = 0.0,
-                 noise_init: float = 0.1, name: str = "bnnlv"):
+                 noise_init: float = 0.1, stochastic_layers: str = "all", z_samples: int = 0, name: str = "bnnlv"):
         super().__init__()
+        if stochastic_layers not in ("all", "last"):
+            raise ValueError(f"stochastic_layers must be 'all' or 'last', got {stochastic_layers!r}")
+        if isinstance(z_samples, bool) or not isinstance(z_samples, int) or z_samples < 0:
+            raise ValueError(f"z_samples must be a non-negative int, got {z_samples!r}")
+        if z_samples and (amortized or independence_penalty):
+            raise ValueError("z_samples > 0 integrates z out inside the likelihood: there is no z site for an "
+                             "amortized guide or the independence penalty; use z_samples=0 for those.")
+        self.stochastic_layers, self.z_samples = stochastic_layers, int(z_samples)
         for label, value, low in (("in_dim", in_dim, 1), ("out_dim", out_dim, 1), ("latent_dim", latent_dim, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{label} must be an int >= {low}, got {value!r}")
@@ -161,10 +180,32 @@ class BNNLV(PyroModule):
         self._num_data = None
 
     # ------------------------------------------------------------------ helpers
-    def _weight_sites(self):
+    def _all_weight_sites(self):
         for i, (a, b) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
             yield f"{self.name}.w{i}", (a, b)
             yield f"{self.name}.b{i}", (b,)
+
+    def _weight_sites(self):
+        """The weights with a prior (sample sites): all, or the output layer's for a partial BNN."""
+        last = len(self.sizes) - 2
+        for site, shape in self._all_weight_sites():
+            if self.stochastic_layers == "all" or site.endswith((f".w{last}", f".b{last}")):
+                yield site, shape
+
+    def _point_weights(self, like):
+        """The hidden layers' weights of a partial BNN (parameters; empty for a full BNN)."""
+        if self.stochastic_layers == "all":
+            return {}
+        stochastic = {s for s, _ in self._weight_sites()}
+        out = {}
+        g = torch.Generator(device="cpu").manual_seed(1)
+        for site, shape in self._all_weight_sites():
+            if site in stochastic:
+                continue
+            fan_in = shape[0] if len(shape) == 2 else 1
+            out[site] = pyro.param(f"{site}.value", lambda: (torch.randn(shape, generator=g, dtype=like.dtype)
+                                                             / math.sqrt(fan_in)).to(like.device))
+        return out
 
     def _check(self, x, y):
         if not torch.is_tensor(x) or x.dim() != 2 or x.shape[-1] != self.in_dim:
@@ -178,9 +219,11 @@ class BNNLV(PyroModule):
 
     def forward_net(self, x: torch.Tensor, weights: Dict[str, torch.Tensor], z: Optional[torch.Tensor] = None):
         """:math:`f_W([x, z])` for weights with any batch dims on the left: ``(..., N, out_dim)``."""
-        names = list(self._weight_sites())
-        w0 = _drop_plate_dim(weights[names[0][0]], 2)
-        batch = w0.shape[:-2]
+        batch = torch.Size()
+        for site, shape in self._all_weight_sites():
+            v = _drop_plate_dim(weights[site], len(shape))
+            if v.dim() - len(shape) > len(batch):
+                batch = v.shape[: v.dim() - len(shape)]
         h = x.expand(batch + x.shape) if batch else x
         if self.latent_dim:
             h = torch.cat([h.expand(z.shape[:-1] + (x.shape[-1],)), z], -1) if z is not None else h
@@ -196,7 +239,7 @@ class BNNLV(PyroModule):
     def model(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, subsample_size: Optional[int] = None):
         self._check(x, y)
         zero = x.new_zeros(())
-        weights = {}
+        weights = self._point_weights(x)
         for site, shape in self._weight_sites():
             weights[site] = pyro.sample(site, dist.Normal(zero, self.prior_scale).expand(shape).to_event(len(shape)))
         if self.noise == "inferred":
@@ -209,10 +252,13 @@ class BNNLV(PyroModule):
         with pyro.plate(f"{self.name}.data", x.shape[0], subsample_size=subsample_size, dim=-1,
                         device=x.device) as ind:
             z = None
+            x_b = x.index_select(0, ind)
+            if self.latent_dim and self.z_samples:
+                return self._marginal_likelihood(x_b, None if y is None else y.index_select(0, ind),
+                                                 weights, sigma)
             if self.latent_dim:
                 z = pyro.sample(f"{self.name}.z", dist.Normal(zero, self.latent_scale)
                                 .expand([self.latent_dim]).to_event(1))
-            x_b = x.index_select(0, ind)
             mean = self.forward_net(x_b, weights, z)
             pyro.sample(f"{self.name}.y", dist.Normal(mean, sigma.unsqueeze(-1).unsqueeze(-1)).to_event(1),
                         obs=None if y is None else y.index_select(0, ind))
@@ -223,6 +269,25 @@ class BNNLV(PyroModule):
                 dep = dep.unsqueeze(-1)
             pyro.factor(f"{self.name}.independence", -self.independence_penalty * x.shape[0] * dep)
         return mean
+
+    def _marginal_likelihood(self, x_b, y_b, weights, sigma):
+        """Monte Carlo estimate of p(y_n | x_n, W) with ``z_samples`` draws of z per point, as a
+        factor in the data plate (called inside it)."""
+        if y_b is None:
+            raise ValueError("z_samples > 0 scores observed y; pass y (or use z_samples=0 to simulate).")
+        M = self.z_samples
+        batch = torch.Size()
+        for site, shape in self._all_weight_sites():
+            v = _drop_plate_dim(weights[site], len(shape))
+            if v.dim() - len(shape) > len(batch):
+                batch = v.shape[: v.dim() - len(shape)]
+        z = self.latent_scale * torch.randn((M,) + batch + (x_b.shape[0], self.latent_dim),
+                                            dtype=x_b.dtype, device=x_b.device)
+        mean = self.forward_net(x_b, weights, z)  # (M, *batch, B, out): M broadcasts on the left
+        lp = dist.Normal(mean, sigma.unsqueeze(-1).unsqueeze(-1)).log_prob(y_b).sum(-1)
+        ll = torch.logsumexp(lp, 0) - math.log(M)
+        pyro.factor(f"{self.name}.y_marginal", ll)
+        return mean.mean(0)
 
     def guide(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, subsample_size: Optional[int] = None):
         self._check(x, y)
@@ -238,7 +303,7 @@ class BNNLV(PyroModule):
             loc = pyro.param(f"{self.name}.sigma.loc", lambda: x.new_tensor(math.log(self.noise_init)))
             scale = pyro.param(f"{self.name}.sigma.scale", lambda: x.new_tensor(0.1), constraint=constraints.positive)
             pyro.sample(f"{self.name}.sigma", dist.LogNormal(loc, scale))
-        if not self.latent_dim:
+        if not self.latent_dim or self.z_samples:
             return
         if self.amortized:
             if y is None:
@@ -288,6 +353,7 @@ class BNNLV(PyroModule):
         if samples is None:
             samples = self._guide_weight_draws(num_samples, x)
         weights = {site: samples[site] for site, _ in self._weight_sites()}
+        point = {k: v.detach() for k, v in self._point_weights(x).items()}  # no draw dim: not chunked
         S = next(iter(weights.values())).shape[0]
         sigma = self._sigma(samples, S, x)
         M = num_latent if self.latent_dim else 1
@@ -295,6 +361,7 @@ class BNNLV(PyroModule):
         chunk = max(1, budget // (M * N * max(self.sizes)))
         for start in range(0, S, chunk):
             w = {k: v[start:start + chunk] for k, v in weights.items()}
+            w.update(point)
             s = next(iter(w.values())).shape[0]
             if self.latent_dim:  # M latent draws per weight draw, stacked along the data axis
                 z = self.latent_scale * torch.randn((s, M * N, self.latent_dim), dtype=x.dtype, device=x.device)
