@@ -127,6 +127,9 @@ class BNNLV(PyroModule):
         \sigma^2)`, an unbiased estimate (a ``pyro.factor``, fresh draws per call).  SMC weights
         built from it are pseudo-marginal (still valid), which lets samplers that refuse latents
         inside a subsampled plate (open-horizon SMC, SG-HMC with minibatches) run BNN+LV.
+        The likelihood is then random: checks that compare two evaluations of the model see it
+        as not broadcasting (SVI's ``vectorize_particles=True`` check refuses it: use
+        ``vectorize_particles=False``; the other backends fall back to ``vmap`` evaluation).
     :param str name: prefix of site and parameter names.
     """
 
@@ -485,3 +488,9 @@ class BNN(BNNLV):
 def _matrix_case():
     x, y = BNNLV.simulate(num_data=40, seed=0)
     return BNNLV(1, 1, hidden=(8,), latent_dim=1, noise=1.0, name="matrix_bnnlv"), (x, y)
+
+
+@register_model("bnn_lv_partial")
+def _matrix_case_partial():
+    x, y = BNNLV.simulate(num_data=40, seed=0)
+    return BNNLV(1, 1, hidden=(8,), latent_dim=1, noise=1.0, stochastic_layers="last", name="matrix_pbnnlv"), (x, y)
