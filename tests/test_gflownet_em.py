@@ -366,3 +366,18 @@ def test_device_follows_the_data(device):
     fit = be.run(x.to(device), num_steps=3, progress=False)
     assert next(be.policy.parameters()).device.type == device
     assert fit.posterior_samples(2)["z"].device.type == device
+
+
+def test_policy_context_follows_the_data_not_its_shape():
+    """Evaluation on other data of the same shape must condition the policy on that data (a cache
+    keyed on the argument shapes once reused the training images)."""
+    pyro.clear_param_store()
+    model, x, *_ = _grid_problem(n=10)
+    be = GFlowNetEM(model, num_particles=4, hidden=(16,))
+    be.run(x, num_steps=5, progress=False)
+    other = x.flip(0).clone()
+    a, b = be.log_z(x), be.log_z(other)
+    assert torch.allclose(a.flip(0), b)
+    assert not torch.allclose(a, b)
+    x[0] += 1.0  # modified in place: recomputed
+    assert not torch.allclose(be.log_z(x)[0], a[0])

@@ -279,7 +279,13 @@ class GFlowNetEM(GuidedBackend):
     :param int sleep_every: a sleep-phase update every this many steps (0: off; local latents).
     :param float sleep_weight: weight of the sleep loss.
     :param subtrajectory_lambda: ``None`` for trajectory balance; a positive number for
-        sub-trajectory balance with geometric weights ``lambda**(length)``.
+        sub-trajectory balance with geometric weights ``lambda**(length)`` (the construction
+        order is fixed, so the backward policy is 1 here too).
+    :param float evidence_epsilon: the importance-sampling proposal of ``log_evidence`` is the
+        policy mixed with uniform choices at this rate per element (a defensive mixture; its exact
+        log-probability enters the weights).  Measured on the discrete VAE (2x2 codes, exact test
+        NLL 16.812): 16.944 with the policy alone, 16.858 at 0.05, 16.845 at 0.2; k-hat 6.9 / 4.3
+        / 3.5.
     """
 
     valid_for = ("models with discrete latent sites (continuous parameters learned in the M-step; "
@@ -293,7 +299,7 @@ class GFlowNetEM(GuidedBackend):
                  m_step_threshold=None, m_step_warmup: int = 0,
                  local_search: int = 0, local_search_rounds: int = 1,
                  sleep_every: int = 0, sleep_weight: float = 1.0,
-                 subtrajectory_lambda: Optional[float] = None,
+                 subtrajectory_lambda: Optional[float] = None, evidence_epsilon: float = 0.05,
                  max_plate_nesting: Optional[int] = None, data_plate: Optional[str] = None,
                  validate: bool = True):
         if optim is None:
@@ -330,6 +336,9 @@ class GFlowNetEM(GuidedBackend):
         if subtrajectory_lambda is not None and not subtrajectory_lambda > 0:
             raise ValueError(f"subtrajectory_lambda must be positive or None, got {subtrajectory_lambda!r}.")
         self.subtrajectory_lambda = subtrajectory_lambda
+        if not (isinstance(evidence_epsilon, numbers.Real) and 0.0 <= evidence_epsilon < 1.0):
+            raise ValueError(f"evidence_epsilon must be in [0, 1), got {evidence_epsilon!r}.")
+        self.evidence_epsilon = float(evidence_epsilon)
         self.specs: List[_SiteSpec] = []
         self.local = False
         self.num_elements = 0
@@ -423,8 +432,11 @@ class GFlowNetEM(GuidedBackend):
             obs = self._context(mtrace)
             with torch.no_grad():
                 self.policy.obs_mean.copy_(obs.mean(0))
-                self.policy.obs_scale.copy_(obs.std(0).nan_to_num(1.0).clamp(min=1e-3)
-                                            if obs.shape[0] > 1 else torch.ones_like(obs[0]))
+                # a constant feature (e.g. a pixel that is 0 in every training image) gets a tenth of
+                # the typical scale, not ~0: a new value there must not blow up the encoder input
+                sd = obs.std(0).nan_to_num(0.0) if obs.shape[0] > 1 else torch.ones_like(obs[0])
+                floor = 0.1 * float(sd.mean()) if float(sd.mean()) > 0 else 1.0
+                self.policy.obs_scale.copy_(sd.clamp(min=floor))
             self._obs_stats_set = True
         if self.potential is None or self.potential.structure is not structure:
             self.potential = PotentialEnergy(self.model, structure, structure.max_plate_nesting)
@@ -494,14 +506,27 @@ class GFlowNetEM(GuidedBackend):
         fixed = {n: torch.randperm(p.size, device=ref.device)[: p.subsample_size] for n, p in sub.items()}
         if not self.local:
             return None, fixed
-        if not fixed and getattr(self, "_context_cache_key", None) == self._setup_key:
-            return self._context_cache, fixed
+        key = self._data_key(args, kwargs)
+        cached = getattr(self, "_context_cache", None)
+        if not fixed and cached is not None and self._same_data(cached[0], key):
+            return cached[1], fixed
         with torch.no_grad(), _validation_off(), poutine.block():
             tr = poutine.trace(poutine.condition(self.model, data=fixed)).get_trace(*args, **kwargs)
         ctx = self._context(tr)
         if not fixed:
-            self._context_cache, self._context_cache_key = ctx, self._setup_key
+            self._context_cache = (key, ctx)
         return ctx, fixed
+
+    @staticmethod
+    def _data_key(args, kwargs):
+        """The data objects themselves (kept alive, so identity checks are safe) and their
+        in-place versions: a cache hit means the very same tensors, unmodified."""
+        items = list(args) + [kwargs[k] for k in sorted(kwargs)]
+        return [(v, v._version if torch.is_tensor(v) else None) for v in items]
+
+    @staticmethod
+    def _same_data(a, b):
+        return len(a) == len(b) and all(x is y and vx == vy for (x, vx), (y, vy) in zip(a, b))
 
     def _num_units(self) -> int:
         if not self.local:
@@ -551,15 +576,19 @@ class GFlowNetEM(GuidedBackend):
     def _encode(self, ctx, b):
         return self.policy.encode(ctx, b)
 
-    def _sample(self, h, k, temperature=1.0, epsilon=0.0, prefix: Optional[torch.Tensor] = None):
+    def _sample(self, h, k, temperature=1.0, epsilon=0.0, prefix: Optional[torch.Tensor] = None,
+                proposal_log_probs: bool = False):
         """Build ``k`` trajectories per unit (no gradients): choices ``(K, B, L)`` and per-element
-        on-policy log-probabilities ``(K, B, L)``.  ``prefix`` ``(K, B, m)`` fixes the first m."""
+        on-policy log-probabilities ``(K, B, L)``.  ``prefix`` ``(K, B, m)`` fixes the first m.
+        With ``proposal_log_probs`` a third output: the per-element log-probabilities under the
+        tempered / epsilon-mixed distribution the choices were actually drawn from."""
         b = h.shape[0]
         L, C = self.num_elements, self.num_choices
         hh = h.unsqueeze(0).expand(k, b, h.shape[-1]).reshape(k * b, -1)
         state = hh.new_zeros(k * b, L, C)
         actions = torch.zeros(k * b, L, dtype=torch.long, device=h.device)
         logps = hh.new_zeros(k * b, L)
+        prop_logps = hh.new_zeros(k * b, L)
         start = 0
         if prefix is not None:
             m = prefix.shape[-1]
@@ -577,11 +606,16 @@ class GFlowNetEM(GuidedBackend):
                         uni = self._valid[t].to(probs.dtype) / self._valid[t].sum()
                         probs = (1 - epsilon) * probs + epsilon * uni
                     a = torch.multinomial(probs, 1).squeeze(-1)
+                    prop_logps[:, t] = probs.gather(-1, a.unsqueeze(-1)).squeeze(-1).log()
                 else:
                     a = torch.distributions.Categorical(logits=logp).sample()
                 actions[:, t] = a
                 logps[:, t] = logp.gather(-1, a.unsqueeze(-1)).squeeze(-1)
+                if temperature == 1.0 and epsilon == 0.0:
+                    prop_logps[:, t] = logps[:, t]
                 state[torch.arange(k * b, device=h.device), t, a] = 1.0
+        if proposal_log_probs:
+            return actions.reshape(k, b, L), logps.reshape(k, b, L), prop_logps.reshape(k, b, L)
         return actions.reshape(k, b, L), logps.reshape(k, b, L)
 
     def _element_log_probs(self, h, actions):
@@ -730,8 +764,9 @@ class GFlowNetEM(GuidedBackend):
             self.m_step_threshold is None or self._loss_avg <= self.m_step_threshold(step))
         grads_for = []
         if take_m or guide_params:
-            # the M-step's z: on-policy draws (exploratory draws are off-policy), or the states
-            # after local search (an MH kernel that leaves the posterior invariant)
+            # the M-step's z: fresh on-policy draws when exploring (exploratory and locally searched
+            # draws started off-policy); without exploration, the states after local search (an
+            # MH kernel that leaves the posterior invariant) or the policy's own draws
             if explore:
                 with torch.no_grad():
                     m_actions, _ = self._sample(h0, k)
@@ -847,13 +882,15 @@ class GFlowNetEM(GuidedBackend):
         return z if self.local else z[0]
 
     # ------------------------------------------------------------------ results
-    def _policy_draws(self, num, args, kwargs):
+    def _policy_draws(self, num, args, kwargs, epsilon: float = 0.0):
+        """``num`` draws from the policy (mixed with uniform choices at rate ``epsilon``): choices,
+        the log-probability of the distribution they were drawn from, and guide draws."""
         ctx, fixed = self._minibatch(args, kwargs)
         self.potential.fixed_subsamples = fixed or None
         h = self._encode(ctx, self._num_units())
-        actions, elem_lp = self._sample(h, num)
+        actions, _, prop_lp = self._sample(h, num, epsilon=epsilon, proposal_log_probs=True)
         cont, gterms = self._guide_draws(num, fixed, args, kwargs)
-        return actions, elem_lp.sum(-1), cont, gterms
+        return actions, prop_lp.sum(-1), cont, gterms
 
     def _importance_log_weights(self, num_particles, args, kwargs):
         parts = []
@@ -861,7 +898,7 @@ class GFlowNetEM(GuidedBackend):
         with torch.no_grad():
             while left > 0:
                 k = min(left, self.evidence_chunk_size)
-                actions, log_pf, cont, gterms = self._policy_draws(k, args, kwargs)
+                actions, log_pf, cont, gterms = self._policy_draws(k, args, kwargs, self.evidence_epsilon)
                 lw = self._log_weights(actions, cont, gterms, args, kwargs)
                 if self.local:
                     local = lw.local - log_pf
