@@ -44,17 +44,9 @@ import torch
 from torch import nn
 
 from . import register_model
+from .vae import _mlp
 
 __all__ = ["DiscreteVAE"]
-
-
-def _mlp(sizes, activation=nn.ELU):
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(activation())
-    return nn.Sequential(*layers)
 
 
 class DiscreteVAE(nn.Module):
@@ -92,10 +84,10 @@ class DiscreteVAE(nn.Module):
         self.num_codes = math.prod(grid)
         # the model's parameters: the codebook and the MLP (one module, registered with pyro.module)
         self.decoder = nn.ModuleDict({"codebook": nn.Embedding(codebook, embed_dim),
-                                      "mlp": _mlp((self.num_codes * embed_dim,) + hidden + (obs_dim,))})
-        self.encoder = _mlp((obs_dim,) + hidden[::-1] + (self.num_codes * codebook,))
+                                      "mlp": _mlp((self.num_codes * embed_dim,) + hidden + (obs_dim,), nn.ELU)})
+        self.encoder = _mlp((obs_dim,) + hidden[::-1] + (self.num_codes * codebook,), nn.ELU)
         # VQ-VAE's encoder outputs one embedding per code position
-        self.vq_encoder = _mlp((obs_dim,) + hidden[::-1] + (self.num_codes * embed_dim,))
+        self.vq_encoder = _mlp((obs_dim,) + hidden[::-1] + (self.num_codes * embed_dim,), nn.ELU)
 
     # ------------------------------------------------------------------ checks and pieces
     def _check(self, x):
