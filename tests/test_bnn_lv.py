@@ -157,16 +157,17 @@ def test_partial_bnn_has_only_the_last_layer_stochastic():
 
 def test_epistemic_variance_grows_away_from_the_training_inputs(one_thread):
     """SG-HMC posterior of BNN+LV (noise learned) on Depeweg's toy, x in [-4, 4]: the epistemic
-    variance (over the weights) at |x| = 6 and 9 exceeds 2.5x, and at |x| = 9 5x, its median over
-    [-3, 3].  Measured with this seed: 3.1 / 1.6 / 0.51 (median inside) / 4.4 / 6.0 at
-    x = -9 / -6 / [-3, 3] / 6 / 9.  (Mean-field SVI does not show the growth: measured 0.17 /
-    0.22 at x = -6 / 6 against 0.11-0.30 inside.)"""
+    variance (over the weights) at |x| = 6 and 9 exceeds 2.5x its median over [-3, 3], and at
+    |x| = 9 4x.  16 chains: with 4 the between-chain spread makes the far-field variance itself
+    noisy (seed 1 gave ratios 1.2 and 1.7 on one side).  Ratios at x = -9 / -6 / 6 / 9 measured
+    with 16 chains over seeds 0-3: smallest 5.7 / 3.2 / 4.6 / 7.9.  (Mean-field SVI does not show
+    the growth: measured 0.17 / 0.22 at x = -6 / 6 against 0.11-0.30 inside.)"""
     from ppl_lvm import SGHMC
 
     x, y = BNNLV.simulate(300, seed=0)
     m = BNNLV(1, 1, hidden=(20, 20), name="ep")  # noise learned (SAEM during warmup)
     pyro.set_rng_seed(0)
-    fit = SGHMC(m.model, step_size=1e-3, friction=0.1, num_chains=4, warmup=1500, num_samples=500, thin=2,
+    fit = SGHMC(m.model, step_size=1e-3, friction=0.1, num_chains=16, warmup=1500, num_samples=500, thin=2,
                 preconditioner="rmsprop", init="prior").run(x, y)
     samples = {k: v[::4] for k, v in fit.posterior_samples().items() if k != "ep.z"}
     inside = torch.linspace(-3, 3, 13, dtype=x.dtype).unsqueeze(-1)
@@ -174,7 +175,7 @@ def test_epistemic_variance_grows_away_from_the_training_inputs(one_thread):
     ep_in = m.predict(inside, samples=samples, num_latent=20)["epistemic_var"].median()
     ep_far = m.predict(far, samples=samples, num_latent=20)["epistemic_var"].flatten()
     assert torch.all(ep_far > 2.5 * ep_in), (float(ep_in), ep_far.tolist())
-    assert torch.all(ep_far[[0, 3]] > 5 * ep_in), (float(ep_in), ep_far.tolist())
+    assert torch.all(ep_far[[0, 3]] > 4 * ep_in), (float(ep_in), ep_far.tolist())
 
 
 def test_sghmc_latent_input_beats_the_homoscedastic_bnn_with_learned_noise(one_thread):
@@ -182,7 +183,8 @@ def test_sghmc_latent_input_beats_the_homoscedastic_bnn_with_learned_noise(one_t
     (4 chains, 1500 warmup + 500 draws thinned by 2).  BNN+LV with its noise scale *learned*
     (which mean-field SVI could not do: it settled on a homoscedastic fit, -2.24 per point)
     against the BNN with an inferred noise scale.  Margin: the larger of 0.1 nats per point and
-    4 standard errors of the per-point difference; 90% intervals cover 85-95%."""
+    4 standard errors of the per-point difference; 90% intervals cover 85-95%.  Measured over
+    seeds 1-3: differences 0.19 / 0.25 / 0.21 (se 0.03 / 0.03 / 0.02), coverage 0.92 / 0.90 / 0.92."""
     from ppl_lvm import SGHMC
 
     x, y = BNNLV.simulate(300, seed=0)
