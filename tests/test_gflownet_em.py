@@ -73,14 +73,15 @@ def test_on_policy_training_collapses_and_exploration_prevents_it(binary8, one_t
 
 def test_subtrajectory_balance_learns_the_posterior(binary8, one_thread):
     """Sub-trajectory balance converges more slowly than TB on this short (8-step) problem:
-    measured KL 0.31 / 0.127 / 0.077 after 600 / 1200 / 2400 steps (TB: 0.006 after 1200), so
-    the check is a tenfold cut of the untrained policy's KL and the 1200-step level."""
+    measured KL 0.31 / 0.127 / 0.077 after 600 / 1200 / 2400 steps (TB: 0.006 after 1200), and
+    0.155 / 0.158 after 1200 steps with two other seeds, so the check is a tenfold cut of the
+    untrained policy's KL and < 0.15 after 2000 steps."""
     fx = binary8
     be = GFlowNetEM(fx.model, num_particles=32, hidden=(64, 64), epsilon=0.1, subtrajectory_lambda=0.9,
                     optim=_optim())
     be.setup(*fx.args)
     before = _kl_exact_policy(fx, be)
-    be.run(*fx.args, num_steps=1200, progress=False)
+    be.run(*fx.args, num_steps=2000, progress=False)
     after = _kl_exact_policy(fx, be)
     assert after < 0.1 * before and after < 0.15, (before, after)
 
