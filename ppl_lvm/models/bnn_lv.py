@@ -123,8 +123,8 @@ class BNNLV(PyroModule):
         last layer's weight space.
     :param int z_samples: ``0`` (default): each :math:`z_n` is a latent sample site.  ``M > 0``:
         :math:`z_n` is integrated out by Monte Carlo inside the likelihood,
-        :math:`\hat p(y_n \mid x_n, W) = \frac1M \sum_m \mathcal N(y_n \mid f_W([x_n, z_{nm}]),
-        \sigma^2)`, an unbiased estimate (a ``pyro.factor``, fresh draws per call).  SMC weights
+        :math:`\\hat p(y_n \\mid x_n, W) = \\frac1M \\sum_m \\mathcal N(y_n \\mid f_W([x_n, z_{nm}]),
+        \\sigma^2)`, an unbiased estimate (a ``pyro.factor``, fresh draws per call).  SMC weights
         built from it are pseudo-marginal (still valid), which lets samplers that refuse latents
         inside a subsampled plate (open-horizon SMC, SG-HMC with minibatches) run BNN+LV.
         The likelihood is then random: checks that compare two evaluations of the model see it
