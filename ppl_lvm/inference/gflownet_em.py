@@ -618,17 +618,22 @@ class GFlowNetEM(GuidedBackend):
             return actions.reshape(k, b, L), logps.reshape(k, b, L), prop_logps.reshape(k, b, L)
         return actions.reshape(k, b, L), logps.reshape(k, b, L)
 
-    def _element_log_probs(self, h, actions):
-        """Teacher-forced per-element log P_F ``(K, B, L)`` of given choices, with gradients, in one
-        network call over all prefixes."""
+    def _prefix_inputs(self, h, actions):
+        """Every intermediate state of the given trajectories: encodings ``(U*L, H)`` and states
+        ``(U*L, L, C)``, row ``u*L + t`` holding trajectory u's first t choices (one-hot)."""
         k, b, L = actions.shape
         C = self.num_choices
         hh = h.unsqueeze(0).expand(k, b, h.shape[-1]).reshape(k * b, -1)
         onehot = torch.nn.functional.one_hot(actions.reshape(k * b, L), C).to(hh.dtype)  # (U, L, C)
         prefix_mask = torch.ones(L, L, dtype=torch.bool, device=h.device).tril(-1)  # [t, j]: j < t
         states = onehot.unsqueeze(1) * prefix_mask.unsqueeze(0).unsqueeze(-1).to(hh.dtype)  # (U, L, L, C)
-        logits = self.policy.logits(hh.unsqueeze(1).expand(-1, L, -1).reshape(k * b * L, -1),
-                                    states.reshape(k * b * L, L, C))  # (U*L, L, C)
+        return hh.unsqueeze(1).expand(-1, L, -1).reshape(k * b * L, -1), states.reshape(k * b * L, L, C)
+
+    def _element_log_probs(self, h, actions):
+        """Teacher-forced per-element log P_F ``(K, B, L)`` of given choices, with gradients, in one
+        network call over all prefixes."""
+        k, b, L = actions.shape
+        logits = self.policy.logits(*self._prefix_inputs(h, actions))  # (U*L, L, C)
         idx = torch.arange(L, device=h.device).repeat(k * b)
         logits = logits[torch.arange(k * b * L, device=h.device), idx]  # (U*L, C): element t's row
         logits = logits.masked_fill(~self._valid[idx], -math.inf)
@@ -642,13 +647,8 @@ class GFlowNetEM(GuidedBackend):
             raise ValueError("subtrajectory_lambda needs a policy with a flow_head; the default MLPPolicy "
                              "gets one at setup.")
         k, b, L = actions.shape
-        C = self.num_choices
-        onehot = torch.nn.functional.one_hot(actions.reshape(k * b, L), C).to(h.dtype)
-        prefix_mask = torch.ones(L, L, dtype=torch.bool, device=h.device).tril(-1)
-        states = (onehot.unsqueeze(1) * prefix_mask.unsqueeze(0).unsqueeze(-1).to(h.dtype)).reshape(k * b * L, L * C)
-        hh = h.unsqueeze(0).expand(k, b, h.shape[-1]).reshape(k * b, -1)
-        inp = torch.cat([hh.unsqueeze(1).expand(-1, L, -1).reshape(k * b * L, -1), states], -1)
-        f = self.policy.flow_head(inp).reshape(k, b, L)
+        hh, states = self._prefix_inputs(h, actions)
+        f = self.policy.flow_head(torch.cat([hh, states.flatten(-2)], -1)).reshape(k, b, L)
         return torch.cat([torch.zeros_like(f[..., :1]), f[..., 1:]], -1)
 
     # ------------------------------------------------------------------ rewards
@@ -722,8 +722,8 @@ class GFlowNetEM(GuidedBackend):
         epsilon = self.epsilon(step) if self.epsilon else 0.0
         explore = temperature != 1.0 or epsilon > 0.0
 
-        with torch.no_grad():
-            h0 = self._encode(ctx, b)
+        h = self._encode(ctx, b)  # encoded once: sampling uses it detached, the losses with gradients
+        h0 = h.detach()
         actions, elem_lp = self._sample(h0, k, temperature, epsilon)
         with poutine.trace(param_only=True) as gcap:
             cont, gterms = self._guide_draws(k, fixed, args, kwargs)
@@ -735,7 +735,6 @@ class GFlowNetEM(GuidedBackend):
             actions, log_r = self._local_search(h0, actions, elem_lp, log_r.detach(), cont, gterms, args, kwargs)
 
         # ---- E-step: trajectory balance (or sub-trajectory balance) on the policy
-        h = self._encode(ctx, b)
         logp = self._element_log_probs(h, actions)
         log_z = self.policy.log_z(h)  # (B,)
         target = log_r.detach()

@@ -220,13 +220,18 @@ class BNNLV(PyroModule):
                 raise ValueError(f"y must be a tensor of shape ({x.shape[0]}, {self.out_dim}) (use "
                                  f"y.reshape(-1, {self.out_dim})), got {shape}.")
 
-    def forward_net(self, x: torch.Tensor, weights: Dict[str, torch.Tensor], z: Optional[torch.Tensor] = None):
-        """:math:`f_W([x, z])` for weights with any batch dims on the left: ``(..., N, out_dim)``."""
+    def _weights_batch_shape(self, weights) -> torch.Size:
+        """The particle/chain batch dims of the weights (the longest; point weights have none)."""
         batch = torch.Size()
         for site, shape in self._all_weight_sites():
             v = _drop_plate_dim(weights[site], len(shape))
             if v.dim() - len(shape) > len(batch):
                 batch = v.shape[: v.dim() - len(shape)]
+        return batch
+
+    def forward_net(self, x: torch.Tensor, weights: Dict[str, torch.Tensor], z: Optional[torch.Tensor] = None):
+        """:math:`f_W([x, z])` for weights with any batch dims on the left: ``(..., N, out_dim)``."""
+        batch = self._weights_batch_shape(weights)
         h = x.expand(batch + x.shape) if batch else x
         if self.latent_dim:
             h = torch.cat([h.expand(z.shape[:-1] + (x.shape[-1],)), z], -1) if z is not None else h
@@ -279,11 +284,7 @@ class BNNLV(PyroModule):
         if y_b is None:
             raise ValueError("z_samples > 0 scores observed y; pass y (or use z_samples=0 to simulate).")
         M = self.z_samples
-        batch = torch.Size()
-        for site, shape in self._all_weight_sites():
-            v = _drop_plate_dim(weights[site], len(shape))
-            if v.dim() - len(shape) > len(batch):
-                batch = v.shape[: v.dim() - len(shape)]
+        batch = self._weights_batch_shape(weights)
         z = self.latent_scale * torch.randn((M,) + batch + (x_b.shape[0], self.latent_dim),
                                             dtype=x_b.dtype, device=x_b.device)
         mean = self.forward_net(x_b, weights, z)  # (M, *batch, B, out): M broadcasts on the left
