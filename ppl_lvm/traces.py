@@ -340,6 +340,16 @@ class LogWeights:
     data_plate: Optional[str]
     has_global_latents: bool
 
+    @classmethod
+    def cat(cls, parts: Sequence["LogWeights"]) -> "LogWeights":
+        """Particles of several evaluations of the same model (e.g. chunks) as one set."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        return cls(torch.cat([p.global_ for p in parts]),
+                   None if first.local is None else torch.cat([p.local for p in parts]),
+                   first.local_scale, first.data_plate, any(p.has_global_latents for p in parts))
+
     @property
     def num_particles(self) -> int:
         return self.global_.shape[0]

@@ -109,7 +109,8 @@ def test_local_search_kernel_leaves_the_posterior_invariant(binary8, one_thread)
     lw = be._log_weights(actions, {}, [], fx.args, {})
     h = be._encode(None, 1)
     with torch.no_grad():
-        new, _ = be._local_search(h, actions, None, be._unit_rewards(lw), {}, [], fx.args, {})
+        elem_lp = be._element_log_probs(h, actions)
+        new, _ = be._local_search(h, actions, elem_lp, be._unit_rewards(lw), {}, [], fx.args, {})
     codes = (new[:, 0] * (2 ** torch.arange(7, -1, -1))).sum(-1)
     counts = torch.bincount(codes, minlength=256).double()
     expected = n * probs

@@ -829,8 +829,6 @@ class GuidedBackend(Backend):
 
     def _importance_log_weights(self, num_particles, args, kwargs):
         """:class:`~ppl_lvm.traces.LogWeights` of ``num_particles`` guide draws, in chunks."""
-        from ..traces import LogWeights
-
         ev = self.evaluator
         parts = []
         left = num_particles
@@ -838,15 +836,7 @@ class GuidedBackend(Backend):
             k = min(left, self.evidence_chunk_size)
             parts.append(ev.log_weights(k, args, kwargs))
             left -= k
-        if len(parts) == 1:
-            return parts[0]
-        first = parts[0]
-        return LogWeights(
-            torch.cat([p.global_ for p in parts]),
-            None if first.local is None else torch.cat([p.local for p in parts]),
-            first.local_scale, first.data_plate,
-            any(p.has_global_latents for p in parts),
-        )
+        return LogWeights.cat(parts)
 
     def _log_evidence(self, num_particles, args, kwargs):
         import warnings

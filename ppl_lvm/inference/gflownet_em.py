@@ -689,13 +689,16 @@ class GFlowNetEM(GuidedBackend):
             terms.append((-_pad_left(site["log_prob"], ndim, name), plates))
         return values, terms
 
-    def _log_weights(self, actions, cont_values, guide_terms, args, kwargs) -> LogWeights:
+    def _log_weights(self, actions, cont_values, guide_terms, args, kwargs, log_probs=None) -> LogWeights:
         """Model log joint at the discrete choices (and guide draws), minus ``log q`` of the guide,
-        split into global and per-data-point parts."""
+        split into global and per-data-point parts.  ``log_probs``: the model's site log-densities
+        at these values, when already computed."""
         k = actions.shape[0]
-        values = self._to_sites(actions)
-        values.update(cont_values)
-        lp = self.potential.log_probs(values, args, kwargs)
+        lp = log_probs
+        if lp is None:
+            values = self._to_sites(actions)
+            values.update(cont_values)
+            lp = self.potential.log_probs(values, args, kwargs)
         acc = self._accumulator(k)
         for name, (slp, _) in lp.items():
             info = self.structure.sites[name]
@@ -813,9 +816,8 @@ class GFlowNetEM(GuidedBackend):
         m = min(self.local_search, self.num_elements)
         keep = self.num_elements - m
         k = actions.shape[0]
+        cur_lp = elem_lp  # on-policy per-element log-probs of the current states (from _sample)
         with torch.no_grad():
-            # the on-policy tail log-probability of the current states
-            cur_lp = self._element_log_probs(h0, actions)
             for _ in range(self.local_search_rounds):
                 prop, prop_lp = self._sample(h0, k, prefix=actions[..., :keep])
                 lw = self._log_weights(prop, cont, gterms, args, kwargs)
@@ -906,12 +908,7 @@ class GFlowNetEM(GuidedBackend):
                     lw = LogWeights(lw.global_ - log_pf[:, 0], lw.local, lw.local_scale, lw.data_plate, True)
                 parts.append(lw)
                 left -= k
-        if len(parts) == 1:
-            return parts[0]
-        first = parts[0]
-        return LogWeights(torch.cat([p.global_ for p in parts]),
-                          None if first.local is None else torch.cat([p.local for p in parts]),
-                          first.local_scale, first.data_plate, any(p.has_global_latents for p in parts))
+        return LogWeights.cat(parts)
 
     def _check_evidence_inputs(self):
         if self.structure.subsampled_plates:
@@ -942,7 +939,7 @@ class GFlowNetEM(GuidedBackend):
             values.update(cont)
             lp = self.potential.log_probs(values, args, kwargs)
             loglik = self.potential.observation_log_likelihood(values, args, kwargs, log_probs=lp)
-            lw = self._log_weights(actions, cont, gterms, args, kwargs)
+            lw = self._log_weights(actions, cont, gterms, args, kwargs, log_probs=lp)
         proto = trace_program(self.model, args, kwargs)
         observed = {n: proto.nodes[n]["value"] for n in self.structure.observed_sites}
         cd = iid_chains(num_samples)

@@ -365,8 +365,8 @@ class BNNLV(PyroModule):
         chunk = max(1, budget // (M * N * max(self.sizes)))
         for start in range(0, S, chunk):
             w = {k: v[start:start + chunk] for k, v in weights.items()}
+            s = next(iter(w.values())).shape[0]  # draws in this chunk (before the point weights join)
             w.update(point)
-            s = next(iter(w.values())).shape[0]
             if self.latent_dim:  # M latent draws per weight draw, stacked along the data axis
                 z = self.latent_scale * torch.randn((s, M * N, self.latent_dim), dtype=x.dtype, device=x.device)
                 f = self.forward_net(x.repeat(M, 1), w, z).reshape(s, M, N, self.out_dim)
