@@ -60,6 +60,8 @@ __all__ = [
 ]
 
 PARTICLE_PLATE = "_ppl_lvm_particles"
+#: key of the summed-out block of a model whose enumerated sites lie outside the data plate
+ENUMERATED_BLOCK = "_ppl_lvm_enumerated"
 
 
 @contextlib.contextmanager
@@ -500,6 +502,66 @@ class ParticleEvaluator:
             out[name] = (lp, ulp)
         return out
 
+    def enumerated_sites(self, guide_trace) -> Tuple[str, ...]:
+        """Model latent sites marked for enumeration that the guide does not sample: they are
+        summed out exactly (:meth:`_model_log_probs_enum`) wherever the model is scored."""
+        return tuple(n for n, s in self.structure.latent_sites.items()
+                     if s.enumerate is not None and n not in guide_trace.nodes)
+
+    def _model_log_probs_enum(self, guide_trace, num_particles, args, kwargs):
+        r"""Model log-densities with the enumerated sites summed out (Pyro's enumeration).
+
+        The model is run on the guide's K particles under ``poutine.enum``: every site marked
+        ``infer={"enumerate": ...}`` and absent from the guide gets a dimension of its own left
+        of the model's plates.  Sites whose log-density does not touch such a dimension are
+        returned as by :meth:`model_log_probs`.  The others (the enumerated sites and every
+        site that depends on them) form one *block*, contracted by Pyro's tensor variable
+        elimination in the log semiring (:func:`_contract_enumerated`), so that for data point
+        :math:`i`
+
+        .. math:: b_{ki} = \log \sum_{z_i} p(z_i \mid \theta_k)\, p(x_i \mid z_i, \theta_k),
+
+        the marginal log-density of data point :math:`i` given particle :math:`k`'s other
+        latents (enumerated sites in nested plates are summed inside their plates).  When every
+        block site lies in the data plate the block is returned per data point under the key of
+        its one observed site (or the data plate's name when there are several); otherwise (an
+        enumerated site outside the data plate couples the data points) as one term per
+        particle under :data:`ENUMERATED_BLOCK`.  :attr:`block_sites` records the block's sites.
+
+        The particles are a plate where the model broadcasts over one (:meth:`resolve_mode`);
+        otherwise the model is enumerated once per particle (``torch.func.vmap`` cannot map
+        Pyro's enumeration), which is slow for many particles: write the model to broadcast
+        (``Vindex``, ``...`` indexing) for fast results.
+
+        Reference: Obermeyer, Bingham, Jankowiak, Chen, Pradhan, Goodman. *Tensor variable
+        elimination for plated factor graphs*. ICML 2019.
+        """
+        ndim = self.max_plate_nesting + 1
+        if self.resolve_mode(args, kwargs) == "plate":
+            model = poutine.replay(self._in_particles(self.model, num_particles), trace=guide_trace)
+            model = poutine.enum(model, first_available_dim=self.particle_dim - 1)
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
+            out, names = _contract_enumerated(trace, self.structure, ndim, PARTICLE_PLATE)
+        else:
+            values = self.latent_values(guide_trace, num_particles)
+            fixed = {n: s["value"] for n, s in guide_trace.nodes.items()
+                     if s["type"] == "sample" and site_is_subsample(s)}
+            # torch.func.vmap cannot map Pyro's enumeration (poutine.enum reads ``.data``), so a
+            # model that does not broadcast over particles is enumerated one particle at a time
+            # (used for results, not inside training steps)
+            runs = []
+            for k in range(num_particles):
+                conditioned = poutine.condition(self.model, data={**{n: v[k] for n, v in values.items()}, **fixed})
+                enumerated = poutine.enum(conditioned, first_available_dim=-(self.max_plate_nesting + 1))
+                with _validation_off():
+                    runs.append(_contract_enumerated(poutine.trace(enumerated).get_trace(*args, **kwargs),
+                                                     self.structure, ndim - 1, None))
+            names = runs[0][1]
+            out = {n: tuple(_pad_after_first(torch.stack([r[0][n][i].expand(runs[0][0][n][i].shape) for r in runs]), ndim, n)
+                            for i in (0, 1)) for n in runs[0][0]}
+        self.block_sites = names
+        return out
+
     def _model_log_probs_vmap(self, guide_trace, num_particles, args, kwargs):
         values = self.latent_values(guide_trace, num_particles)
         fixed = {n: s["value"] for n, s in guide_trace.nodes.items()
@@ -539,6 +601,8 @@ class ParticleEvaluator:
 
         Both tensors have ``max_plate_nesting + 1`` dims, the plates' dims aligned right.
         """
+        if self.enumerated_sites(guide_trace):
+            return self._model_log_probs_enum(guide_trace, num_particles, args, kwargs)
         if self.resolve_mode(args, kwargs) == "plate":
             return self._model_log_probs_plate(guide_trace, num_particles, args, kwargs)
         return self._model_log_probs_vmap(guide_trace, num_particles, args, kwargs)
@@ -580,8 +644,8 @@ class ParticleEvaluator:
         acc = self._accumulator(num_particles)
         ndim = self.max_plate_nesting + 1
         for name, (lp, _) in model_lp.items():
-            info = self.structure.sites[name]
-            acc.add(lp, info.plates, not info.is_observed)
+            plates, is_latent = self._term_plates(name)
+            acc.add(lp, plates, is_latent)
         # log q (autoguides draw through auxiliary sites and put the Jacobian on a Delta site)
         for name, site, plates in self._guide_sites(guide_trace):
             lq = site["log_prob"]
@@ -608,12 +672,42 @@ class ParticleEvaluator:
             acc.add(_pad_left(lq, ndim, name), plates, True)
         return acc.log_weights()
 
+    def _term_plates(self, name):
+        """Plates and latent-ness of a term of :meth:`model_log_probs` (a site or the block of
+        summed-out enumerated sites)."""
+        info = self.structure.sites.get(name)
+        if info is not None:
+            return info.plates, not info.is_observed
+        if name == ENUMERATED_BLOCK:
+            return (), True
+        return (name,), True  # the enumerated block per data point, keyed by the data plate
+
     def per_observation_log_likelihood(self, guide_trace, num_particles, args, kwargs, model_lp=None):
-        """Dict observed site -> ``(K, *batch shape)`` unscaled log-likelihood per observation."""
+        r"""Dict observed site -> ``(K, *batch shape)`` unscaled log-likelihood per observation.
+
+        Enumerated sites are summed out: the observations that depend on them get the marginal
+        :math:`\log p(x_i \mid \text{the guide's latents})` per data point, under the name of
+        their one observed site (or of the data plate when several observed sites share the
+        enumerated latents).  When an enumerated site outside the data plate couples the data
+        points there is no per-observation log-likelihood: ``ValueError``.
+        """
         if model_lp is None:
             model_lp = self.model_log_probs(guide_trace, num_particles, args, kwargs)
+        if ENUMERATED_BLOCK in model_lp:
+            raise ValueError(
+                f"Enumerated site(s) {list(self.block_sites[ENUMERATED_BLOCK])} lie outside the data "
+                "plate, so the observations are not independent given the guide's latents and have "
+                "no per-observation log-likelihood (for LOO). Sample the site in the guide instead, "
+                "or move it into the data plate.")
         out = {}
-        for name, info in self.structure.observed_sites.items():
+        for name in model_lp:
+            info = self.structure.sites.get(name)
+            if info is None:  # the block keyed by the data plate: one value per data point
+                _, ulp = model_lp[name]
+                out[name] = ulp.expand((num_particles,) + tuple(ulp.shape[1:])).reshape(num_particles, -1)
+                continue
+            if not info.is_observed:
+                continue
             _, ulp = model_lp[name]
             shape = tuple(info.batch_shape)
             ulp = ulp.expand((num_particles,) + tuple(ulp.shape[1:]))
@@ -645,6 +739,75 @@ def _pick_mode(a, b, k, plate_err, vmap_err, what) -> str:
         "dimensions on the left (index with `...`, use pyro.plate(..., dim=-k) for every batch "
         "dimension)."
     ) from plate_err
+
+
+def _pad_after_first(t: torch.Tensor, ndim: int, site: str) -> torch.Tensor:
+    """``(K, *batch)`` -> ``(K, 1, ..., *batch)`` with ``ndim`` dims (vmapped results)."""
+    if t.dim() > ndim:
+        raise ValueError(f"Site {site!r} has more batch dims than max_plate_nesting allows.")
+    return t.reshape((t.shape[0],) + (1,) * (ndim - t.dim()) + tuple(t.shape[1:]))
+
+
+def _contract_enumerated(trace, structure: ProgramStructure, ndim: int, lead_plate: Optional[str]):
+    """Split an enumerated model trace into plain terms and the summed-out enumerated block.
+
+    Returns ``({name: (scaled log_prob, unscaled log_prob)}, {block key: block site names})``
+    with ``ndim``-dim tensors (plates aligned right; ``lead_plate``, the particle plate, kept as
+    a dim of its own).  See :meth:`ParticleEvaluator._model_log_probs_enum`.
+    """
+    from collections import OrderedDict
+
+    from pyro.ops import packed
+    from pyro.ops.contract import contract_to_tensor
+    from pyro.ops.rings import LogRing
+    from pyro.poutine.util import prune_subsample_sites
+
+    trace = prune_subsample_sites(trace)
+    trace.compute_log_prob()
+    trace.pack_tensors()
+    symbol = trace.plate_to_symbol
+    plate_syms = set(symbol.values())
+    enum_syms = set()
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None:
+            enum_syms |= set(site["packed"]["unscaled_log_prob"]._pyro_dims) - plate_syms
+    data_plate = structure.data_plate
+    out, block, scales, block_names = {}, OrderedDict(), set(), []
+    in_data_plate = data_plate is not None
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or name not in structure.sites:
+            continue
+        ulp = site["packed"]["unscaled_log_prob"]
+        if enum_syms.isdisjoint(ulp._pyro_dims):
+            out[name] = (_pad_left(site["log_prob"], ndim, name), _pad_left(site["unscaled_log_prob"], ndim, name))
+            continue
+        frames = [f for f in site["cond_indep_stack"] if f.vectorized]
+        ordinal = frozenset(symbol[f.name] for f in frames if f.size > 1)
+        block.setdefault(ordinal, []).append(packed.scale_and_mask(ulp, mask=site["packed"]["mask"]))
+        scale = site["scale"]
+        scales.add(float(scale.max()) if torch.is_tensor(scale) else float(scale))
+        block_names.append(name)
+        in_data_plate = in_data_plate and any(f.name == data_plate for f in frames)
+    if not block:
+        return out, {}
+    if len(scales) > 1:
+        raise ValueError(
+            f"The enumerated sites and the sites that depend on them ({block_names}) carry "
+            f"different scales {sorted(scales)} (poutine.scale, or plates subsampled differently); "
+            "summing them out needs one scale. Put them in the same subsampled plate.")
+    target = {symbol[p] for p in ([lead_plate] if lead_plate else []) + ([data_plate] if in_data_plate else [])
+              if p in symbol}
+    total = contract_to_tensor(block, enum_syms, target_ordinal=frozenset(target), ring=LogRing())
+    total = _pad_left(packed.unpack(total, trace.symbol_to_dim), ndim, "enumerated block")
+    observed = [n for n in block_names if structure.sites[n].is_observed]
+    if not in_data_plate:
+        key = ENUMERATED_BLOCK
+    elif len(observed) == 1 and structure.sites[observed[0]].plates == (data_plate,):
+        key = observed[0]
+    else:
+        key = data_plate
+    out[key] = (total * scales.pop(), total)
+    return out, {key: tuple(block_names)}
 
 
 def _vmapped_log_probs(model, values, fixed, names, ndim, args, kwargs):

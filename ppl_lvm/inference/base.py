@@ -819,12 +819,13 @@ class GuidedBackend(Backend):
                 "fit.log_evidence(1000, x, subsample_size=None)."
             )
         if self.guide_structure is not None:
-            missing = [n for n in s.latent_sites if n not in self.guide_structure.latent_sites]
-            if missing:
+            missing = [n for n, i in s.latent_sites.items()
+                       if n not in self.guide_structure.latent_sites and i.enumerate is None]
+            if missing:  # enumerated sites are summed out exactly by the evaluator
                 raise ValueError(
-                    f"Latent site(s) {missing} are enumerated in the model rather than sampled by "
-                    "the guide; importance sampling with the guide as proposal needs every latent "
-                    "site in the guide."
+                    f"Latent site(s) {missing} are neither sampled by the guide nor marked for "
+                    "enumeration; importance sampling with the guide as proposal needs every "
+                    "latent site in the guide or enumerated (infer={'enumerate': 'parallel'})."
                 )
 
     def _importance_log_weights(self, num_particles, args, kwargs):
