@@ -879,10 +879,17 @@ def detach_distribution(fn, site: str = "?"):
     Supports the distributions guides are made of: any distribution rebuilt from its
     ``arg_constraints`` parameters (Normal, LogNormal, Gamma, Beta, Bernoulli, Categorical, ...),
     MultivariateNormal (through ``scale_tril``), and the wrappers Independent, Expanded and
-    Masked.  Anything else raises ``ValueError`` naming the site.
+    Masked.  An autoguide's ``Delta`` site is returned as it is: its density is the
+    log-Jacobian of the transform at the sample, which depends on q's parameters only through
+    the sample (the auxiliary site before it carries q's parameters).  Anything else raises ``ValueError`` naming the site.
     """
     import pyro.distributions as dist
 
+    if isinstance(fn, dist.Delta):
+        # an autoguide's site z = T(u): its log_density -log|dT/du| is a function of the
+        # sample, not of q's parameters, so it keeps its path derivative (detaching it biased
+        # STL/DReG on constrained sites) and its event_dim
+        return fn
     if isinstance(fn, dist.Independent):
         return dist.Independent(detach_distribution(fn.base_dist, site), fn.reinterpreted_batch_ndims)
     if isinstance(fn, dist.ExpandedDistribution):
