@@ -665,9 +665,15 @@ class ParticleEvaluator:
         guide_trace.compute_log_prob()
         acc = self._accumulator(num_particles)
         ndim = self.max_plate_nesting + 1
+        import pyro.distributions as dist
+
         for name, site, plates in self._guide_sites(guide_trace, names):
             lq = site["log_prob"]
-            if detach_values and torch.is_tensor(site["value"]) and site["value"].requires_grad:
+            if detach_values and isinstance(site["fn"], dist.Delta):
+                # an autoguide's z = T(u): at a fixed sample its log-Jacobian does not depend on
+                # q's parameters (they enter through the auxiliary site u)
+                lq = lq.detach()
+            elif detach_values and torch.is_tensor(site["value"]) and site["value"].requires_grad:
                 lq = scale_and_mask(site["fn"].log_prob(site["value"].detach()), site["scale"], site["mask"])
             acc.add(_pad_left(lq, ndim, name), plates, True)
         return acc.log_weights()
