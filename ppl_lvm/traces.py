@@ -165,6 +165,23 @@ class ProgramStructure:
         local = self.local_latents
         return {n: s for n, s in self.latent_sites.items() if n not in local}
 
+    def loss_floor(self, dtype: torch.dtype) -> Optional[float]:
+        r"""The lowest value a negative log-density estimate of this program can take with
+        parameters in ``dtype``'s range: :math:`-2 c \sum_s n_s` with :math:`c = -\log`
+        ``finfo(dtype).tiny`` and :math:`n_s` the site's scalar elements (times its plates'
+        N/B).  A proper density of one scalar element exceeds :math:`e^{c}` only with a scale
+        below the smallest normal number, and a guide's :math:`-\log q` at its own draw is
+        bounded alike, so a loss below the floor is numerical garbage (a runaway fit), never
+        a result.  ``None`` where a ``pyro.factor`` (unbounded by construction) is present."""
+        c = -math.log(torch.finfo(dtype).tiny)
+        total = 0.0
+        for s in self.sites.values():
+            if s.distribution == "Unit":
+                return None
+            scale = math.prod(self.plates[p].scale for p in s.plates if p in self.plates)
+            total += max(1, math.prod(s.value_shape)) * scale
+        return -2.0 * c * total
+
     def describe(self) -> str:
         """A table of the sites, for error messages and ``repr``."""
         rows = []

@@ -1,5 +1,6 @@
 """The fit loop: NaN guard, callbacks, checkpoint/resume, registry."""
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -218,3 +219,27 @@ def test_keyword_only_override_keeps_positional_data():
         warnings.simplefilter("ignore", RuntimeWarning)
         ev = fit.log_evidence(20, subsample_size=None)  # keeps x, switches subsampling off
     assert ev.pointwise.shape == (20,)
+
+
+def test_a_runaway_loss_is_divergence_not_a_result():
+    """GPFA in float32 without initialize(): the ELBO estimate ran off to -1e27 (a covariance
+    gone singular at float32 resolution) and was returned as a fit.  A loss below the lowest
+    value any negative log-density of the model can take (ProgramStructure.loss_floor) now
+    stops the run with DivergenceError, the update not applied, the fit so far in err.fit."""
+    from ppl_lvm.errors import DivergenceError
+    from ppl_lvm.models import GPFA
+
+    y, times, _ = GPFA.simulate(obs_dim=30, seed=0, dtype=torch.float32)
+    g = GPFA(3, 30, name="runaway")
+    with pytest.raises(DivergenceError, match="below") as info:
+        ppl_lvm.fit(g.model, g.guide, y, times, backend="svi", num_steps=200)
+    fit = info.value.fit
+    assert fit is not None and 0 < fit.num_steps < 200
+    floor = fit.backend._loss_floor
+    assert floor is not None and np.all(fit.losses >= floor)
+    # the floor is far below any value a sane fit reaches: float64 runs to completion
+    pyro.clear_param_store()
+    y64, times64, _ = GPFA.simulate(num_trials=20, num_bins=20, obs_dim=30, seed=0)
+    g = GPFA(3, 30, name="runaway64")
+    fit = ppl_lvm.fit(g.model, g.guide, y64, times64, backend="svi", num_steps=100)
+    assert fit.num_steps == 100 and fit.losses[-1] < fit.losses[0]

@@ -253,6 +253,8 @@ class Backend:
         self.guide_structure: Optional[ProgramStructure] = None
         self._setup_key = None
         self._evaluator: Optional[ParticleEvaluator] = None
+        #: a loss below this is a runaway fit (:meth:`ProgramStructure.loss_floor`)
+        self._loss_floor: Optional[float] = None
         self.num_steps = 0
         self.losses: List[float] = []
 
@@ -313,6 +315,9 @@ class Backend:
             mpn = self.max_plate_nesting
         m_struct.max_plate_nesting = mpn
         self.structure, self.guide_structure = m_struct, g_struct
+        dtypes = [s["value"].dtype for s in m_trace.nodes.values()
+                  if s["type"] == "sample" and torch.is_tensor(s["value"]) and s["value"].is_floating_point()]
+        self._loss_floor = m_struct.loss_floor(min(dtypes, key=lambda d: torch.finfo(d).bits)) if dtypes else None
         self._evaluator = None
         self._setup_key = key
         self._after_setup(m_struct, *args, **kwargs)
@@ -379,8 +384,14 @@ class Backend:
                       if site["type"] == "param"}
         loss = float(loss)
         bad = None
+        floor = self._loss_floor
         if not _is_finite(loss):
             bad = f"the objective is {loss}"
+        elif floor is not None and loss < floor:
+            bad = (f"the objective {loss:.4g} is below {floor:.4g}, the lowest value a negative "
+                   "log-density of this model can take with parameters in floating-point range "
+                   "(the fit ran away, e.g. a covariance that became singular); this is "
+                   "divergence, not a result")
         else:
             grads = [p.grad for p in params if p.grad is not None]
             # one reduction and one host sync for all gradients; name the culprit only on failure
@@ -400,8 +411,9 @@ class Backend:
             pyro.infer.util.zero_grads(params)
             raise DivergenceError(
                 f"{type(self).__name__} step {self.num_steps}: {bad}. The update was skipped; "
-                "parameters and optimizer keep their last finite values. Try a smaller learning "
-                "rate, better-scaled data, or a guide initialised closer to the prior.",
+                "parameters and optimizer keep their values before this step (through run() or "
+                "ppl_lvm.fit the fit so far is in the error's .fit). Try a smaller learning "
+                "rate, better-scaled data, float64 data, or a guide initialised closer to the prior.",
                 step=self.num_steps,
             )
         self.optim(params)
@@ -426,8 +438,10 @@ class Backend:
             (a terminal or Jupyter). ``PPL_LVM_PROGRESS=0`` turns it off everywhere.
         :param callbacks: callables ``cb(backend, step, loss) -> bool``; returning ``True``
             stops the run (see :class:`EarlyStopping`, :class:`Checkpoint`).
-        :raises DivergenceError: when the objective or a gradient becomes NaN/inf; the
-            parameters keep their last finite values and ``err.fit`` holds the fit so far.
+        :raises DivergenceError: when the objective or a gradient becomes NaN/inf, or the
+            objective falls below any value the model can reach (a runaway fit,
+            :meth:`~ppl_lvm.traces.ProgramStructure.loss_floor`); that step's update is not
+            applied and ``err.fit`` holds the fit so far.
         """
         if num_steps is None:
             num_steps = self._default_num_steps()
