@@ -110,12 +110,17 @@ def groups_to_inferencedata(groups: Dict[str, Dict[str, object]], attrs: Optiona
     """
     import arviz as az
 
+    groups = dict(groups)
+    stats_attrs = groups.pop("_sample_stats_attrs", None)  # group-level facts (e.g. the IS pool's ESS)
     clean = {g: {k: _to_numpy(v) for k, v in d.items()} for g, d in groups.items() if d}
     params = inspect.signature(az.from_dict).parameters
     if "posterior" in params:  # arviz < 1.0
         idata = az.from_dict(**clean)
     else:  # arviz >= 1.0 takes one mapping of groups
         idata = az.from_dict(clean)
+    if stats_attrs and hasattr(idata, "sample_stats"):
+        idata.sample_stats.attrs.update({k: (float(v) if isinstance(v, (int, float)) else str(v))
+                                         for k, v in stats_attrs.items()})
     if attrs:
         for group in getattr(idata, "groups", lambda: [])():
             with_attrs = getattr(idata, group, None)

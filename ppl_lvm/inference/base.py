@@ -593,19 +593,32 @@ class Fit:
             return self.backend._default_num_samples()
         return check_positive_int(num_samples, "num_samples")
 
+    def _draws_option(self, draws):
+        if draws is None:
+            return {}
+        if not isinstance(self.backend, GuidedBackend):
+            raise TypeError(f"draws= applies to the guide-based backends (svi, iwae, chi2_vis), not to "
+                            f"{type(self.backend).__name__}.")
+        if draws not in ("resampled", "proposal"):
+            raise ValueError(f"draws must be 'resampled' or 'proposal', got {draws!r}.")
+        return {"draws": draws}
+
     def posterior_samples(self, num_samples: Optional[int] = None, *args,
-                          sites: Optional[Sequence[str]] = None, **kwargs) -> Dict[str, torch.Tensor]:
+                          sites: Optional[Sequence[str]] = None, draws: Optional[str] = None,
+                          **kwargs) -> Dict[str, torch.Tensor]:
         """Draws from the fitted posterior (approximation): ``{site: (num_samples, *shape)}``.
 
         ``num_samples`` defaults to 1000 draws from a guide, or to every kept draw of a sampler
         (chains concatenated). Extra positional/keyword arguments replace the data the fit was
-        run on.
+        run on.  ``draws`` (guide-based backends): ``"resampled"`` (importance-resampled guide
+        draws, the default of IWAE and chi^2-VIS) or ``"proposal"`` (raw guide draws, SVI's
+        default); see :class:`GuidedBackend`.
         """
         num_samples = self._num_samples(num_samples)
         a, k = self._data(args, kwargs)
         self.backend.setup(*a, **k)
         with torch.no_grad():
-            samples = self.backend._posterior_samples(num_samples, a, k)
+            samples = self.backend._posterior_samples(num_samples, a, k, **self._draws_option(draws))
         if sites is not None:
             unknown = set(sites) - set(samples)
             if unknown:
@@ -650,11 +663,13 @@ class Fit:
                 return pyro.infer.Predictive(model, posterior_samples=samples,
                                              return_sites=return_sites, parallel=False)(*a, **k)
 
-    def to_inferencedata(self, num_samples: Optional[int] = None, *args, **kwargs):
+    def to_inferencedata(self, num_samples: Optional[int] = None, *args, draws: Optional[str] = None,
+                         **kwargs):
         """``arviz.InferenceData`` with posterior, sample_stats, log_likelihood, observed_data.
 
         ``num_samples``: guide draws (default 1000), or for a sampler at most this many draws
-        in all, thinned evenly within each chain (default: every kept draw).
+        in all, thinned evenly within each chain (default: every kept draw).  ``draws`` as in
+        :meth:`posterior_samples`.
         """
         from ..diagnostics import groups_to_inferencedata
 
@@ -662,7 +677,7 @@ class Fit:
         a, k = self._data(args, kwargs)
         self.backend.setup(*a, **k)
         with torch.no_grad():
-            groups = self.backend._inference_data_groups(num_samples, a, k)
+            groups = self.backend._inference_data_groups(num_samples, a, k, **self._draws_option(draws))
         return groups_to_inferencedata(groups, attrs={"inference_library": "ppl_lvm",
                                                       "backend": type(self.backend).__name__,
                                                       "num_steps": self.num_steps})
@@ -748,7 +763,22 @@ class GuidedBackend(Backend):
       :math:`\hat k` of the weights (a ``RuntimeWarning`` above 0.7);
     * ArviZ groups: guide draws as the posterior, per-observation log-likelihoods, and the
       draws' importance log-weights in ``sample_stats`` (``log_importance_weight``).
+
+    **Which draws.**  ``draws="proposal"`` returns the guide's own draws :math:`z \sim q`.
+    ``draws="resampled"`` returns sampling-importance-resampling draws (Rubin 1988): a pool
+    of ``num_samples`` guide draws is resampled with replacement in proportion to
+    :math:`w = p(x, z) / q(z \mid x)` (per data point where the weights factorize, i.e. only
+    local latents; jointly otherwise), which is the importance-weighted posterior that IWAE and
+    chi^2-VIS target; ``sample_stats`` then holds ``proposal_index`` (the pool draw behind
+    each draw; per data point where resampled per data point it is the first point's) and the
+    attributes ``importance_ess`` (Kish's ESS of the pool's weights, the smallest over data
+    points) and ``importance_khat`` (PSIS :math:`\hat k`, the largest).  Duplicated draws make
+    ArviZ's ESS honest about the pool's ESS.  ``default_draws``: ``"proposal"`` for SVI (its
+    answer is q), ``"resampled"`` for IWAE and chi^2-VIS.
     """
+
+    #: which draws posterior_samples/to_inferencedata return when not told ("proposal" or "resampled")
+    default_draws: ClassVar[str] = "proposal"
 
     #: particles scored per vectorized pass when estimating the evidence
     evidence_chunk_size: int = 1000
@@ -819,9 +849,41 @@ class GuidedBackend(Backend):
         if guide_params:
             _accumulate(guide_params, torch.autograd.grad(-guide_objective, guide_params, allow_unused=True))
 
-    def _posterior_samples(self, num_samples, args, kwargs):
+    def _posterior_samples(self, num_samples, args, kwargs, draws=None):
         ev = self.evaluator
-        return ev.latent_values(ev.guide_trace(num_samples, args, kwargs), num_samples)
+        gt = ev.guide_trace(num_samples, args, kwargs)
+        latents = ev.latent_values(gt, num_samples)
+        if (draws or self.default_draws) == "proposal":
+            return latents
+        lw = ev.log_weights(num_samples, args, kwargs, guide_trace=gt)
+        pick, _ = self._resampler(lw, num_samples)
+        return {n: pick(v, n) for n, v in latents.items()}
+
+    def _resampler(self, lw: LogWeights, num_samples: int):
+        """``(pick, indices)``: ``pick(tensor (K, *shape), site) -> (num_samples, *shape)``
+        resamples by the normalized weights (sampling importance resampling), per data point
+        where they factorize; ``indices`` are the pool draws chosen, ``(num_samples,)`` or
+        ``(num_samples, B)``."""
+        s = self.structure
+        if not lw.factorizes:
+            idx = torch.multinomial(torch.softmax(lw.joint, 0), num_samples, replacement=True)
+            return (lambda v, name=None: v.index_select(0, idx)), idx
+        # (num_samples, B): data point b's draws come from its own weights
+        idx = torch.multinomial(torch.softmax(lw.local, 0).t(), num_samples, replacement=True).t()
+        data_plate = s.plates[s.data_plate]
+
+        def pick(v, name):
+            info = s.sites.get(name)
+            if info is None and name == s.data_plate:  # enumerated block per data point (K, B)
+                return torch.gather(v, 0, idx)
+            if info is None or s.data_plate not in info.plates:
+                return v[:num_samples] if v.shape[0] >= num_samples else v.expand((num_samples,) + v.shape[1:])
+            axis = 1 + len(info.batch_shape) + data_plate.dim  # the data plate's axis in v
+            shape = [num_samples] + [1] * (v.dim() - 1)
+            shape[axis] = idx.shape[1]
+            index = idx.reshape(shape).expand((num_samples,) + tuple(v.shape[1:]))
+            return torch.gather(v, 0, index)
+        return pick, idx
 
     def _check_evidence_inputs(self):
         s = self.structure
@@ -876,7 +938,9 @@ class GuidedBackend(Backend):
                 "a richer guide, or more particles.", RuntimeWarning, stacklevel=3)
         return EvidenceEstimate(float(est), float(se), float(khat), int(num_particles), pointwise, pointwise_khat)
 
-    def _inference_data_groups(self, num_samples, args, kwargs):
+    def _inference_data_groups(self, num_samples, args, kwargs, draws=None):
+        from ..diagnostics import psis_khat
+
         ev = self.evaluator
         gt = ev.guide_trace(num_samples, args, kwargs)
         latents = ev.latent_values(gt, num_samples)
@@ -887,10 +951,18 @@ class GuidedBackend(Backend):
         proto = trace_program(self.model, args, kwargs, replay=guide_proto)
         observed = {n: proto.nodes[n]["value"] for n in self.structure.observed_sites}
         cd = iid_chains(num_samples)
-
-        return {
-            "posterior": {n: cd(v) for n, v in latents.items()},
-            "sample_stats": {"log_importance_weight": cd(lw.joint)},
-            "log_likelihood": {n: cd(v) for n, v in loglik.items()},
-            "observed_data": observed,
-        }
+        groups = {"observed_data": observed}
+        if (draws or self.default_draws) == "proposal":
+            groups.update(posterior={n: cd(v) for n, v in latents.items()},
+                          sample_stats={"log_importance_weight": cd(lw.joint)},
+                          log_likelihood={n: cd(v) for n, v in loglik.items()})
+            return groups
+        pick, idx = self._resampler(lw, num_samples)
+        x = lw.particle_weights
+        ess = float((1.0 / torch.softmax(x, 0).pow(2).sum(0)).min())
+        groups.update(posterior={n: cd(pick(v, n)) for n, v in latents.items()},
+                      sample_stats={"proposal_index": cd(idx if idx.dim() == 1 else idx[:, 0])},
+                      log_likelihood={n: cd(pick(v, n)) for n, v in loglik.items()})
+        groups["_sample_stats_attrs"] = {"draws": "resampled", "importance_ess": ess,
+                                         "importance_khat": psis_khat(x)}
+        return groups

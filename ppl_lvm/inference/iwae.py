@@ -114,6 +114,9 @@ class IWAE(GuidedBackend):
     the pathwise gradient of the bound).
     """
 
+    #: results are importance-resampled guide draws (the importance-weighted posterior this
+    #: backend targets); ``draws="proposal"`` in posterior_samples/to_inferencedata gives q's own
+    default_draws = "resampled"
     valid_for = ("any model/guide whose guide broadcasts over particles; per-datapoint bound for "
                  "local latents; DReG/STL for reparameterized guides, VIMCO for discrete guide sites")
 

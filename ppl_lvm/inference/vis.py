@@ -88,6 +88,9 @@ class ChiSquareVIS(GuidedBackend):
         >>> fit.log_evidence(10000)
     """
 
+    #: results are importance-resampled guide draws (the importance-weighted posterior this
+    #: backend targets); ``draws="proposal"`` in posterior_samples/to_inferencedata gives q's own
+    default_draws = "resampled"
     valid_for = ("any model/guide whose guide broadcasts over particles (score-function proposal "
                  "gradient for discrete guide sites, pathwise for reparameterized ones)")
 
