@@ -23,8 +23,12 @@ from .inference import (
     Fit,
     GFlowNetEM,
     LogLoss,
+    OpenHorizonSMC,
+    ParticleFilter,
     SGHMC,
     SGLD,
+    SMCFilterBackend,
+    SMCSampler,
     get_backend,
     list_backends,
 )
@@ -32,6 +36,10 @@ from .inference import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "OpenHorizonSMC",
+    "ParticleFilter",
+    "SMCFilterBackend",
+    "SMCSampler",
     "IWAE",
     "SVI",
     "SGHMC",

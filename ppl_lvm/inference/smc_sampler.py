@@ -18,9 +18,18 @@ invariant.  With fixed temperatures :math:`\hat Z` would be an unbiased estimate
 bias that vanishes as :math:`K` grows (Beskos, Jasra, Kantas & Thiery 2016) — measured in
 tutorial 05 on the regression fixture at :math:`K = 1000`: about 0.02 nats, gone with 20 moves
 per temperature.  The HMC kernel works on
-the model's unconstrained space (:class:`~ppl_lvm.traces.PotentialEnergy`), with a diagonal
-mass matrix set from the particles' variances (the cloud knows the posterior's scales) and a
-step size adapted towards acceptance 0.65 between moves; ``num_leapfrog=1`` is MALA.
+the model's unconstrained space (:class:`~ppl_lvm.traces.PotentialEnergy`), with the
+particles' covariance as inverse mass matrix (dense up to 200 dimensions; the cloud knows the
+posterior's scales and correlations), a step size adapted towards acceptance 0.65 between
+moves and jittered per particle (log-uniform over one decade below it), and as many moves per
+temperature as it takes the particles to decorrelate from where they started (at least
+``num_moves``, at most ``max_moves``); ``num_leapfrog=1`` is MALA.  The last two matter once
+a scale parameter is latent: on an AR(5) model with a HalfCauchy noise scale (195 points,
+1000 particles, seeds 0-3) the log-evidence error against the exact value was -3.5 nats with a
+diagonal metric and 5 fixed moves, -2.0 (mean; -1.1 to -3.4) with a dense one, and
++0.17 / +0.01 / -0.10 / -0.03 with the jitter and adaptive moves (11 moves per temperature on
+average), because particles in the neck of the funnel between the scale and the coefficients
+need steps far below those the mean acceptance selects.
 
 **Open-horizon SMC** (:class:`OpenHorizonSMC`), for models whose data arrive in minibatches
 through ``pyro.plate(..., subsample_size=B)``, following Zhao, Mair, Schön & Sjölund
@@ -58,7 +67,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Dict, Optional
+from typing import ClassVar, Dict, Optional
 
 import pyro
 import torch
@@ -89,10 +98,17 @@ class _ParticleSampler(Backend):
 
     def __init__(self, model, guide=None, optim=None, *, num_particles: int = 1000, num_moves: int = 5,
                  num_leapfrog: int = 5, step_size: float = 0.5, resampling: str = "systematic",
+                 max_moves: Optional[int] = None, decorrelation: float = 0.1,
                  max_plate_nesting: Optional[int] = None, validate: bool = True):
         super().__init__(model, guide, optim, max_plate_nesting=max_plate_nesting, validate=validate)
         self.num_particles = check_positive_int(num_particles, "num_particles")
         self.num_moves = check_positive_int(num_moves, "num_moves")
+        self.max_moves = self.num_moves if max_moves is None else check_positive_int(max_moves, "max_moves")
+        if self.max_moves < self.num_moves:
+            raise ValueError(f"max_moves={self.max_moves} is below num_moves={self.num_moves}; pass "
+                             "max_moves >= num_moves (or None: exactly num_moves moves).")
+        self.decorrelation = _fraction(decorrelation, "decorrelation")
+        self.moves_per_step = []
         self.num_leapfrog = check_positive_int(num_leapfrog, "num_leapfrog")
         if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real) or not step_size > 0:
             raise ValueError(f"step_size must be a positive number, got {step_size!r}")
@@ -212,47 +228,123 @@ class _ParticleSampler(Backend):
         grads = torch.autograd.grad(U.sum(), list(u.values()))
         return U.detach(), dict(zip(u, (g.detach() for g in grads))), lik.detach()
 
-    def _hmc_moves(self, u, beta, args, kwargs, lik_scale=1.0, mass="cloud"):
-        """``num_moves`` HMC transitions per particle leaving pi_beta invariant (vectorized).
+    #: the cloud's full covariance is the inverse mass matrix up to this many unconstrained dims
+    dense_mass_max_dim: ClassVar[int] = 200
+    #: per-particle random step sizes (see :meth:`_hmc_moves`); the tempered sampler uses them
+    step_jitter: ClassVar[bool] = False
 
-        The diagonal inverse mass ``var`` (velocity = momentum * var) is the particles' variance
-        (``mass="cloud"``), or ``1 / mean_k g_k^2`` from the particles' gradients
-        (``mass="gradient"``: for a Gaussian target E[g^2] is the precision), which keeps its scale
-        when resampling has collapsed the cloud.
+    def _hmc_moves(self, u, beta, args, kwargs, lik_scale=1.0, mass="cloud"):
+        r"""HMC transitions per particle leaving :math:`\pi_\beta` invariant (vectorized).
+
+        The inverse mass matrix :math:`\Sigma` (velocity :math:`= \Sigma p`) is the particle
+        cloud's covariance on unconstrained space (``mass="cloud"``): dense when the latent
+        dimension :math:`D` is at most :attr:`dense_mass_max_dim` and below :math:`K`, shrunk
+        towards its diagonal by :math:`D/(D+K)`, else its diagonal; or ``1 / mean_k g_k^2``
+        from the particles' gradients (``mass="gradient"``: for a Gaussian target
+        :math:`E[g^2]` is the precision), which keeps its scale when resampling has collapsed
+        the cloud.  A dense metric matters for correlated posteriors: on an AR(5) model with a
+        latent noise scale the diagonal metric left the tempered log-evidence 3.5 nats low
+        (5 moves) and 0.7 low (40 moves) against the exact value.
+
+        At least ``num_moves`` transitions are made, then more (up to ``max_moves``) until the
+        particles have decorrelated from where the moves began: the correlation across particles
+        between the start and the current value, of every coordinate and of the
+        log-likelihood (what the next incremental weights read), below ``decorrelation``
+        (a particle left behind biases the next temperature's incremental weights, so the
+        evidence; Chopin & Papaspiliopoulos 2020, sec. 17.2).
         """
         K = self.num_particles
-        U, g, _ = self._energy(u, beta, args, kwargs, lik_scale)
+        names = list(u)
+        shapes = [tuple(u[n].shape[1:]) for n in names]
+        sizes = [math.prod(sh) for sh in shapes]
+
+        def flat(d):
+            return torch.cat([d[n].reshape(K, -1) for n in names], -1)
+
+        def unflat(x):
+            return {n: t.reshape((K,) + sh) for n, t, sh in zip(names, x.split(sizes, -1), shapes)}
+
+        x = flat(u)
+        U, g, lik = self._energy(u, beta, args, kwargs, lik_scale)
+        gx = flat(g)
+        D = x.shape[1]
+        tiny = torch.finfo(x.dtype).eps
+        chol = None
         if mass == "gradient":
-            var = {n: 1.0 / (t.reshape(K, -1) ** 2).mean(0).clamp_min(1e-12).reshape(t.shape[1:])
-                   for n, t in g.items()}
+            var = 1.0 / (gx ** 2).mean(0).clamp_min(tiny)
+        elif K > 1:
+            var = x.var(0).clamp_min(tiny)
+            if D <= self.dense_mass_max_dim and D < K:
+                xc = x - x.mean(0)
+                cov = xc.t() @ xc / (K - 1)
+                lam = D / (D + K)
+                cov = (1 - lam) * cov + lam * torch.diag(var)
+                chol = torch.linalg.cholesky_ex(cov)[0]
+                if not bool(torch.isfinite(chol).all()):
+                    chol = None
+                else:
+                    var = cov
         else:
-            var = {n: t.reshape(K, -1).var(0).clamp_min(1e-8).reshape(t.shape[1:]) if K > 1
-                   else torch.ones_like(t[0]) for n, t in u.items()}
-        for _ in range(self.num_moves):
+            var = torch.ones_like(x[0])
+
+        def velocity(p):
+            return p @ var if chol is not None else p * var
+
+        def draw_momentum():
+            z = torch.randn_like(x)
+            if chol is None:
+                return z / var.sqrt()
+            # p ~ N(0, Sigma^{-1}): p = L^{-T} z with Sigma = L L^T
+            return torch.linalg.solve_triangular(chol.t(), z.t(), upper=True).t()
+
+        start = torch.cat([x, lik[:, None]], -1)
+        moves = 0
+        while True:
+            # each particle's step size is eps / 10^U, U ~ Uniform(0, 1), drawn afresh every move
+            # (independent of its position, so each transition stays pi_beta-invariant): a cloud
+            # spread across a funnel (a latent scale) has particles in the neck that need steps
+            # far below those the mean acceptance selects, and without them they do not move
             eps = self.step_size
-            p = {n: torch.randn_like(t) / var[n].sqrt() for n, t in u.items()}
-            kin0 = sum(0.5 * (p[n] ** 2 * var[n]).reshape(K, -1).sum(-1) for n in u)
-            q = dict(u)
-            pn = {n: p[n] - 0.5 * eps * g[n] for n in u}
+            eps_k = eps * torch.pow(10.0, -torch.rand_like(U))[:, None] if self.step_jitter else eps
+            p = draw_momentum()
+            kin0 = 0.5 * (p * velocity(p)).sum(-1)
+            q = x
+            pn = p - 0.5 * eps_k * gx
             for step in range(self.num_leapfrog):
-                q = {n: q[n] + eps * pn[n] * var[n] for n in u}
-                Un, gn, _ = self._energy(q, beta, args, kwargs, lik_scale)
-                scale = 0.5 * eps if step == self.num_leapfrog - 1 else eps
-                pn = {n: pn[n] - scale * gn[n] for n in u}
-            kin1 = sum(0.5 * (pn[n] ** 2 * var[n]).reshape(K, -1).sum(-1) for n in u)
+                q = q + eps_k * velocity(pn)
+                Un, gn_d, lik_n = self._energy(unflat(q), beta, args, kwargs, lik_scale)
+                gn = flat(gn_d)
+                pn = pn - (0.5 * eps_k if step == self.num_leapfrog - 1 else eps_k) * gn
+            kin1 = 0.5 * (pn * velocity(pn)).sum(-1)
             log_accept = (U + kin0) - (Un + kin1)
             log_accept = torch.where(torch.isfinite(log_accept), log_accept, torch.full_like(log_accept, -math.inf))
             accept = torch.log(torch.rand_like(log_accept)) < log_accept
-            for n in u:
-                mask = accept.reshape((K,) + (1,) * (u[n].dim() - 1))
-                u[n] = torch.where(mask, q[n], u[n])
-                g[n] = torch.where(mask, gn[n], g[n])
+            x = torch.where(accept[:, None], q, x)
+            gx = torch.where(accept[:, None], gn, gx)
             U = torch.where(accept, Un, U)
+            lik = torch.where(accept, lik_n, lik)
             rate = float(accept.to(U.dtype).mean())
             self.acceptance.append(rate)
             # move the step size towards acceptance 0.65 (a multiplicative Robbins-Monro rule)
             self.step_size = float(min(max(eps * math.exp(rate - 0.65), 1e-4), 1e3))
-        return u
+            moves += 1
+            if moves >= self.max_moves:
+                break
+            if moves >= self.num_moves and (
+                    K < 3 or self._max_correlation(start, torch.cat([x, lik[:, None]], -1)) < self.decorrelation):
+                break
+        self.moves_per_step.append(moves)
+        return unflat(x)
+
+    @staticmethod
+    def _max_correlation(a, b) -> float:
+        """Largest over coordinates of the correlation across particles between ``a`` and ``b``."""
+        ac, bc = a - a.mean(0), b - b.mean(0)
+        den = (ac.pow(2).sum(0) * bc.pow(2).sum(0)).sqrt()
+        ok = den > 0
+        if not bool(ok.any()):
+            return 0.0
+        return float(((ac * bc).sum(0)[ok] / den[ok]).abs().max())
 
     def _resample(self, u, log_w):
         idx = RESAMPLERS[self.resampling](torch.softmax(log_w, 0))
@@ -318,26 +410,31 @@ class SMCSampler(_ParticleSampler):
         model's latent sites directly (no auxiliary sites).
     :param int num_particles: :math:`K`.
     :param float target_ess: fraction of :math:`K` the incremental weights' ESS is held at.
-    :param int num_moves: HMC transitions per particle per temperature.
+    :param int num_moves: HMC transitions per particle per temperature, at least.
+    :param max_moves: at most this many (default 50): moves continue while any coordinate's,
+        or the log-likelihood's, correlation across particles with its value before the moves
+        is above ``decorrelation`` (default 0.1).  ``max_moves=num_moves`` fixes the number.
     :param int num_leapfrog: leapfrog steps per transition (1 gives MALA).
     :param float step_size: initial leapfrog step size (in units of the particles' standard
         deviations; adapted towards acceptance 0.65).
     :param str resampling: ``"systematic"``, ``"stratified"`` or ``"multinomial"``.
 
     Attributes after a run: ``betas`` (the temperatures), ``log_evidence_`` (this run's
-    :math:`\log\hat Z`), ``ess`` (per step), ``acceptance`` (per move).
+    :math:`\log\hat Z`), ``ess`` (per step), ``acceptance`` (per move), ``moves_per_step``.
     """
 
     name = "smc"
     valid_for = ("static Pyro models with continuous latents and no subsampled plate (tempered SMC "
                  "sampler with HMC moves; log-evidence)")
+    step_jitter = True
 
     def __init__(self, model, guide=None, *, num_particles: int = 1000, target_ess: float = 0.5,
                  num_moves: int = 5, num_leapfrog: int = 5, step_size: float = 0.5,
-                 resampling: str = "systematic", max_steps: int = 1000,
-                 max_plate_nesting: Optional[int] = None, validate: bool = True):
+                 resampling: str = "systematic", max_steps: int = 1000, max_moves: Optional[int] = 50,
+                 decorrelation: float = 0.1, max_plate_nesting: Optional[int] = None, validate: bool = True):
         super().__init__(model, guide, None, num_particles=num_particles, num_moves=num_moves,
                          num_leapfrog=num_leapfrog, step_size=step_size, resampling=resampling,
+                         max_moves=max_moves, decorrelation=decorrelation,
                          max_plate_nesting=max_plate_nesting, validate=validate)
         self.target_ess = _fraction(target_ess, "target_ess")
         self.max_steps = check_positive_int(max_steps, "max_steps")
