@@ -57,6 +57,7 @@ __all__ = [
     "ParticleEvaluator",
     "PotentialEnergy",
     "log_mean_exp",
+    "validation_off",
 ]
 
 PARTICLE_PLATE = "_ppl_lvm_particles"
@@ -949,7 +950,10 @@ CHAIN_PLATE = "_ppl_lvm_chains"
 
 
 @contextlib.contextmanager
-def _validation_off():
+def validation_off():
+    """Switch Pyro's and torch.distributions' argument validation off inside the block: a
+    proposal that leaves the support numerically (``exp(u)`` underflowing to 0) then gives a
+    non-finite log-density, which samplers reject, instead of an exception."""
     torch_default = torch.distributions.Distribution._validate_args
     torch.distributions.Distribution.set_default_validate_args(False)
     try:
@@ -957,6 +961,9 @@ def _validation_off():
             yield
     finally:
         torch.distributions.Distribution.set_default_validate_args(torch_default)
+
+
+_validation_off = validation_off  # the name used before it was public
 
 
 def _subsets(rows: int, size: int, k: int, device) -> torch.Tensor:

@@ -77,7 +77,7 @@ def test_exact_ar_reference_is_right():
     assert abs(float(torch.logsumexp(lw, 0) - math.log(len(lw))) - exact) < 4 * se + 1e-3
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_ar_log_evidence_with_a_latent_noise_scale(seed):
     Z, y = _ar_data()
     exact = ar_exact_log_evidence(Z, y)

@@ -74,7 +74,8 @@ import torch
 from pyro import poutine
 
 from ..errors import DivergenceError, IncompatibleModelError
-from ..traces import PotentialEnergy, ProgramStructure, log_mean_exp, _log_mean_exp_se, trace_program
+from ..traces import (PotentialEnergy, ProgramStructure, log_mean_exp, _log_mean_exp_se, trace_program,
+                      validation_off)
 from ..validation import check_positive_int
 from .base import Backend, EvidenceEstimate, iid_chains, register_backend
 from .smc import RESAMPLERS
@@ -154,8 +155,9 @@ class _ParticleSampler(Backend):
             with pyro.plate(CHAIN_PLATE, k, dim=-pe.ndim):
                 return self.guide(*a, **kw)
 
-        tr = poutine.trace(poutine.condition(in_plate, data=laid)).get_trace(*args, **kwargs)
-        tr.compute_log_prob()
+        with validation_off():  # a proposal off the support scores -inf and is rejected
+            tr = poutine.trace(poutine.condition(in_plate, data=laid)).get_trace(*args, **kwargs)
+            tr.compute_log_prob()
         total = None
         for name, site in tr.nodes.items():
             if site["type"] == "sample" and name in values:
@@ -250,8 +252,10 @@ class _ParticleSampler(Backend):
         particles have decorrelated from where the moves began: the correlation across particles
         between the start and the current value, of every coordinate and of the
         log-likelihood (what the next incremental weights read), below ``decorrelation``
-        (a particle left behind biases the next temperature's incremental weights, so the
-        evidence; Chopin & Papaspiliopoulos 2020, sec. 17.2).
+        (or 1.2 times the noise level of the largest of :math:`D+1` sample correlations of
+        independent clouds, :math:`\sqrt{2 \log(2(D+1))/K}`, when that is larger): a particle left behind biases the next
+        temperature's incremental weights, so the evidence (Chopin & Papaspiliopoulos 2020,
+        sec. 17.2).
         """
         K = self.num_particles
         names = list(u)
@@ -298,6 +302,9 @@ class _ParticleSampler(Backend):
             return torch.linalg.solve_triangular(chol.t(), z.t(), upper=True).t()
 
         start = torch.cat([x, lik[:, None]], -1)
+        # independent clouds still show sample correlations of order 1/sqrt(K): the largest of
+        # D + 1 of them is about sqrt(2 log(2 (D + 1)) / K), which the threshold must clear
+        threshold = max(self.decorrelation, 1.2 * math.sqrt(2.0 * math.log(2.0 * (D + 1)) / max(K, 1)))
         moves = 0
         while True:
             # each particle's step size is eps / 10^U, U ~ Uniform(0, 1), drawn afresh every move
@@ -331,7 +338,7 @@ class _ParticleSampler(Backend):
             if moves >= self.max_moves:
                 break
             if moves >= self.num_moves and (
-                    K < 3 or self._max_correlation(start, torch.cat([x, lik[:, None]], -1)) < self.decorrelation):
+                    K < 3 or self._max_correlation(start, torch.cat([x, lik[:, None]], -1)) < threshold):
                 break
         self.moves_per_step.append(moves)
         return unflat(x)
