@@ -77,7 +77,7 @@ from ..errors import DivergenceError, IncompatibleModelError
 from ..traces import (PotentialEnergy, ProgramStructure, log_mean_exp, _log_mean_exp_se, trace_program,
                       validation_off)
 from ..validation import check_positive_int
-from .base import Backend, EvidenceEstimate, iid_chains, register_backend
+from .base import Backend, EvidenceEstimate, register_backend
 from .smc import RESAMPLERS
 
 __all__ = ["SMCSampler", "OpenHorizonSMC"]
@@ -378,25 +378,46 @@ class _ParticleSampler(Backend):
         idx = torch.randperm(K, device=next(iter(parts.values())).device)[:num_samples]
         return {n: t[idx] for n, t in parts.items()}
 
+    def _smc_diagnostics(self) -> dict:
+        """Facts about the particle system for ``sample_stats``' attributes."""
+        last = self.moves_per_step[-1] if self.moves_per_step else 0
+        acc = self.acceptance[-last:] if last else []
+        out = {"sampler": "SMC: one population of particles, not MCMC chains (R-hat and ESS "
+                          "computed by ArviZ on it say nothing about convergence)",
+               "num_particles": self.num_particles,
+               "move_acceptance": float(sum(acc) / len(acc)) if acc else float("nan")}
+        if self._u is not None:
+            first = next(iter(self._u.values()))
+            out["unique_particles"] = int(torch.unique(first.reshape(first.shape[0], -1), dim=0).shape[0])
+        return out
+
     def _inference_data_groups(self, num_samples, args, kwargs):
         draws = self._posterior_samples(num_samples, args, kwargs)
         n = next(iter(draws.values())).shape[0]
-        cd = iid_chains(n)
-        groups = {"posterior": {k: cd(v) for k, v in draws.items()}}
+
+        def one_chain(v):  # the particles are one population, not independent chains
+            return v.reshape((1,) + tuple(v.shape))
+
+        groups = {"posterior": {k: one_chain(v) for k, v in draws.items()}}
         proto = trace_program(self.model, args, kwargs)
         groups["observed_data"] = {k: proto.nodes[k]["value"] for k in self.structure.observed_sites}
+        lp = self.potential.log_probs(draws, args, kwargs)
+        groups["sample_stats"] = {"lp": one_chain(sum(self.potential._per_chain(t, n) for t, _ in lp.values()))}
         if not self.structure.subsampled_plates:
-            lp = self.potential.log_probs(draws, args, kwargs)
             ll = self.potential.observation_log_likelihood(draws, args, kwargs, lp)
-            groups["log_likelihood"] = {k: cd(v) for k, v in ll.items()}
+            groups["log_likelihood"] = {k: one_chain(v) for k, v in ll.items()}
+        groups["_sample_stats_attrs"] = self._smc_diagnostics()
         return groups
 
     def _extra_state(self) -> dict:
-        return {"u": self._u, "step_size": self.step_size}
+        return {"u": self._u, "step_size": self.step_size, "moves_per_step": list(self.moves_per_step),
+                "acceptance": list(self.acceptance)}
 
     def _load_extra_state(self, extra: dict) -> None:
         self._u = extra.get("u")
         self.step_size = float(extra.get("step_size", self.step_size))
+        self.moves_per_step = list(extra.get("moves_per_step", []))
+        self.acceptance = list(extra.get("acceptance", []))
 
 
 @register_backend("smc")
@@ -538,6 +559,14 @@ class SMCSampler(_ParticleSampler):
         finally:
             bar.close()
         return self.make_fit(args, kwargs)
+
+    def _smc_diagnostics(self) -> dict:
+        out = super()._smc_diagnostics()
+        out.update(particle_ess=float(self.ess[-1]) if self.ess else float("nan"),
+                   min_particle_ess=float(min(self.ess)) if self.ess else float("nan"),
+                   num_temperatures=len(self.betas) - 1, beta=float(self.beta),
+                   log_evidence=float(self.log_evidence_))
+        return out
 
     def _log_evidence(self, num_particles, args, kwargs):
         """``num_runs`` (keyword, default 5) fresh tempered runs with ``num_particles`` each; the
@@ -695,6 +724,12 @@ class OpenHorizonSMC(_ParticleSampler):
 
     def _default_num_samples(self) -> int:
         return self.num_particles
+
+    def _smc_diagnostics(self) -> dict:
+        out = super()._smc_diagnostics()
+        if self._log_w is not None:
+            out["particle_ess"] = float(torch.exp(-torch.logsumexp(2 * self._log_w, 0)))
+        return out
 
     def _extra_state(self) -> dict:
         return {**super()._extra_state(), "log_w": self._log_w}
