@@ -386,3 +386,50 @@ def test_unknown_group_site():
     y = torch.zeros(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="not latent sites"):
         SGHMC(_two_sum_model, groups=[["a"], ["c"]]).run(y, num_steps=2)
+
+
+def test_unmixed_chains_warn_and_show_in_the_repr(linreg_fit):
+    """A run whose chains have not mixed says so (it was silent: R-hat 1.42, ESS 9); the
+    module's well-mixed linreg run does not."""
+    fx, sampler, fit = linreg_fit
+    c = sampler.convergence()
+    assert c["max_rhat"] < 1.01 and c["min_ess_bulk"] > 400
+    assert "max_rhat=" in repr(fit)
+    short = SGHMC(_linreg_model, step_size=1e-7, friction=0.5, num_chains=4, num_samples=100, warmup=0)
+    with pytest.warns(RuntimeWarning, match="not mixed"):
+        bad = short.run(*fx.args, subsample_size=250)
+    c = short.convergence()
+    assert c["max_rhat"] > 1.01 or c["min_ess_bulk"] < 400
+    assert f"max_rhat={c['max_rhat']:.3f}" in repr(bad)
+
+
+def test_a_diverging_step_moves_no_model_parameter():
+    """The SAEM update of a model parameter is applied only once the chains' proposal is known
+    to be finite: a step that diverges leaves the parameter and the optimizer untouched (it
+    moved mu from 0.5 to 5.79 before the error)."""
+    fx = BayesianLinearRegression(num_data=200, num_features=2, seed=0)
+
+    def model(X, y):
+        shift = pyro.param("shift", torch.tensor(0.5, dtype=X.dtype))
+        w = pyro.sample("w", dist.Normal(X.new_zeros(()), 1.0).expand([X.shape[1]]).to_event(1))
+        with pyro.plate("data", X.shape[0]):
+            pyro.sample("y", dist.Normal((X * w).sum(-1) + shift, 0.5), obs=y)
+
+    s = SGHMC(model, step_size=1e-4, friction=0.1, num_chains=2, num_samples=100, warmup=50,
+              optim=pyro.optim.Adam({"lr": 0.5}))
+    s.run(*fx.args, num_steps=5)  # SAEM has moved shift and built Adam's state
+    taken = s.num_steps
+    before = pyro.param("shift").item()
+    optim_state = {k: {kk: {n: t.clone() for n, t in vv.items()} for kk, vv in v["state"].items()}
+                   for k, v in s.optim.get_state().items()}
+    # make the step diverge: the potential and gradients at the current state are finite, the
+    # proposed position is not
+    s._v = {n: torch.full_like(v, math.inf) for n, v in s._v.items()}
+    with pytest.raises(DivergenceError, match="proposed position"):
+        s.step(*fx.args)
+    assert s.num_steps == taken and pyro.param("shift").item() == before
+    after = s.optim.get_state()
+    for k, v in optim_state.items():
+        for kk, vv in v.items():
+            for name, t in vv.items():
+                assert torch.equal(t, after[k]["state"][kk][name])

@@ -532,6 +532,10 @@ class Backend:
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
+    def _fit_summary(self) -> str:
+        """Extra ``key=value`` text for the fit's repr (samplers: convergence diagnostics)."""
+        return ""
+
     def _extra_state(self) -> dict:
         return {}
 
@@ -718,7 +722,8 @@ class Fit:
 
     def __repr__(self):
         last = f"{self.losses[-1]:.4g}" if len(self.losses) else "n/a"
-        return f"Fit(backend={type(self.backend).__name__}, steps={self.num_steps}, last_loss={last})"
+        extra = self.backend._fit_summary()
+        return f"Fit(backend={type(self.backend).__name__}, steps={self.num_steps}, last_loss={last}{extra})"
 
 
 def iid_chains(num_draws: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -290,6 +290,7 @@ class SGHMC(Backend):
         self._draw_potential: List[torch.Tensor] = []
         self._draw_step_size: List[float] = []
         self._group_of: Dict[str, int] = {}
+        self._convergence: Optional[Dict[str, object]] = None
 
     # ------------------------------------------------------------------ checks and setup
     def check_model(self, structure: ProgramStructure) -> None:
@@ -460,18 +461,8 @@ class SGHMC(Backend):
             bad = [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
             self._divergence(f"the gradient of the potential at site(s) {bad} is not finite")
 
-        if param_grads:
-            ok = all(g is None or bool(torch.isfinite(g).all()) for _, g in param_grads)
-            if not ok:
-                self._divergence("the gradient of a model parameter is not finite")
-            scale = 1.0 / U.shape[0]
-            params = []
-            for p, g in param_grads:
-                if g is not None:
-                    p.grad = g * scale
-                    params.append(p)
-            self.optim(params)
-            pyro.infer.util.zero_grads(params)
+        if param_grads and not all(g is None or bool(torch.isfinite(g).all()) for _, g in param_grads):
+            self._divergence("the gradient of a model parameter is not finite")
 
         alpha = self.friction
         new_u, new_v = {}, {}
@@ -491,6 +482,16 @@ class SGHMC(Backend):
             new_u[n] = self._u[n] + v
         if not all(bool(torch.isfinite(x).all()) for x in new_u.values()):
             self._divergence("the proposed position is not finite")
+        # everything checked: commit the parameters' SAEM step, then the chains' move
+        if param_grads:
+            scale = 1.0 / U.shape[0]
+            params = []
+            for p, g in param_grads:
+                if g is not None:
+                    p.grad = g * scale
+                    params.append(p)
+            self.optim(params)
+            pyro.infer.util.zero_grads(params)
         self._u, self._v = new_u, new_v
 
         if self.groups is not None:
@@ -621,6 +622,68 @@ class SGHMC(Backend):
         all_groups = self.groups + ([rest] if rest else [])
         self._group_of = {n: i for i, g in enumerate(all_groups) for n in g}
         self._num_groups = len(all_groups)
+
+    #: a run warns when the largest split R-hat exceeds this ...
+    rhat_threshold: float = 1.01
+    #: ... or the smallest bulk ESS falls below this many per chain (as PyMC and NumPyro do)
+    min_ess_per_chain: float = 100.0
+
+    def convergence(self) -> Dict[str, object]:
+        """Split R-hat and bulk ESS (ArviZ, rank-normalized) of every kept coordinate:
+        ``{"max_rhat", "min_ess_bulk", "worst_rhat_site", "worst_ess_site"}``."""
+        import arviz as az
+        import numpy as np
+
+        by_chain = self.samples()
+        worst = {"max_rhat": float("nan"), "min_ess_bulk": float("nan"),
+                 "worst_rhat_site": None, "worst_ess_site": None}
+        for n, x in by_chain.items():
+            arr = x.detach().cpu().double().numpy().reshape(x.shape[0], x.shape[1], -1)
+            if arr.shape[1] < 4:
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rhat = np.array([az.rhat(arr[:, :, j]) for j in range(arr.shape[2])], dtype=float) \
+                    if arr.shape[0] > 1 else np.full(arr.shape[2], np.nan)
+                ess = np.array([az.ess(arr[:, :, j], method="bulk") for j in range(arr.shape[2])], dtype=float)
+            if np.isfinite(rhat).any() and not np.nanmax(rhat) <= worst["max_rhat"]:
+                worst["max_rhat"], worst["worst_rhat_site"] = float(np.nanmax(rhat)), n
+            if np.isfinite(ess).any() and not np.nanmin(ess) >= worst["min_ess_bulk"]:
+                worst["min_ess_bulk"], worst["worst_ess_site"] = float(np.nanmin(ess)), n
+        return worst
+
+    def run(self, *args, num_steps: Optional[int] = None, progress: Optional[bool] = None,
+            callbacks=(), **kwargs):
+        """As :meth:`Backend.run`; at the end, when draws were kept, a ``RuntimeWarning`` if the
+        chains have not mixed: max split R-hat > :attr:`rhat_threshold` (1.01) or min bulk ESS
+        below :attr:`min_ess_per_chain` (100) per chain.  ``convergence()`` gives the numbers,
+        and the fit's ``repr`` shows them."""
+        fit = super().run(*args, num_steps=num_steps, progress=progress, callbacks=callbacks, **kwargs)
+        if self._draws:
+            self._warn_unconverged()
+        return fit
+
+    def _warn_unconverged(self):
+        c = self.convergence()
+        self._convergence = c
+        problems = []
+        if c["max_rhat"] > self.rhat_threshold:
+            problems.append(f"split R-hat up to {c['max_rhat']:.3f} (site {c['worst_rhat_site']!r}) > "
+                            f"{self.rhat_threshold}")
+        if c["min_ess_bulk"] < self.min_ess_per_chain * self.num_chains:
+            problems.append(f"bulk ESS down to {c['min_ess_bulk']:.0f} (site {c['worst_ess_site']!r}) < "
+                            f"{self.min_ess_per_chain:g} per chain")
+        if problems:
+            warnings.warn(
+                f"{type(self).__name__}: the chains have not mixed: {'; '.join(problems)}. The posterior "
+                "summaries are unreliable: run longer (num_samples, warmup), use more chains, or a "
+                "preconditioner.", RuntimeWarning, stacklevel=3)
+
+    def _fit_summary(self) -> str:
+        c = getattr(self, "_convergence", None)
+        if not c:
+            return ""
+        return f", max_rhat={c['max_rhat']:.3f}, min_ess_bulk={c['min_ess_bulk']:.0f}"
 
     def __repr__(self):
         return (f"{type(self).__name__}(chains={self.num_chains}, steps={self.num_steps}, "
