@@ -433,3 +433,35 @@ def test_a_diverging_step_moves_no_model_parameter():
         for kk, vv in v.items():
             for name, t in vv.items():
                 assert torch.equal(t, after[k]["state"][kk][name])
+
+
+def test_defaults_give_the_exact_posterior_sds_on_minibatches():
+    """Defaults on an ordinary regression (N = 2000, minibatch 100, 3 coefficients, 4 chains):
+    the old default step size diverged at step ~20-200, rmsprop with it gave sds 1.37-1.77x the
+    exact ones with R-hat ~1.01.  step_size='auto' (mode search, noise-limited step with
+    Chen et al.'s noise correction) must give means within 4 MCSE and sds within 4 standard
+    errors (1/sqrt(2 ESS)) of the exact posterior; measured over seeds 0-2 with 3000 draws per
+    chain: sd ratios 0.94-1.05, ESS 260-280."""
+    fx = BayesianLinearRegression(num_data=2000, num_features=3, noise_scale=0.5, seed=0)
+    X, y = fx.args[0], fx.args[1]
+    prec = torch.eye(3, dtype=X.dtype) + X.T @ X / 0.25
+    cov = torch.linalg.inv(prec)
+    mean, sd = cov @ (X.T @ y / 0.25), cov.diag().sqrt()
+    pyro.set_rng_seed(1)
+    s = SGHMC(_linreg_model, num_chains=4, num_samples=3000, warmup=1000)
+    fit = s.run(X, y, subsample_size=100)
+    idata = fit.to_inferencedata(None, X, y, subsample_size=None)
+    ess = az.ess(idata, var_names=["w"], method="bulk")["w"].values
+    z = _mcse_z(idata, "w", mean.numpy())
+    ratio = idata.posterior["w"].values.reshape(-1, 3).std(0) / sd.numpy()
+    assert np.all(np.abs(z) < 4), z
+    assert np.all(np.abs(ratio - 1) < 4 / np.sqrt(2 * ess)), (ratio, ess)
+    assert s.noise_ratio_ <= 0.5 + 1e-9
+
+
+def test_a_step_size_the_noise_overwhelms_is_warned_about():
+    fx = BayesianLinearRegression(num_data=2000, num_features=3, noise_scale=0.5, seed=0)
+    s = SGHMC(_linreg_model, step_size=1e-3, preconditioner="rmsprop", num_chains=2, num_samples=20, warmup=200)
+    with pytest.warns(RuntimeWarning, match="noise dominates"):
+        s.run(*fx.args[:2], subsample_size=100)
+    assert s.noise_ratio_ > 1.0
