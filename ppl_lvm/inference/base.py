@@ -108,13 +108,16 @@ class EvidenceEstimate(NamedTuple):
     pointwise: Optional[np.ndarray] = None
     #: ... and each data point's PSIS k-hat
     pointwise_khat: Optional[np.ndarray] = None
+    #: why ``khat`` is nan, where it is
+    note: Optional[str] = None
 
     def __float__(self):
         return float(self.log_evidence)
 
     def __repr__(self):
+        note = f", note={self.note!r}" if self.note else ""
         return (f"EvidenceEstimate(log_evidence={self.log_evidence:.4f} ± {self.stderr:.4f}, "
-                f"khat={self.khat:.2f}, num_particles={self.num_particles})")
+                f"khat={self.khat:.2f}, num_particles={self.num_particles}{note})")
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -787,6 +790,8 @@ class GuidedBackend(Backend):
 
     #: particles scored per vectorized pass when estimating the evidence
     evidence_chunk_size: int = 1000
+    #: what the importance-sampling proposal is, for warnings
+    proposal_description: ClassVar[str] = "the guide"
     _capture_params = False  # _loss_and_grads of guided backends returns (loss, params)
     _resolved_gradient: Optional[str] = None
 
@@ -935,13 +940,22 @@ class GuidedBackend(Backend):
             pointwise = log_mean_exp(diag, 0).detach().cpu().numpy()
         else:
             khat = psis_khat(diag)
+        note = None
         if khat > 0.7:
             where = (f" for at least one of the {diag.shape[1]} data points" if diag.dim() == 2 else "")
             warnings.warn(
-                f"PSIS k-hat of the importance weights is {khat:.2f} > 0.7{where}: the guide is a "
-                "poor proposal there and the log-evidence estimate is unreliable. Fit longer, use "
-                "a richer guide, or more particles.", RuntimeWarning, stacklevel=3)
-        return EvidenceEstimate(float(est), float(se), float(khat), int(num_particles), pointwise, pointwise_khat)
+                f"PSIS k-hat of the importance weights is {khat:.2f} > 0.7{where}: "
+                f"{self.proposal_description} is a poor proposal there and the log-evidence estimate "
+                "is unreliable. Fit longer, use a richer proposal, or more particles.",
+                RuntimeWarning, stacklevel=3)
+        elif not math.isfinite(khat):
+            distinct = int(torch.unique(diag.reshape(diag.shape[0], -1)[:, 0]).numel())
+            note = (f"k-hat not computed: PSIS fits a generalized Pareto tail to the largest weights, "
+                    f"and these weights take few distinct values ({distinct} at the first data point: "
+                    f"{self.proposal_description} puts its draws on few states). Bounded weights have a "
+                    "finite variance, so the standard error applies.")
+        return EvidenceEstimate(float(est), float(se), float(khat), int(num_particles), pointwise, pointwise_khat,
+                                note)
 
     def _inference_data_groups(self, num_samples, args, kwargs, draws=None):
         from ..diagnostics import psis_khat

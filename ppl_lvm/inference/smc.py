@@ -587,7 +587,9 @@ class SMCFilterBackend(Backend):
         v = torch.stack(vals)
         est = log_mean_exp(v, 0)
         se = _log_mean_exp_se(v, 0) if runs > 1 else torch.tensor(float("nan"))
-        return EvidenceEstimate(float(est), float(se), float("nan"), num_particles * runs, None, None)
+        return EvidenceEstimate(float(est), float(se), float("nan"), num_particles * runs, None, None,
+                                "k-hat applies to importance weights; this is an SMC estimate (the "
+                                "error bar is the spread of independent runs)")
 
     @staticmethod
     def _unpack(args, kwargs):

@@ -585,7 +585,9 @@ class SMCSampler(_ParticleSampler):
             vals.append(fresh.log_evidence_)
         v = torch.tensor(vals, dtype=torch.float64)
         se = float(_log_mean_exp_se(v, 0)) if runs > 1 else float("nan")
-        return EvidenceEstimate(float(log_mean_exp(v, 0)), se, float("nan"), num_particles * runs, None, None)
+        return EvidenceEstimate(float(log_mean_exp(v, 0)), se, float("nan"), num_particles * runs, None, None,
+                                "k-hat applies to importance weights; this is an SMC estimate (the "
+                                "error bar is the spread of independent runs)")
 
     def _extra_state(self) -> dict:
         return {**super()._extra_state(), "beta": self.beta, "betas": list(self.betas),
