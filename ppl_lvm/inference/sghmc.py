@@ -537,9 +537,9 @@ class SGHMC(Backend):
             self.optim(params)
             pyro.infer.util.zero_grads(params)
         self._sq, self._noise_var, self._noise_count = sq, noise, noise_count
-        if in_warmup and self._auto and self._estimating_noise(t):
+        if in_warmup and self._auto and t >= self.warmup // 2:
             self._track_positions(new_u)
-            if noise is not None and noise_count >= 10:
+            if noise is not None and noise_count >= 10 or noise is None and self._positions[0] >= 20:
                 self._auto_step = self._noise_limited_step(sq, noise)
         if t == self.warmup - 1:
             self._warn_noise_dominates(eta if not self._auto else self._auto_step)
@@ -633,7 +633,7 @@ class SGHMC(Backend):
         which :math:`1/\sigma_i^2` is the curvature of a Gaussian); at :math:`h = 0.3` the
         discretization widens a Gaussian's sd by 4% (exact Lyapunov computation of the linear
         recursion), below the Monte Carlo error of a short run."""
-        per_unit = self._noise_ratio(1.0, sq, noise)
+        per_unit = 0.0 if noise is None else self._noise_ratio(1.0, sq, noise)
         eta = math.inf if per_unit <= 0 else 0.5 / per_unit
         count, _, m2 = self._positions if self._positions is not None else (0, None, None)
         if count >= 20:
