@@ -527,15 +527,7 @@ class SGHMC(Backend):
             self._divergence("the proposed position is not finite")
         # everything checked: commit the parameters' SAEM step, the preconditioner, the noise
         # estimate and the step size, then the chains' move
-        if param_grads:
-            scale = 1.0 / U.shape[0]
-            params = []
-            for p, g in param_grads:
-                if g is not None:
-                    p.grad = g * scale
-                    params.append(p)
-            self.optim(params)
-            pyro.infer.util.zero_grads(params)
+        self._commit_param_step(param_grads, U.shape[0])
         self._sq, self._noise_var, self._noise_count = sq, noise, noise_count
         if in_warmup and self._auto and t >= self.warmup // 2:
             self._track_positions(new_u)
@@ -555,6 +547,18 @@ class SGHMC(Backend):
             self._draw_step_size.append(eta)
         return float(U.mean())
 
+    def _commit_param_step(self, param_grads, num_copies: int) -> None:
+        """The model parameters' SAEM step: ascend the log-joint averaged over the chains
+        (``num_copies`` rows of the potential); called only once a step is known to be finite."""
+        params = []
+        for p, g in param_grads:
+            if g is not None:
+                p.grad = g / num_copies
+                params.append(p)
+        if params:
+            self.optim(params)
+            pyro.infer.util.zero_grads(params)
+
     def _mode_search_step(self, U, grads, param_grads) -> float:
         """``step_size='auto'``, first fifth of warmup: every chain descends its own minibatch
         potential with Adam (lr :attr:`auto_search_lr` on unconstrained space, no noise, no
@@ -571,14 +575,7 @@ class SGHMC(Backend):
                  for n in grads}
         if not all(bool(torch.isfinite(x).all()) for x in new_u.values()):
             self._divergence("the proposed position is not finite")
-        if param_grads:
-            params = []
-            for p, g in param_grads:
-                if g is not None:
-                    p.grad = g / U.shape[0]
-                    params.append(p)
-            self.optim(params)
-            pyro.infer.util.zero_grads(params)
+        self._commit_param_step(param_grads, U.shape[0])
         self._search = (m, v2, k)
         self._u = new_u
         return float(U.mean())
