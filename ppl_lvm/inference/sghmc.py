@@ -214,6 +214,10 @@ class SGHMC(Backend):
     :param buffer_size: number of past states per chain kept for structured SG-MCMC.
     :param optim: optimizer of the model's parameters during warmup (default Adam, lr 1e-2).
     :param learn_params: fit the model's parameters during warmup (default ``True``).
+    :param noise_correction: subtract the estimated minibatch gradient noise
+        :math:`\hat\beta` from the injected noise (default ``True``; models that subsample
+        only).  ``False`` is the plain :math:`\hat\beta = 0` sampler, whose minibatch bias
+        tutorial 04 studies (the noise is still estimated, for the warning).
     :param shared_minibatch: ``False`` (default): every chain draws its own minibatch (one
         vmapped model run per step), so the chains are independent and R-hat, ESS and Monte
         Carlo errors mean what they say. ``True``: all chains share one minibatch in one plate
@@ -258,6 +262,7 @@ class SGHMC(Backend):
                  rmsprop_eps: float = 1e-5, init="uniform", init_radius: float = 2.0,
                  groups: Optional[Sequence[Sequence[str]]] = None, coupling: float = 0.0,
                  buffer_size: int = 100, optim=None, learn_params: bool = True, shared_minibatch: bool = False,
+                 noise_correction: bool = True,
                  max_plate_nesting: Optional[int] = None, data_plate: Optional[str] = None,
                  validate: bool = True):
         super().__init__(model, guide, optim, max_plate_nesting=max_plate_nesting,
@@ -304,6 +309,7 @@ class SGHMC(Backend):
         self.buffer_size = check_positive_int(buffer_size, "buffer_size")
         self.learn_params = bool(learn_params)
         self.shared_minibatch = bool(shared_minibatch)
+        self.noise_correction = bool(noise_correction)
         self.potential: Optional[PotentialEnergy] = None
         self._reset_chains()
 
@@ -519,7 +525,8 @@ class SGHMC(Backend):
                 # Chen et al.'s correction: the minibatch gradient already carries noise of
                 # variance eta^2 G^2 V per step, so inject 2 (alpha - beta_hat) eta G with
                 # beta_hat = eta G V / 2 (never below zero)
-                room = alpha if noise is None else (alpha - 0.5 * eta * precond * noise[n]).clamp_min(0.0)
+                room = alpha if noise is None or not self.noise_correction else \
+                    (alpha - 0.5 * eta * precond * noise[n]).clamp_min(0.0)
                 v = v + torch.sqrt(2.0 * eta * precond * room * torch.ones_like(g)) * torch.randn_like(g)
             new_v[n] = v
             new_u[n] = self._u[n] + v
