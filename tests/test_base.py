@@ -231,7 +231,7 @@ def test_a_runaway_loss_is_divergence_not_a_result():
 
     y, times, _ = GPFA.simulate(obs_dim=30, seed=0, dtype=torch.float32)
     g = GPFA(3, 30, name="runaway")
-    with pytest.raises(DivergenceError, match="below") as info:
+    with pytest.raises(DivergenceError, match="below") as info, pytest.warns(RuntimeWarning, match="float64"):
         ppl_lvm.fit(g.model, g.guide, y, times, backend="svi", num_steps=200)
     fit = info.value.fit
     assert fit is not None and 0 < fit.num_steps < 200
