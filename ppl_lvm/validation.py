@@ -29,6 +29,30 @@ def positional_names(fn) -> list:
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
+def coerce_data(args: Sequence, kwargs: dict, names: Optional[Sequence[str]] = None):
+    """The data as the model will see them: numpy arrays become tensors (``torch.as_tensor``:
+    same dtype, no copy; numpy's float64 stays float64), everything else passes unchanged; a
+    string where data go is refused with a ``TypeError`` naming the argument (a model fails
+    on it deep inside with an AttributeError).  Returns ``(args, kwargs)``."""
+    import numpy as np
+
+    def one(value, label):
+        if isinstance(value, np.ndarray):
+            if value.dtype == object or value.dtype.kind in "USV":
+                raise TypeError(f"{label} is a numpy array of dtype {value.dtype}; pass numbers "
+                                "(convert or encode the column first).")
+            return torch.as_tensor(value)
+        if isinstance(value, (str, bytes)):
+            raise TypeError(f"{label} is a {type(value).__name__} ({value[:40]!r}); the model's data must be "
+                            "tensors (or numpy arrays), e.g. torch.tensor(...). Keyword options of the "
+                            "model go in data_kwargs or as keywords of run().")
+        return value
+
+    out = tuple(one(a, f"argument {i}" + (f" ({names[i]!r})" if names and i < len(names) else ""))
+                for i, a in enumerate(args))
+    return out, {k: one(v, f"keyword argument {k!r}") for k, v in kwargs.items()}
+
+
 def check_callable(obj, what: str, allow_none: bool = False) -> None:
     if obj is None and allow_none:
         return
@@ -143,6 +167,14 @@ def check_model_guide(model, guide, args, kwargs, *, allow_enumerated_model_site
         if n not in guide_structure.latent_sites
         and not (allow_enumerated_model_sites and s.enumerate is not None)
     ]
+    enumerated = [s.name for s in missing if s.enumerate is not None]
+    if enumerated:
+        raise ModelGuideMismatchError(
+            f"Site(s) {enumerated} are marked for enumeration (infer={{'enumerate': ...}}) and the "
+            "guide does not sample them, but this backend does not sum enumerated sites out. Use "
+            "backend='svi' with loss='enum' (TraceEnum_ELBO), or sample the site(s) in the guide, "
+            "or use backend='gflownet_em' for discrete latents."
+        )
     if missing:
         lines = "\n".join(f"  {s.name}: {s.distribution}, shape {s.value_shape}" for s in missing)
         raise ModelGuideMismatchError(

@@ -43,7 +43,7 @@ from ..errors import DivergenceError, IncompatibleModelError
 from ..traces import (LogWeights, ParticleEvaluator, ProgramStructure, log_mean_exp, structure_from_trace,
                       trace_program)
 from ..validation import (check_callable, check_finite_data, check_model_guide, check_positive_int,
-                          positional_names)
+                          coerce_data, positional_names)
 
 __all__ = [
     "Backend",
@@ -192,6 +192,19 @@ def _progress_default() -> bool:
     if "ipykernel" in sys.modules:
         return True
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def progress_bar_class():
+    """``tqdm.auto.tqdm`` where it can draw widgets (Jupyter with ipywidgets), else the text bar
+    (tqdm.auto without ipywidgets warns "IProgress not found" on every first fit)."""
+    if "ipykernel" in sys.modules:
+        try:
+            import ipywidgets  # noqa: F401
+        except ImportError:
+            from tqdm.std import tqdm
+            return tqdm
+    from tqdm.auto import tqdm
+    return tqdm
 
 
 def _is_finite(x) -> bool:
@@ -423,8 +436,14 @@ class Backend:
         pyro.infer.util.zero_grads(params)
         return loss
 
+    def _coerce(self, args, kwargs):
+        names = positional_names(self.model) if callable(self.model) else None
+        return coerce_data(args, kwargs, names)
+
     def step(self, *args, **kwargs) -> float:
-        """Take one update and return the objective (a loss: lower is better)."""
+        """Take one update and return the objective (a loss: lower is better).  numpy arrays
+        among the data are converted to tensors (``torch.as_tensor``)."""
+        args, kwargs = self._coerce(args, kwargs)
         self.setup(*args, **kwargs)
         loss = float(self._step(*args, **kwargs))
         self.num_steps += 1
@@ -453,8 +472,9 @@ class Backend:
             if not callable(cb):
                 raise TypeError(f"each callback must be a callable cb(backend, step, loss) -> bool, "
                                 f"got {type(cb).__name__}.")
+        args, kwargs = self._coerce(args, kwargs)
         self.setup(*args, **kwargs)
-        from tqdm.auto import tqdm
+        tqdm = progress_bar_class()
 
         show = _progress_default() if progress is None else bool(progress)
         every = max(1, num_steps // 200)
@@ -593,7 +613,7 @@ class Fit:
 
     def _data(self, args, kwargs):
         """Positional data replace the fit's positional data when given; keywords are merged."""
-        return (tuple(args) if args else self.args), {**self.kwargs, **kwargs}
+        return self.backend._coerce((tuple(args) if args else self.args), {**self.kwargs, **kwargs})
 
     def _num_samples(self, num_samples):
         if num_samples is None:

@@ -535,9 +535,10 @@ class SMCSampler(_ParticleSampler):
         """Run tempering steps (until beta = 1 when ``num_steps`` is None) and return a Fit."""
         if num_steps is not None:
             return super().run(*args, num_steps=num_steps, progress=progress, callbacks=callbacks, **kwargs)
-        from tqdm.auto import tqdm
-        from .base import _progress_default
+        from .base import _progress_default, progress_bar_class
 
+        args, kwargs = self._coerce(args, kwargs)
+        tqdm = progress_bar_class()
         self.setup(*args, **kwargs)
         show = _progress_default() if progress is None else bool(progress)
         bar = tqdm(total=1.0, disable=not show, desc="SMCSampler", bar_format="{l_bar}{bar}| beta={n:.3f}")

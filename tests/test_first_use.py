@@ -1,0 +1,66 @@
+"""First-use friction: where keywords go, non-tensor data, enumerated sites under backends that
+cannot sum them out, progress bars without ipywidgets."""
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import ppl_lvm
+from ppl_lvm.errors import ModelGuideMismatchError
+from ppl_lvm.models import VAE
+from ppl_lvm.testing import BayesianLinearRegression
+
+
+def test_model_keywords_given_to_fit_reach_the_model():
+    """ppl_lvm.fit(vae.model, vae.guide, x, backend="svi", subsample_size=100) was refused as
+    an invalid backend option; the model takes it, so it goes to the model."""
+    x = (torch.rand(300, 16) < 0.3).float()
+    vae = VAE(16, latent_dim=2, hidden=(8,))
+    fit = ppl_lvm.fit(vae.model, vae.guide, x, backend="svi", num_steps=3, subsample_size=100)
+    assert fit.kwargs == {"subsample_size": 100}
+    assert fit.backend.structure.subsampled_plates
+    with pytest.raises(TypeError, match="Invalid option for backend 'svi': 'subsample_sise' is neither one of its options.*nor a keyword of the model"):
+        ppl_lvm.fit(vae.model, vae.guide, x, backend="svi", num_steps=3, subsample_sise=100)
+
+
+def test_numpy_data_are_converted_and_strings_refused_by_name():
+    fx = BayesianLinearRegression(num_data=40, num_features=2, seed=0)
+    X, y = fx.args[0], fx.args[1]
+    fit = ppl_lvm.fit(fx.model, fx.guide, X.numpy(), y.numpy(), backend="svi", num_steps=5)
+    assert torch.is_tensor(fit.args[0]) and fit.args[0].dtype == X.dtype
+    assert fit.posterior_samples(4, X.numpy(), y.numpy())["w"].shape == (4, 2)
+    with pytest.raises(TypeError, match=r"argument 1 \('y'\) is a str"):
+        ppl_lvm.fit(fx.model, fx.guide, X, "y.csv", backend="svi", num_steps=5)
+    with pytest.raises(TypeError, match="dtype <U1"):
+        ppl_lvm.fit(fx.model, fx.guide, X, np.array(["a"] * 40), backend="svi", num_steps=5)
+
+
+def test_an_enumerated_site_under_a_backend_that_cannot_sum_it_says_what_can():
+    def model(x):
+        p = pyro.sample("p", dist.Beta(2.0, 2.0))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Bernoulli(p), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(z * 2.0, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("p", dist.Beta(pyro.param("a", torch.tensor(2.0)), pyro.param("b", torch.tensor(2.0))))
+
+    x = torch.randn(20)
+    for backend, opts in (("iwae", {}), ("svi", {"loss": "trace"})):
+        with pytest.raises(ModelGuideMismatchError, match="loss='enum'") as err:
+            ppl_lvm.fit(model, guide, x, backend=backend, num_steps=2, **opts)
+        assert "mark it with" not in str(err.value)
+    ppl_lvm.fit(model, guide, x, backend="svi", loss="enum", num_steps=2)
+
+
+def test_progress_bar_falls_back_to_text_without_ipywidgets(monkeypatch):
+    import sys
+
+    from ppl_lvm.inference.base import progress_bar_class
+
+    monkeypatch.setitem(sys.modules, "ipykernel", sys)  # "in Jupyter"
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # import fails
+    import tqdm.std
+
+    assert progress_bar_class() is tqdm.std.tqdm
