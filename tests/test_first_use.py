@@ -64,3 +64,22 @@ def test_progress_bar_falls_back_to_text_without_ipywidgets(monkeypatch):
     import tqdm.std
 
     assert progress_bar_class() is tqdm.std.tqdm
+
+
+def test_predictive_has_the_shapes_of_posterior_samples():
+    fx = BayesianLinearRegression(num_data=30, num_features=5, seed=0)
+    fit = ppl_lvm.fit(fx.model, fx.guide, *fx.args, backend="svi", num_steps=5)
+    pred = fit.predictive(5)
+    assert pred["w"].shape == fit.posterior_samples(5)["w"].shape == (5, 5)
+    assert pred["y"].shape == (5, 30)
+
+
+def test_a_checkpoint_from_another_optimizer_is_refused(tmp_path):
+    fx = BayesianLinearRegression(num_data=30, num_features=2, seed=0)
+    a = ppl_lvm.SVI(fx.model, fx.guide, optim=pyro.optim.Adam({"lr": 0.01}))
+    a.run(*fx.args, num_steps=3)
+    a.save(tmp_path / "ck.pt")
+    b = ppl_lvm.SVI(fx.model, fx.guide, optim=pyro.optim.SGD({"lr": 0.01}))
+    with pytest.raises(ValueError, match="optimizer Adam.*SGD"):
+        b.load(tmp_path / "ck.pt")
+    ppl_lvm.SVI(fx.model, fx.guide, optim=pyro.optim.Adam({"lr": 0.01})).load(tmp_path / "ck.pt")

@@ -526,6 +526,7 @@ class Backend:
         """Everything needed to resume: parameters, optimizer, RNG, step count and losses."""
         return {
             "backend": type(self).__name__,
+            "optim_class": self._optim_class(),
             "params": pyro.get_param_store().get_state(),
             "optim": self.optim.get_state(),
             "rng": get_rng_state(),
@@ -541,6 +542,11 @@ class Backend:
                 f"This checkpoint was written by {state.get('backend')!r}, not {type(self).__name__}; "
                 "load it into the same backend class."
             )
+        saved_optim = state.get("optim_class")
+        if saved_optim is not None and saved_optim != self._optim_class():
+            raise ValueError(
+                f"This checkpoint was written with optimizer {saved_optim}, this backend uses "
+                f"{self._optim_class()}; build the backend with the same optimizer to resume.")
         store = pyro.get_param_store()
         store.set_state(state["params"])
         self.optim.set_state(state["optim"])
@@ -558,6 +564,10 @@ class Backend:
     def _fit_summary(self) -> str:
         """Extra ``key=value`` text for the fit's repr (samplers: convergence diagnostics)."""
         return ""
+
+    def _optim_class(self) -> str:
+        ctor = getattr(self.optim, "pt_optim_constructor", None)
+        return getattr(ctor, "__name__", type(self.optim).__name__)
 
     def _extra_state(self) -> dict:
         return {}
@@ -675,20 +685,28 @@ class Fit:
         """Posterior predictive draws: the model run on posterior samples.
 
         Observed sites are *sampled* (replicated data, as for a posterior predictive check),
-        even where the data pass ``obs=``.  Pass new inputs as arguments (e.g.
+        even where the data pass ``obs=``: each draw is one replicate of the observed data set,
+        the model run on one posterior draw.  Pass new inputs as arguments (e.g.
         ``fit.predictive(500, x_new, None)`` for a model ``model(x, y=None)``).  Returns
-        ``{site: tensor}`` with the draws in the first dimension.
+        ``{site: tensor}`` with the draws in the first dimension and each site's own shape after
+        it, as :meth:`posterior_samples` does (no plate singleton dims).
         """
         samples = self.posterior_samples(self._num_samples(num_samples))
         a, k = self._data(args, kwargs)
         model = poutine.uncondition(self.backend.model)
         with torch.no_grad():
             try:  # vectorized over draws where the model broadcasts
-                return pyro.infer.Predictive(model, posterior_samples=samples,
-                                             return_sites=return_sites, parallel=True)(*a, **k)
+                out = pyro.infer.Predictive(model, posterior_samples=samples,
+                                            return_sites=return_sites, parallel=True)(*a, **k)
             except (ValueError, RuntimeError, IndexError):
-                return pyro.infer.Predictive(model, posterior_samples=samples,
-                                             return_sites=return_sites, parallel=False)(*a, **k)
+                out = pyro.infer.Predictive(model, posterior_samples=samples,
+                                            return_sites=return_sites, parallel=False)(*a, **k)
+        sites = self.backend.structure.sites if self.backend.structure is not None else {}
+        for name, value in out.items():  # (S, 1, ..., *shape) -> (S, *shape)
+            shape = tuple(sites[name].value_shape) if name in sites else None
+            if shape is not None and value.dim() > len(shape) + 1 and value[0].numel() == math.prod(shape):
+                out[name] = value.reshape((value.shape[0],) + shape)
+        return out
 
     def to_inferencedata(self, num_samples: Optional[int] = None, *args, draws: Optional[str] = None,
                          **kwargs):
@@ -741,6 +759,12 @@ class Fit:
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title(type(self.backend).__name__)
+        warmup = getattr(self.backend, "warmup", 0)
+        if warmup and 0 < warmup < len(y):  # samplers: where the kept draws begin
+            ax.axvline(warmup, color="0.5", ls="--", lw=0.8)
+            ax.annotate("end of warmup", (warmup, 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(3, -12), textcoords="offset points", fontsize=8, color="0.4")
+        ax.figure.tight_layout()  # keeps the x label inside a saved PNG
         return ax
 
     def __repr__(self):
