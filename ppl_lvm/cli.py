@@ -88,6 +88,33 @@ def cmd_backends(args) -> int:
     return 0
 
 
+def _non_numeric_columns(path, names):
+    """``[(column, non-numeric entries, entries, an example)]`` of a CSV's text cells that are
+    neither empty nor numbers (numpy would read them as NaN, i.e. missing)."""
+    import csv
+
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        rows = [r for r in reader if r]
+    out = []
+    for j, n in enumerate(header):
+        if n not in names and n.replace(" ", "_") not in names:
+            continue
+        wrong = []
+        for r in rows:
+            c = r[j].strip() if j < len(r) else ""
+            if c in ("", "nan", "NaN", "NA"):
+                continue
+            try:
+                float(c)
+            except ValueError:
+                wrong.append(c)
+        if wrong:
+            out.append((n, len(wrong), len(rows), wrong[0]))
+    return out
+
+
 def cmd_fit(args) -> int:
     import numpy as np
     import torch
@@ -98,6 +125,12 @@ def cmd_fit(args) -> int:
         print(f"error: cannot read {args.csv}: {exc}", file=sys.stderr)
         return 2
     names = list(table.dtype.names or ())
+    bad = _non_numeric_columns(args.csv, names)
+    if bad:
+        what = "; ".join(f"{n!r} ({k} of {total} entries, e.g. {ex!r})" for n, k, total, ex in bad)
+        print(f"error: non-numeric column(s) in {args.csv}: {what}. Encode them as numbers (e.g. 0/1 "
+              "dummies) or drop them; empty cells count as missing values.", file=sys.stderr)
+        return 2
     if args.target not in names:
         print(f"error: column {args.target!r} not in {args.csv}; columns are {names}", file=sys.stderr)
         return 2

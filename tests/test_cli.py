@@ -35,6 +35,16 @@ def test_fit_on_csv(tmp_path, capsys):
     assert "column 'nope' not in" in capsys.readouterr().err
 
 
+def test_fit_refuses_non_numeric_columns_by_name(tmp_path, capsys):
+    """A text column used to become 442 'missing' rows, then ZeroDivisionError."""
+    path = tmp_path / "mixed.csv"
+    rows = ["age,sex,target"] + [f"{20 + i},{'male' if i % 2 else 'female'},{0.1 * i}" for i in range(30)]
+    path.write_text("\n".join(rows) + "\n")
+    assert main(["fit", str(path), "--target", "target", "--num-steps", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "non-numeric column(s)" in err and "'sex' (30 of 30 entries, e.g. 'female')" in err
+
+
 def test_console_script_is_installed():
     res = subprocess.run([sys.executable, "-m", "ppl_lvm.cli", "backends"], capture_output=True, text=True)
     assert res.returncode == 0 and "svi" in res.stdout
