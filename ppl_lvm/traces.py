@@ -571,12 +571,12 @@ class ParticleEvaluator:
             for k in range(num_particles):
                 conditioned = poutine.condition(self.model, data={**{n: v[k] for n, v in values.items()}, **fixed})
                 enumerated = poutine.enum(conditioned, first_available_dim=-(self.max_plate_nesting + 1))
-                with _validation_off():
+                with validation_off():
                     runs.append(_contract_enumerated(poutine.trace(enumerated).get_trace(*args, **kwargs),
                                                      self.structure, ndim - 1, None))
             names = runs[0][1]
-            out = {n: tuple(_pad_after_first(torch.stack([r[0][n][i].expand(runs[0][0][n][i].shape) for r in runs]), ndim, n)
-                            for i in (0, 1)) for n in runs[0][0]}
+            out = {n: tuple(_pad_after_first(torch.stack([r[0][n][i] for r in runs]), ndim, n) for i in (0, 1))
+                   for n in runs[0][0]}
         self.block_sites = names
         return out
 
@@ -842,25 +842,15 @@ def _vmapped_log_probs(model, values, fixed, names, ndim, args, kwargs):
     """
 
     def one(vals):
-        torch_default = torch.distributions.Distribution._validate_args
-        torch.distributions.Distribution.set_default_validate_args(False)
-        try:
-            with pyro.validation_enabled(False):
-                tr = poutine.trace(poutine.condition(model, data={**vals, **fixed})).get_trace(*args, **kwargs)
-                tr.compute_log_prob()
-        finally:
-            torch.distributions.Distribution.set_default_validate_args(torch_default)
+        with validation_off():
+            tr = poutine.trace(poutine.condition(model, data={**vals, **fixed})).get_trace(*args, **kwargs)
+            tr.compute_log_prob()
         return {n: (tr.nodes[n]["log_prob"], tr.nodes[n]["unscaled_log_prob"]) for n in names}
 
     mapped = torch.func.vmap(one, randomness="different")(values)
-    out = {}
-    for name, (lp, ulp) in mapped.items():
-        # vmap puts particles first; the site's own batch dims align to the right.
-        if lp.dim() > ndim:
-            raise ValueError(f"Site {name!r} has more batch dims than max_plate_nesting allows.")
-        out[name] = (lp.reshape((lp.shape[0],) + (1,) * (ndim - lp.dim()) + tuple(lp.shape[1:])),
-                     ulp.reshape((ulp.shape[0],) + (1,) * (ndim - ulp.dim()) + tuple(ulp.shape[1:])))
-    return out
+    # vmap puts particles first; the site's own batch dims align to the right
+    return {name: (_pad_after_first(lp, ndim, name), _pad_after_first(ulp, ndim, name))
+            for name, (lp, ulp) in mapped.items()}
 
 
 class _PlateSums:
@@ -905,7 +895,8 @@ def detach_distribution(fn, site: str = "?"):
     MultivariateNormal (through ``scale_tril``), and the wrappers Independent, Expanded and
     Masked.  An autoguide's ``Delta`` site is returned as it is: its density is the
     log-Jacobian of the transform at the sample, which depends on q's parameters only through
-    the sample (the auxiliary site before it carries q's parameters).  Anything else raises ``ValueError`` naming the site.
+    the sample (the auxiliary site before it carries q's parameters).  Anything else raises
+    ``ValueError`` naming the site.
     """
     import pyro.distributions as dist
 

@@ -428,5 +428,7 @@ def test_learning_rate_options_and_khat_note():
     assert rates("gflownet_em_policy", "net.0.weight") == {"lr": 1e-3}
     assert rates(None, "mu") == {"lr": 0.1}
     fit = be.run(x, num_steps=3, progress=False)
+    with pytest.raises(TypeError, match="draws= applies to the guide-based backends"):
+        fit.posterior_samples(3, draws="proposal")  # was torch's raw unexpected-keyword error
     est = fit.log_evidence(50)
     assert math.isfinite(est.khat) or "few distinct values" in est.note

@@ -239,6 +239,8 @@ class Backend:
     needs_guide: ClassVar[bool] = True
     #: whether ``Fit.log_evidence`` accepts ``num_runs`` (independent repeats of an SMC run)
     _evidence_from_runs: ClassVar[bool] = False
+    #: what ``draws=`` of ``Fit.posterior_samples``/``to_inferencedata`` may be (empty: no option)
+    draws_choices: ClassVar[tuple] = ()
 
     def __init__(self, model, guide=None, optim=None, *, max_plate_nesting: Optional[int] = None,
                  data_plate: Optional[str] = None, validate: bool = True):
@@ -633,11 +635,12 @@ class Fit:
     def _draws_option(self, draws):
         if draws is None:
             return {}
-        if not isinstance(self.backend, GuidedBackend):
+        choices = self.backend.draws_choices
+        if not choices:
             raise TypeError(f"draws= applies to the guide-based backends (svi, iwae, chi2_vis), not to "
                             f"{type(self.backend).__name__}.")
-        if draws not in ("resampled", "proposal"):
-            raise ValueError(f"draws must be 'resampled' or 'proposal', got {draws!r}.")
+        if draws not in choices:
+            raise ValueError(f"draws must be one of {choices}, got {draws!r}.")
         return {"draws": draws}
 
     def posterior_samples(self, num_samples: Optional[int] = None, *args,
@@ -831,6 +834,7 @@ class GuidedBackend(Backend):
 
     #: which draws posterior_samples/to_inferencedata return when not told ("proposal" or "resampled")
     default_draws: ClassVar[str] = "proposal"
+    draws_choices: ClassVar[tuple] = ("resampled", "proposal")
 
     #: particles scored per vectorized pass when estimating the evidence
     evidence_chunk_size: int = 1000

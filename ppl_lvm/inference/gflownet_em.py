@@ -298,27 +298,30 @@ class GFlowNetEM(GuidedBackend):
     valid_for = ("models with discrete latent sites (continuous parameters learned in the M-step; "
                  "continuous latents through a guide)")
     proposal_description = "the policy (mixed with uniform choices at evidence_epsilon, times the guide)"
+    draws_choices = ()  # its posterior draws are the policy's; there is no resampling option
     needs_guide = False
     _capture_params = False
 
     def __init__(self, model, guide=None, optim=None, *, policy: Optional[nn.Module] = None,
                  encoder: Optional[nn.Module] = None, hidden: Sequence[int] = (256, 256),
                  num_particles: int = 8, temperature=1.0, epsilon=0.05,
-                 policy_lr: float = 1e-3, model_lr: float = 0.02, log_z_lr: float = 0.05,
+                 policy_lr: Optional[float] = None, model_lr: Optional[float] = None,
+                 log_z_lr: Optional[float] = None,
                  m_step_threshold=None, m_step_warmup: int = 0,
                  local_search: int = 0, local_search_rounds: int = 1,
                  sleep_every: int = 0, sleep_weight: float = 1.0,
                  subtrajectory_lambda: Optional[float] = None, evidence_epsilon: float = 0.05,
                  max_plate_nesting: Optional[int] = None, data_plate: Optional[str] = None,
                  validate: bool = True):
-        rates = {}
-        for name, value in (("policy_lr", policy_lr), ("model_lr", model_lr), ("log_z_lr", log_z_lr)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        given = {"policy_lr": policy_lr, "model_lr": model_lr, "log_z_lr": log_z_lr}
+        for name, value in given.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-            rates[name] = float(value)
         if optim is None:
-            optim = pyro.optim.Adam(_learning_rates(**rates))
-        elif rates != {"policy_lr": 1e-3, "model_lr": 0.02, "log_z_lr": 0.05}:
+            optim = pyro.optim.Adam(_learning_rates(**{k: float(v) if v is not None else DEFAULT_RATES[k]
+                                                       for k, v in given.items()}))
+        elif any(v is not None for v in given.values()):
             raise ValueError("policy_lr, model_lr and log_z_lr set the default optimizer; with optim= "
                              "given, set the learning rates in it (a callable of (module, param name)).")
         super().__init__(model, None, optim, max_plate_nesting=max_plate_nesting, data_plate=data_plate,
@@ -988,6 +991,10 @@ class GFlowNetEM(GuidedBackend):
             for n, v in (extra.get("buffers") or {}).items():
                 if n in bufs:
                     bufs[n].copy_(v)
+
+
+#: learning rates of the default optimizer (see GFlowNetEM's policy_lr, model_lr, log_z_lr)
+DEFAULT_RATES = {"policy_lr": 1e-3, "model_lr": 0.02, "log_z_lr": 0.05}
 
 
 def _learning_rates(policy_lr, model_lr, log_z_lr):

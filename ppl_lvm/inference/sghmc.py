@@ -596,7 +596,7 @@ class SGHMC(Backend):
     def _noise_update(self, args, kwargs, grads):
         r"""The running mean of the minibatch gradient noise variance :math:`V` per coordinate,
         updated with one more pair: a second gradient at the same positions on independent
-        minibatches, :math:`V pprox (g_1 - g_2)^2 / 2` averaged over chains.  Returns the
+        minibatches, :math:`V \approx (g_1 - g_2)^2 / 2` averaged over chains.  Returns the
         new ``(mean, count)`` without committing them."""
         u2 = {n: x.detach().requires_grad_(True) for n, x in self._u.items()}
         _, g2, _ = self._potential_and_grads(args, kwargs, u2, learn=False)
@@ -608,7 +608,7 @@ class SGHMC(Backend):
         return {n: self._noise_var[n] + (pair[n] - self._noise_var[n]) / count for n in pair}, count
 
     def _noise_ratio(self, eta, sq, noise) -> float:
-        r""":math:`\max_i \hateta_i / lpha` with :math:`\hateta = \eta G V / 2`."""
+        r""":math:`\max_i \hat\beta_i / \alpha` with :math:`\hat\beta = \eta G V / 2`."""
         worst = 0.0
         for n, v in noise.items():
             precond = 1.0 if sq is None else 1.0 / (self.rmsprop_eps + sq[n].sqrt())
@@ -616,22 +616,23 @@ class SGHMC(Backend):
         return worst
 
     def _track_positions(self, u):
-        """Running mean and variance of the chains' positions (pooled over chains and steps)."""
-        count, mean, m2 = self._positions if self._positions is not None else (0, None, None)
-        for k in range(self.num_chains):
-            count += 1
-            x = {n: t[k].detach() for n, t in u.items()}
-            if mean is None:
-                mean, m2 = dict(x), {n: torch.zeros_like(t) for n, t in x.items()}
-                continue
-            delta = {n: x[n] - mean[n] for n in x}
-            mean = {n: mean[n] + delta[n] / count for n in x}
-            m2 = {n: m2[n] + delta[n] * (x[n] - mean[n]) for n in x}
-        self._positions = (count, mean, m2)
+        """Running mean and variance of the chains' positions (pooled over chains and steps):
+        this step's C positions merged into ``(count, mean, M2)`` (Chan, Golub & LeVeque)."""
+        C = self.num_chains
+        batch_mean = {n: t[:C].detach().mean(0) for n, t in u.items()}
+        batch_m2 = {n: (t[:C].detach() - batch_mean[n]).pow(2).sum(0) for n, t in u.items()}
+        if self._positions is None:
+            self._positions = (C, batch_mean, batch_m2)
+            return
+        count, mean, m2 = self._positions
+        total = count + C
+        delta = {n: batch_mean[n] - mean[n] for n in mean}
+        self._positions = (total, {n: mean[n] + delta[n] * (C / total) for n in mean},
+                           {n: m2[n] + batch_m2[n] + delta[n].pow(2) * (count * C / total) for n in mean})
 
     def _noise_limited_step(self, sq, noise) -> float:
         r"""The adaptive step size: the largest :math:`\eta` with (i) minibatch noise at most half
-        the friction's budget, :math:`\max_i \hateta_i = \eta G_i V_i / 2 \le lpha/2`, and
+        the friction's budget, :math:`\max_i \hat\beta_i = \eta G_i V_i / 2 \le \alpha/2`, and
         (ii) a preconditioned curvature :math:`h_i = \eta G_i / \sigma_i^2 \le 0.3`, with
         :math:`\sigma_i^2` the chains' variance over the warmup window (the posterior's, for
         which :math:`1/\sigma_i^2` is the curvature of a Gaussian); at :math:`h = 0.3` the
@@ -804,14 +805,14 @@ class SGHMC(Backend):
         worst = {"max_rhat": float("nan"), "min_ess_bulk": float("nan"),
                  "worst_rhat_site": None, "worst_ess_site": None}
         for n, x in by_chain.items():
-            arr = x.detach().cpu().double().numpy().reshape(x.shape[0], x.shape[1], -1)
-            if arr.shape[1] < 4:
+            if x.shape[1] < 4:
                 continue
+            data = az.convert_to_dataset({n: x.detach().cpu().double().numpy()})
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                rhat = np.array([az.rhat(arr[:, :, j]) for j in range(arr.shape[2])], dtype=float) \
-                    if arr.shape[0] > 1 else np.full(arr.shape[2], np.nan)
-                ess = np.array([az.ess(arr[:, :, j], method="bulk") for j in range(arr.shape[2])], dtype=float)
+                rhat = np.asarray(az.rhat(data)[n].values, dtype=float).reshape(-1) if x.shape[0] > 1 \
+                    else np.full(1, np.nan)
+                ess = np.asarray(az.ess(data, method="bulk")[n].values, dtype=float).reshape(-1)
             if np.isfinite(rhat).any() and not np.nanmax(rhat) <= worst["max_rhat"]:
                 worst["max_rhat"], worst["worst_rhat_site"] = float(np.nanmax(rhat)), n
             if np.isfinite(ess).any() and not np.nanmin(ess) >= worst["min_ess_bulk"]:
