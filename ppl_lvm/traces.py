@@ -58,6 +58,8 @@ __all__ = [
     "PotentialEnergy",
     "log_mean_exp",
     "validation_off",
+    "is_improper",
+    "init_to_feasible_point",
 ]
 
 PARTICLE_PLATE = "_ppl_lvm_particles"
@@ -224,7 +226,7 @@ def _site_info(site) -> SiteInfo:
         value_shape=tuple(value.shape) if torch.is_tensor(value) else (),
         batch_shape=tuple(getattr(fn, "batch_shape", ())),
         event_shape=tuple(getattr(fn, "event_shape", ())),
-        distribution=type(fn).__name__,
+        distribution="ImproperUniform" if is_improper(fn) else type(fn).__name__,
         support=getattr(fn, "support", None),
         enumerate=infer.get("enumerate"),
     )
@@ -285,6 +287,37 @@ def _describe_args(args, kwargs) -> str:
     return ", ".join(parts) or "no arguments"
 
 
+def init_to_feasible_point(site, dtype=None):
+    """The point of ``site``'s support at zero on the unconstrained space, without sampling
+    (Pyro's ``init_to_feasible`` draws once for the shape, which an ``ImproperUniform`` prior
+    cannot); usable as an autoguide's ``init_loc_fn``."""
+    fn = site["fn"]
+    if dtype is None:
+        ref = site.get("value")
+        dtype = ref.dtype if torch.is_tensor(ref) and ref.is_floating_point() else torch.get_default_dtype()
+    transform = torch.distributions.biject_to(fn.support)
+    shape = transform.inverse_shape(tuple(fn.batch_shape) + tuple(fn.event_shape))
+    return transform(torch.zeros(shape, dtype=dtype))
+
+
+def _sample_or_feasible(site):
+    """A prototype value for ``site``: a draw, or where the distribution cannot be sampled
+    (``ImproperUniform``) a feasible point of its support."""
+    try:
+        return site["fn"].sample()
+    except NotImplementedError:
+        return init_to_feasible_point(site)
+
+
+def is_improper(fn) -> bool:
+    """Whether a distribution is (or wraps) Pyro's ``ImproperUniform``."""
+    while fn is not None:
+        if isinstance(fn, pyro.distributions.ImproperUniform):
+            return True
+        fn = getattr(fn, "base_dist", None)
+    return False
+
+
 def trace_program(fn: Callable, args: Sequence, kwargs: dict, *, role: str = "model", replay=None):
     """Run ``fn(*args, **kwargs)`` once under ``poutine.trace`` without moving the RNG.
 
@@ -292,6 +325,10 @@ def trace_program(fn: Callable, args: Sequence, kwargs: dict, *, role: str = "mo
     since a wrong-shaped input is by far the most common cause.
     """
     runner = fn if replay is None else poutine.replay(fn, trace=replay)
+    if replay is None:  # a site that cannot be sampled (an improper prior) gets a feasible value
+        from pyro.infer.autoguide.initialization import InitMessenger
+
+        runner = InitMessenger(_sample_or_feasible)(runner)
     with preserved_rng():
         try:
             trace = poutine.trace(runner).get_trace(*args, **kwargs)

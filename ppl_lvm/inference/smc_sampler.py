@@ -129,6 +129,14 @@ class _ParticleSampler(Backend):
                 "(SVI with TraceEnum_ELBO) or sample them with backend='gflownet_em'.")
         if not structure.latent_sites:
             raise IncompatibleModelError("The model has no latent sample sites; there is nothing to sample.")
+        improper = sorted(n for n, s in structure.latent_sites.items() if s.distribution == "ImproperUniform")
+        if improper and self.guide is None:
+            raise IncompatibleModelError(
+                f"The prior of latent site(s) {improper} is improper (ImproperUniform: a flat prior, as Stan "
+                f"gives a parameter without a prior statement); {type(self).__name__} starts its particles "
+                "from the prior, which cannot be sampled. Give the site(s) a proper prior, or pass a guide= "
+                "(the particles then start from the guide, weighted by prior / guide); SVI, IWAE, "
+                "chi^2-VIS and SG-HMC accept improper priors.")
 
     def _after_setup(self, structure, *args, **kwargs):
         try:
@@ -646,6 +654,15 @@ class OpenHorizonSMC(_ParticleSampler):
                 f"Latent site(s) {trapped} sit inside the subsampled plate(s) {sorted(sub)}; particles over "
                 "them cannot persist across minibatches. Make them global, or use an amortized guide "
                 "(backend='iwae' or 'svi').")
+        if not sub:
+            warnings.warn(
+                "OpenHorizonSMC on a model without a subsampled plate: every step reweights the particles "
+                "by the whole data set's likelihood again, so the weights target p(z) p(x | z)^t after t "
+                "steps while the moves target the posterior, and the particles are not posterior draws "
+                "(measured on the eight-schools reference posterior: means 14 MCSE off, an sd 8x the "
+                "reference's). For a static model use backend='smc' (tempered SMC, with log-evidence); "
+                "this backend is for minibatches, pyro.plate(..., subsample_size=B).",
+                RuntimeWarning, stacklevel=4)
 
     def _scale(self):
         sub = self.structure.subsampled_plates

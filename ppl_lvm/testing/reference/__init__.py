@@ -152,4 +152,4 @@ def load_reference(name: str) -> ReferencePosterior:
     return REFERENCE_POSTERIORS[name]
 
 
-# from .check import ReferenceCheck, check_against_reference  # noqa: E402
+from .check import ReferenceCheck, check_against_reference  # noqa: E402
