@@ -481,6 +481,7 @@ class Backend:
         show = _progress_default() if progress is None else bool(progress)
         every = max(1, num_steps // 200)
         bar = tqdm(total=num_steps, disable=not show, desc=type(self).__name__, leave=True)
+        stop = False
         try:
             for i in range(num_steps):
                 try:
@@ -498,7 +499,12 @@ class Backend:
                     break
         finally:
             bar.close()
+        if not stop:
+            self._warn_if_still_falling(num_steps)
         return self.make_fit(args, kwargs)
+
+    def _warn_if_still_falling(self, num_steps: int) -> None:
+        """Hook run after a run that was not stopped by a callback (no-op by default)."""
 
     def make_fit(self, args, kwargs) -> "Fit":
         return Fit(self, args, kwargs)
@@ -855,6 +861,33 @@ class GuidedBackend(Backend):
         (discrete, or without ``rsample``)."""
         return tuple(n for n, s in self.guide_structure.latent_sites.items()
                      if n in structure.latent_sites and (s.is_discrete or not s.has_rsample))
+
+    def _warn_if_still_falling(self, num_steps: int) -> None:
+        """Warn when the objective still falls at the end of the run: the mean over the last
+        10% of the steps is more than 3 standard errors below the mean over the 10% before
+        (standard errors from 10 batch means per window, which allows for the autocorrelation
+        of stochastic-gradient losses).  Runs shorter than 200 steps are not judged."""
+        import warnings
+
+        if num_steps < 200 or len(self.losses) < num_steps:
+            return
+        w = num_steps // 10
+        recent = np.asarray(self.losses[-2 * w:], dtype=float)
+        if not np.all(np.isfinite(recent)):
+            return
+        before, last = recent[:w], recent[w:]
+        b = w // 10
+        means = [x[: b * 10].reshape(10, b).mean(1) for x in (before, last)]
+        se = math.sqrt(sum(float(m.var(ddof=1)) / 10 for m in means))
+        drop = float(before.mean() - last.mean())
+        if se > 0 and drop > 3 * se:
+            warnings.warn(
+                f"{type(self).__name__}: the loss was still falling when the run ended (the last {w} steps "
+                f"average {drop:.4g} below the {w} before, {drop / se:.1f} standard errors): the fit has not "
+                "converged, and its posterior and evidence are not yet the optimum's. Run longer "
+                "(num_steps; EarlyStopping(patience=...) stops once it flattens), raise the learning rate, "
+                "or standardize the data (predictors on very different scales slow every optimizer).",
+                RuntimeWarning, stacklevel=4)
 
     def _particle_pass(self, num_particles, args, kwargs) -> ParticlePass:
         """Draw K particles from the guide, score them under the model, and record which
