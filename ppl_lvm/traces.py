@@ -300,13 +300,22 @@ def init_to_feasible_point(site, dtype=None):
     return transform(torch.zeros(shape, dtype=dtype))
 
 
-def _sample_or_feasible(site):
+def _sample_or_feasible(site, dtype=None):
     """A prototype value for ``site``: a draw, or where the distribution cannot be sampled
-    (``ImproperUniform``) a feasible point of its support."""
+    (``ImproperUniform``, which holds no tensor to take a dtype from) a feasible point of its
+    support in ``dtype`` (the data's)."""
     try:
         return site["fn"].sample()
     except NotImplementedError:
-        return init_to_feasible_point(site)
+        return init_to_feasible_point(site, dtype=dtype)
+
+
+def _data_dtype(args, kwargs):
+    """The floating dtype of the first floating-point tensor among the data, else ``None``."""
+    for v in list(args) + list(kwargs.values()):
+        if torch.is_tensor(v) and v.is_floating_point():
+            return v.dtype
+    return None
 
 
 def is_improper(fn) -> bool:
@@ -326,9 +335,11 @@ def trace_program(fn: Callable, args: Sequence, kwargs: dict, *, role: str = "mo
     """
     runner = fn if replay is None else poutine.replay(fn, trace=replay)
     if replay is None:  # a site that cannot be sampled (an improper prior) gets a feasible value
+        import functools
+
         from pyro.infer.autoguide.initialization import InitMessenger
 
-        runner = InitMessenger(_sample_or_feasible)(runner)
+        runner = InitMessenger(functools.partial(_sample_or_feasible, dtype=_data_dtype(args, kwargs)))(runner)
     with preserved_rng():
         try:
             trace = poutine.trace(runner).get_trace(*args, **kwargs)

@@ -64,6 +64,9 @@ class ReferencePosterior:
     features: tuple = ()
     derived: Optional[Callable] = None
     proper_prior: bool = True
+    #: ``fn(record) -> (state-space object, observations, exact log-likelihood)`` at the
+    #: reference posterior mean, for ``backend="smc_filter"`` (``None``: no state-space form)
+    state_space: Optional[Callable] = None
 
     def load(self, dtype=torch.float64, device=None) -> dict:
         """The data file: ``{"data": {name: tensor}, "reference": {...}, "log_evidence": ...}``."""
@@ -83,6 +86,14 @@ class ReferencePosterior:
 
 def _nc_theta(samples, data):
     return {"theta": samples["mu"].unsqueeze(-1) + samples["tau"].unsqueeze(-1) * samples["theta_trans"]}
+
+
+def _hmm_state_space(record):
+    ref, y = record["reference"]["parameters"], record["data"]["y"]
+    theta = torch.tensor([[ref["theta1[1]"]["mean"], ref["theta1[2]"]["mean"]],
+                          [ref["theta2[1]"]["mean"], ref["theta2[2]"]["mean"]]], dtype=y.dtype, device=y.device)
+    mu = torch.tensor([ref["mu[1]"]["mean"], ref["mu[2]"]["mean"]], dtype=y.dtype, device=y.device)
+    return (_models.HMMStateSpace(theta, mu), y, float(_models.hmm_log_likelihood(theta, mu, y)))
 
 
 def _gp_f(samples, data):
@@ -134,7 +145,8 @@ REFERENCE_POSTERIORS: Dict[str, ReferencePosterior] = {p.name: p for p in [
                        ("mixture", "ordered")),
     ReferencePosterior("hmm_example", _models.hmm_example, "hmm_example-hmm_example",
                        "two-state Gaussian HMM with the states summed out (forward algorithm); simplex "
-                       "transition rows, positive ordered means", ("time series", "HMM", "simplex", "ordered")),
+                       "transition rows, positive ordered means", ("time series", "HMM", "simplex", "ordered"),
+                       state_space=_hmm_state_space),
 ]}
 
 

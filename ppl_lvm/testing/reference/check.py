@@ -80,16 +80,17 @@ class ReferenceCheck:
 
     @property
     def worst_z(self) -> float:
-        return max(abs(r["z"]) for r in self.rows)
+        return max((abs(r["z"]) for r in self.rows), default=float("nan"))
 
     @property
     def worst_sd_z(self) -> float:
-        return max(abs(r["z_sd"]) for r in self.rows)
+        return max((abs(r["z_sd"]) for r in self.rows), default=float("nan"))
 
     @property
     def worst_sd_ratio(self) -> float:
         """The sd ratio farthest from 1 (in log terms)."""
-        return max((r["sd_ratio"] for r in self.rows), key=lambda v: abs(math.log(v)) if v > 0 else math.inf)
+        return max((r["sd_ratio"] for r in self.rows), key=lambda v: abs(math.log(v)) if v > 0 else math.inf,
+                   default=float("nan"))
 
     @property
     def ess_per_second(self) -> float:
@@ -101,7 +102,10 @@ class ReferenceCheck:
         return self.khat is None or not (self.khat > 0.7)
 
     def passed(self, z: float = 4.0, sd_z: float = 4.0) -> bool:
-        """Every mean within ``z`` and every sd within ``sd_z`` combined standard errors."""
+        """Every mean within ``z`` and every sd within ``sd_z`` combined standard errors (and,
+        where there are no moments, as for a filter, the log-evidence within ``z``)."""
+        if not self.rows:
+            return self.log_evidence is not None and abs(self.log_evidence[4]) <= z
         return self.worst_z <= z and self.worst_sd_z <= sd_z
 
     def __str__(self):
@@ -202,6 +206,8 @@ def check_against_reference(name: str, backend, guide=None, *, num_samples: Opti
         guide = _default_guide(post.model)
     from ... import fit as run_fit
 
+    if bname == "smc_filter":
+        return _check_state_space(post, record, cls, bname, options, run_fit)
     t0 = time.perf_counter()
     fit = run_fit(post.model, guide, backend=cls, **opts, **data)
     seconds = time.perf_counter() - t0
@@ -285,3 +291,34 @@ def check_against_reference(name: str, backend, guide=None, *, num_samples: Opti
             den = math.hypot(se, ref_ev["se"])
             evidence = (e, se, ref_ev["estimate"], ref_ev["se"], (e - ref_ev["estimate"]) / den if den > 0 else math.inf)
     return ReferenceCheck(name, bname, rows, seconds, min_ess, khat, evidence, notes, fit)
+
+
+def _check_state_space(post, record, cls, bname, options, run_fit):
+    """``smc_filter``: filter the posterior's state-space form at the reference posterior mean
+    and compare its log-evidence, log p(y | theta), with the exact forward-algorithm value."""
+    from ...errors import IncompatibleModelError
+
+    if post.state_space is None:
+        with_form = [n for n, p in _registry().items() if p.state_space is not None]
+        raise IncompatibleModelError(
+            f"backend 'smc_filter' filters state-space objects; the reference posterior {post.name!r} has no "
+            f"state-space form (those that have: {with_form}).")
+    obj, y, exact = post.state_space(record)
+    opts = {"num_particles": 1000, **options}
+    evidence_particles = opts.pop("evidence_particles", opts["num_particles"])
+    num_runs = opts.pop("num_runs", 10)
+    t0 = time.perf_counter()
+    fit = run_fit(obj, None, y[1:], (y[0],), backend=cls, **opts)  # y[0] goes to init
+    est = fit.log_evidence(evidence_particles, num_runs=num_runs)
+    seconds = time.perf_counter() - t0
+    e, se = float(est.log_evidence), float(est.stderr)
+    z = (e - exact) / se if se > 0 else math.inf
+    note = ("the log-likelihood log p(y | theta) at the reference posterior mean against the forward algorithm "
+            f"(exact); {num_runs} filters of {evidence_particles} particles")
+    return ReferenceCheck(post.name, bname, [], seconds, float("nan"), None, (e, se, exact, 0.0, z), [note], fit)
+
+
+def _registry():
+    from . import REFERENCE_POSTERIORS
+
+    return REFERENCE_POSTERIORS

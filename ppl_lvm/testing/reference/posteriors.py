@@ -262,3 +262,39 @@ def low_dim_gauss_mix(N, y):
     comp = dist.Normal(mu.unsqueeze(-2), sigma.unsqueeze(-2))            # (..., 1, 2)
     mix = dist.MixtureSameFamily(dist.Categorical(probs=probs), comp)     # batch (..., 1)
     pyro.sample("y", mix.expand(mix.batch_shape[:-1] + (int(N),)).to_event(1), obs=y)
+
+
+class HMMStateSpace:
+    """``hmm_example`` as a state-space object (Pyro's ``SMCFilter`` contract, for
+    ``backend="smc_filter"``; the first observation goes to ``init``) at fixed parameters: z_1 uniform over the K states, z_t | z_{t-1} ~
+    Categorical(theta[z_{t-1}]), y_t ~ N(mu[z_t], 1).  Its log-evidence is the forward
+    algorithm's log-likelihood (:func:`hmm_log_likelihood`)."""
+
+    def __init__(self, theta, mu):
+        self.theta = torch.as_tensor(theta)   # (K, K): rows from, columns to
+        self.mu = torch.as_tensor(mu)
+
+    def init(self, state, y_first=None):
+        K = self.mu.shape[-1]
+        probs = torch.full((K,), 1.0 / K, dtype=self.mu.dtype, device=self.mu.device)
+        self._emit(state, dist.Categorical(probs=probs), y_first)
+
+    def step(self, state, y=None):
+        self._emit(state, dist.Categorical(probs=self.theta[state["z"]]), y)
+
+    def _emit(self, state, transition, y):
+        z = pyro.sample("z", transition)
+        pyro.sample("y", dist.Normal(self.mu[z], 1.0), obs=y)
+        state["z"] = z
+
+
+def hmm_log_likelihood(theta, mu, y):
+    """log p(y | theta, mu) of :class:`HMMStateSpace` by the forward algorithm (uniform initial
+    state; posteriordb's program omits the initial log(1/K), a constant)."""
+    theta, mu = torch.as_tensor(theta), torch.as_tensor(mu)
+    log_trans = theta.log()
+    emit = dist.Normal(mu, 1.0).log_prob(y.unsqueeze(-1))      # (N, K)
+    alpha = emit[0] - math.log(mu.shape[-1])
+    for t in range(1, y.shape[0]):
+        alpha = torch.logsumexp(alpha.unsqueeze(-1) + log_trans, -2) + emit[t]
+    return torch.logsumexp(alpha, -1)
