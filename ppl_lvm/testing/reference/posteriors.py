@@ -226,8 +226,15 @@ def gp_regr(N, x, y):
     rho = pyro.sample("rho", dist.Gamma(_c(y, 25.0), _c(y, 4.0)))
     alpha = pyro.sample("alpha", dist.HalfNormal(_c(y, 2.0)))
     sigma = pyro.sample("sigma", dist.HalfNormal(_c(y, 1.0)))
-    cov = _sq_exp(x, alpha, rho) + sigma[..., None, None] * torch.eye(int(N), dtype=y.dtype, device=y.device)
-    pyro.sample("y", dist.MultivariateNormal(torch.zeros_like(y), covariance_matrix=cov), obs=y)
+    eye = torch.eye(int(N), dtype=y.dtype, device=y.device)
+    cov = _sq_exp(x, alpha, rho) + sigma[..., None, None] * eye
+    # where the covariance is not positive definite in floating point (a draw with a tiny sigma),
+    # Stan's cholesky_decompose rejects the draw: here that draw gets log density -inf
+    L, info = torch.linalg.cholesky_ex(cov)
+    bad = info != 0
+    L = torch.where(bad[..., None, None], eye, L)
+    pyro.factor("cholesky_failed", torch.where(bad, torch.full_like(sigma, -math.inf), torch.zeros_like(sigma)))
+    pyro.sample("y", dist.MultivariateNormal(torch.zeros_like(y), scale_tril=L), obs=y)
 
 
 def gp_pois_regr(N, x, k):
