@@ -54,11 +54,11 @@ def main(argv=None):
                 ev = res.log_evidence
                 evs = f"{ev[0] - ev[2]:>10.3f}{ev[4]:>6.1f}" if ev else f"{'':>10}{'':>6}"
                 kh = f"{res.khat:>7.2f}" if res.khat is not None else f"{'':>7}"
-                warn = sorted({str(w.message).split(':')[0][:40] for w in caught
+                warn = sorted({" ".join(str(w.message).split(":")[:2])[:60] for w in caught
                                if issubclass(w.category, RuntimeWarning)})
                 line = (f"{name:<26}{backend:<12}{res.worst_z:>9.2f}{res.worst_sd_z:>8.2f}{res.worst_sd_ratio:>9.3f}"
                         f"{res.min_ess:>9.0f}{res.ess_per_second:>8.0f}{evs}{kh}{res.seconds:>8.1f}  "
-                        + ("; ".join(res.notes + warn))[:140])
+                        + ("; ".join(warn + [n for n in res.notes if not n.startswith("no log-evidence")]))[:160])
             rows.append(line)
             print(line, flush=True)
     return rows

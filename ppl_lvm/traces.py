@@ -288,13 +288,20 @@ def _describe_args(args, kwargs) -> str:
 
 
 def init_to_feasible_point(site, dtype=None):
-    """The point of ``site``'s support at zero on the unconstrained space, without sampling
-    (Pyro's ``init_to_feasible`` draws once for the shape, which an ``ImproperUniform`` prior
-    cannot); usable as an autoguide's ``init_loc_fn``."""
+    """The point of ``site``'s support at zero on the unconstrained space, without needing a
+    sample (Pyro's ``init_to_feasible`` draws once for the shape, which an ``ImproperUniform``
+    prior cannot); usable as an autoguide's ``init_loc_fn`` (pass ``dtype`` with
+    ``functools.partial`` for improper sites, which carry no dtype)."""
     fn = site["fn"]
     if dtype is None:
         ref = site.get("value")
-        dtype = ref.dtype if torch.is_tensor(ref) and ref.is_floating_point() else torch.get_default_dtype()
+        if torch.is_tensor(ref) and ref.is_floating_point():
+            dtype = ref.dtype
+        else:  # the distribution's own dtype; an ImproperUniform holds no tensor to say it
+            try:
+                dtype = fn.sample().dtype
+            except NotImplementedError:
+                dtype = torch.get_default_dtype()
     transform = torch.distributions.biject_to(fn.support)
     shape = transform.inverse_shape(tuple(fn.batch_shape) + tuple(fn.event_shape))
     return transform(torch.zeros(shape, dtype=dtype))

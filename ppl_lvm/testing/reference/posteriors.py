@@ -244,8 +244,12 @@ def gp_pois_regr(N, x, k):
     rho = pyro.sample("rho", dist.Gamma(_c(x, 25.0), _c(x, 4.0)))
     alpha = pyro.sample("alpha", dist.HalfNormal(_c(x, 2.0)))
     f_tilde = pyro.sample("f_tilde", dist.Normal(_c(x, 0.0), 1.0).expand([int(N)]).to_event(1))
-    cov = _sq_exp(x, alpha, rho) + 1e-10 * torch.eye(int(N), dtype=x.dtype, device=x.device)
-    f = (torch.linalg.cholesky(cov) @ f_tilde.unsqueeze(-1)).squeeze(-1)
+    eye = torch.eye(int(N), dtype=x.dtype, device=x.device)
+    L, info = torch.linalg.cholesky_ex(_sq_exp(x, alpha, rho) + 1e-10 * eye)
+    bad = info != 0   # not positive definite in floating point: Stan rejects the draw
+    L = torch.where(bad[..., None, None], eye, L)
+    pyro.factor("cholesky_failed", torch.where(bad, torch.full_like(rho, -math.inf), torch.zeros_like(rho)))
+    f = (L @ f_tilde.unsqueeze(-1)).squeeze(-1)
     pyro.sample("k", dist.Poisson(f.exp()).to_event(1), obs=k)
 
 
@@ -253,7 +257,9 @@ def gp_pois_f(samples, data):
     x = data["x"]
     alpha, rho = samples["alpha"], samples["rho"]
     cov = _sq_exp(x, alpha, rho) + 1e-10 * torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-    return (torch.linalg.cholesky(cov) @ samples["f_tilde"].unsqueeze(-1)).squeeze(-1)
+    L, info = torch.linalg.cholesky_ex(cov)
+    f = (L @ samples["f_tilde"].unsqueeze(-1)).squeeze(-1)
+    return torch.where((info != 0)[..., None], torch.full_like(f, math.nan), f)
 
 
 # --- mixture ----------------------------------------------------------------------------------
