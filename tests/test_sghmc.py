@@ -465,3 +465,44 @@ def test_a_step_size_the_noise_overwhelms_is_warned_about():
     with pytest.warns(RuntimeWarning, match="noise dominates"):
         s.run(*fx.args[:2], subsample_size=100)
     assert s.noise_ratio_ > 1.0
+
+
+def test_hessian_diagonal_of_a_gaussian_potential_is_the_precision_diagonal():
+    import pyro.distributions as dist
+    import torch
+    from ppl_lvm import SGHMC
+
+    prec = torch.tensor([[4.0, 1.5, 0.0], [1.5, 2.0, 0.3], [0.0, 0.3, 1.0]], dtype=torch.float64)
+
+    def model():
+        pyro.sample("z", dist.MultivariateNormal(torch.zeros(3, dtype=torch.float64), precision_matrix=prec))
+
+    s = SGHMC(model, num_chains=2)
+    s.setup()
+    s._init_chains((), {})
+    exact = s._hessian_diagonal(s._u, (), {})
+    assert torch.allclose(exact["z"], prec.diagonal().expand(2, 3), atol=1e-10)
+    hutch = s._hessian_diagonal(s._u, (), {}, exact_up_to=0, probes=4000)
+    # Hutchinson: E[v_i (Hv)_i] = H_ii, variance sum_{j != i} H_ij^2 per probe
+    se = (prec ** 2).fill_diagonal_(0).sum(1).sqrt() / 4000 ** 0.5
+    assert ((hutch["z"] - prec.diagonal()).abs() < 4 * se).all(), hutch
+
+
+def test_the_mode_start_finds_every_chains_mode_without_minibatches():
+    import pyro.distributions as dist
+    import torch
+    from ppl_lvm import SGHMC
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.tensor([3.0, -200.0], dtype=torch.float64),
+                                     torch.tensor([0.01, 5.0], dtype=torch.float64)).to_event(1))
+
+    pyro.set_rng_seed(0)
+    s = SGHMC(model, num_chains=3, warmup=10, num_samples=1)
+    s.setup()
+    s._init_chains((), {})
+    assert s._lbfgs_mode((), {})
+    # each chain one conditional sd (0.01, 5) away from the mode
+    assert ((s._u["z"] - torch.tensor([3.0, -200.0], dtype=torch.float64)).abs()
+            < 5 * torch.tensor([0.01, 5.0], dtype=torch.float64)).all()
+    assert torch.allclose(s._sq["z"], torch.tensor([1e4, 0.04], dtype=torch.float64).expand(3, 2))

@@ -224,3 +224,23 @@ def test_poor_proposal_warns_with_khat():
     with pytest.warns(RuntimeWarning, match="k-hat"):
         ev = backend.make_fit(fx.args, {}).log_evidence(2000)
     assert ev.khat > 0.7
+
+
+def test_a_run_whose_loss_is_still_falling_says_so():
+    import pyro.distributions as dist
+    import warnings
+    from pyro.infer.autoguide import AutoNormal
+    from ppl_lvm import SVI
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.tensor(500.0), 1.0))
+
+    pyro.clear_param_store()
+    guide = AutoNormal(model)
+    with pytest.warns(RuntimeWarning, match="still falling"):  # lr 1e-2 needs ~5e4 steps to reach 500
+        SVI(model, guide).run(num_steps=300, progress=False)
+    pyro.clear_param_store()
+    guide = AutoNormal(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # converged (within 0.02 after 2700 steps): no warning
+        SVI(model, guide, pyro.optim.Adam({"lr": 0.5})).run(num_steps=6000, progress=False)
