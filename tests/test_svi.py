@@ -244,3 +244,29 @@ def test_a_run_whose_loss_is_still_falling_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # converged (within 0.02 after 2700 steps): no warning
         SVI(model, guide, pyro.optim.Adam({"lr": 0.5})).run(num_steps=6000, progress=False)
+
+
+def test_draws_from_a_guide_that_misses_the_posterior_come_with_the_psis_warning():
+    import pyro.distributions as dist
+    import warnings
+    from torch.distributions import constraints
+    from ppl_lvm import SVI, IWAE
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.tensor(0.0), 1.0))
+
+    def guide(scale0=0.3):
+        scale = pyro.param("s", torch.tensor(scale0), constraint=constraints.positive)
+        pyro.sample("z", dist.Normal(pyro.param("m", torch.tensor(0.0)), scale))
+
+    for backend in (SVI, IWAE):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        fit = backend(model, guide, pyro.optim.Adam({"lr": 1e-9})).run(num_steps=1, progress=False)
+        with pytest.warns(RuntimeWarning, match="k-hat of the guide"):  # q = N(0, 0.3) for p = N(0, 1)
+            fit.to_inferencedata(2000)
+    pyro.clear_param_store()
+    fit = SVI(model, lambda: guide(1.2), pyro.optim.Adam({"lr": 1e-9})).run(num_steps=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a wider guide: bounded weights, no warning
+        fit.to_inferencedata(2000)

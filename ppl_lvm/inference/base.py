@@ -889,6 +889,21 @@ class GuidedBackend(Backend):
                 "or standardize the data (predictors on very different scales slow every optimizer).",
                 RuntimeWarning, stacklevel=4)
 
+    def _warn_poor_guide(self, khat: float, what: str) -> None:
+        """The PSIS diagnostic of a variational fit (Yao, Vehtari, Simpson, Gelman 2018, "Yes,
+        but did it work?"): above 0.7 the guide misses mass the posterior has.  Measured on the
+        reference battery's centered eight schools (a funnel): k-hat 1.0, means up to 84 MCSE
+        off, sds 0.04x."""
+        import warnings
+
+        if khat > 0.7:
+            warnings.warn(
+                f"{type(self).__name__}: PSIS k-hat of the guide's importance weights is {khat:.2f} > 0.7 "
+                f"(Yao et al. 2018): {self.proposal_description} misses part of the posterior, so {what} "
+                "misstate it (typically too narrow). Fit longer, use a richer guide (e.g. "
+                "AutoMultivariateNormal, a flow), reparameterize (non-centered hierarchies), or use a "
+                "sampler (backend='smc' or 'sghmc').", RuntimeWarning, stacklevel=4)
+
     def _particle_pass(self, num_particles, args, kwargs) -> ParticlePass:
         """Draw K particles from the guide, score them under the model, and record which
         parameters the guide (phi) and the model (theta) used.  Parameters used by both count
@@ -1056,10 +1071,12 @@ class GuidedBackend(Backend):
             groups.update(posterior={n: cd(v) for n, v in latents.items()},
                           sample_stats={"log_importance_weight": cd(lw.joint)},
                           log_likelihood={n: cd(v) for n, v in loglik.items()})
+            self._warn_poor_guide(psis_khat(lw.particle_weights), "its draws")
             return groups
         pick, idx = self._resampler(lw, num_samples)
         x = lw.particle_weights
         ess = float((1.0 / torch.softmax(x, 0).pow(2).sum(0)).min())
+        self._warn_poor_guide(psis_khat(x), "the importance-resampled draws")
         groups.update(posterior={n: cd(pick(v, n)) for n, v in latents.items()},
                       sample_stats={"proposal_index": cd(idx if idx.dim() == 1 else idx[:, 0])},
                       log_likelihood={n: cd(pick(v, n)) for n, v in loglik.items()})
