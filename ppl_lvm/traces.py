@@ -59,6 +59,8 @@ __all__ = [
     "log_mean_exp",
     "validation_off",
     "is_improper",
+    "dependent_support_sites",
+    "dependent_support_message",
     "init_to_feasible_point",
 ]
 
@@ -332,6 +334,51 @@ def is_improper(fn) -> bool:
             return True
         fn = getattr(fn, "base_dist", None)
     return False
+
+
+def dependent_support_sites(model: Callable, args: Sequence, kwargs: dict, tries: int = 2,
+                            skip: Sequence[str] = ()) -> list:
+    """Latent sites whose support changes from one run of the model to the next (e.g.
+    ``Uniform(0, 1 - alpha)``, a bound that depends on another latent).  A transform to the
+    unconstrained space taken from one prototype trace is wrong for them, so the backends
+    that build one (:class:`PotentialEnergy`) refuse such a model by name.  Found by running the
+    model ``tries + 1`` times with different random draws and comparing the supports' bounds."""
+    def bounds(support):
+        out = []
+        for attr in ("lower_bound", "upper_bound"):
+            b = getattr(support, attr, None)
+            if torch.is_tensor(b):
+                out.append(b.detach())
+        base = getattr(support, "base_constraint", None)
+        return out + (bounds(base) if base is not None else [])
+
+    runs = []
+    with preserved_rng():
+        for seed in range(tries + 1):
+            pyro.set_rng_seed(1000 + seed)
+            tr = trace_program(model, args, kwargs)
+            runs.append({n: bounds(s["fn"].support) for n, s in tr.nodes.items()
+                         if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+                         and n not in skip})
+    dependent = []
+    for name, first in runs[0].items():
+        for other in runs[1:]:
+            again = other.get(name, [])
+            if len(again) != len(first) or any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(first, again)):
+                dependent.append(name)
+                break
+    return dependent
+
+
+def dependent_support_message(backend: str, sites: Sequence[str]) -> str:
+    """The refusal for :func:`dependent_support_sites`."""
+    return (f"The support of latent site(s) {list(sites)} depends on other latent sites (its bounds change "
+            f"between runs of the model, e.g. Uniform(0, 1 - a)); {backend} maps every site to an "
+            "unconstrained space with one fixed transform, which would be wrong for it (on the garch11 "
+            "reference posterior it produced values outside the support). Reparameterize: sample "
+            "u ~ Uniform(0, 1) and set the site to low + (high - low) * u (pyro.deterministic), the "
+            "same distribution as Uniform(low, high); or use a guide-based backend with a guide that "
+            "draws the site inside its current bounds.")
 
 
 def trace_program(fn: Callable, args: Sequence, kwargs: dict, *, role: str = "model", replay=None):

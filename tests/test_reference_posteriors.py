@@ -141,3 +141,10 @@ def test_sghmc_starts_at_the_mode_on_an_unscaled_regression_and_names_the_correl
     with pytest.warns(RuntimeWarning, match="strong posterior correlation"):
         res = check_against_reference("kidiq_momiq", "sghmc", seed=0, progress=False, log_evidence=False)
     assert res.worst_z < Z, res
+
+
+def test_a_support_that_depends_on_another_latent_is_refused_by_name():
+    # garch11: beta1 ~ Uniform(0, 1 - alpha1); one fixed unconstraining transform put beta1
+    # outside its support (SG-HMC diverged at step 17 before this check)
+    with pytest.raises(IncompatibleModelError, match=r"\['beta1'\] depends on other latent sites"):
+        check_against_reference("garch11", "sghmc", progress=False)

@@ -139,6 +139,12 @@ class _ParticleSampler(Backend):
                 "chi^2-VIS and SG-HMC accept improper priors.")
 
     def _after_setup(self, structure, *args, **kwargs):
+        from ..traces import dependent_support_message, dependent_support_sites
+
+        dependent = dependent_support_sites(self.model, args, kwargs,
+                                            skip=tuple(structure.latents_in_subsampled_plates))
+        if dependent:
+            raise IncompatibleModelError(dependent_support_message(type(self).__name__, dependent))
         try:
             self.potential = PotentialEnergy(self.model, structure, structure.max_plate_nesting)
         except ValueError as exc:
