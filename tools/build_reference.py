@@ -159,6 +159,8 @@ def to_latents(post, ref, data):
         tt = (theta - d["mu"][:, None]) / d["tau"][:, None]
         for i in range(8):
             d[f"theta_trans[{i + 1}]"] = tt[:, i]
+    if post.name == "garch11_unit_beta":
+        d["beta1_unit"] = d["beta1"] / (1.0 - d["alpha1"])
     if post.name == "gp_pois_regr":
         f = torch.as_tensor(np.stack([d[f"f[{i}]"] for i in range(1, 12)], -1))
         x = data["x"]

@@ -96,6 +96,10 @@ def _hmm_state_space(record):
     return (_models.HMMStateSpace(theta, mu), y, float(_models.hmm_log_likelihood(theta, mu, y)))
 
 
+def _garch_beta1(samples, data):
+    return {"beta1": (1.0 - samples["alpha1"]) * samples["beta1_unit"]}
+
+
 def _gp_f(samples, data):
     return {"f": _models.gp_pois_f(samples, data)}
 
@@ -134,6 +138,10 @@ REFERENCE_POSTERIORS: Dict[str, ReferencePosterior] = {p.name: p for p in [
                        "another parameter (beta1 < 1 - alpha1), flat priors",
                        ("time series", "latent scale", "dependent support", "improper prior"),
                        proper_prior=False),
+    ReferencePosterior("garch11_unit_beta", _models.garch11_unit_beta, "garch-garch11",
+                       "GARCH(1, 1) with beta1 = (1 - alpha1) u, u ~ Uniform(0, 1): the same posterior as "
+                       "garch11 without the dependent support (reference from garch11's draws)",
+                       ("time series", "latent scale", "improper prior"), _garch_beta1, proper_prior=False),
     ReferencePosterior("gp_regr", _models.gp_regr, "gp_pois_regr-gp_regr",
                        "Gaussian-process regression: length scale, amplitude, noise (11 points)",
                        ("Gaussian process", "latent scale")),

@@ -173,6 +173,24 @@ def garch11(T, y, sigma1):
     pyro.sample("y", dist.Normal(mu.unsqueeze(-1), scale).to_event(1), obs=y)
 
 
+def garch11_unit_beta(T, y, sigma1):
+    """``garch11`` reparameterized: beta1 = (1 - alpha1) u with u ~ Uniform(0, 1), the same
+    distribution as beta1 | alpha1 ~ Uniform(0, 1 - alpha1) (so the same posterior), but with a
+    support that does not depend on another latent (the refusal's advice)."""
+    mu = pyro.sample("mu", _flat(y, constraints.real))
+    alpha0 = pyro.sample("alpha0", _flat(y, constraints.positive))
+    alpha1 = pyro.sample("alpha1", dist.Beta(_c(y, 1.0), _c(y, 2.0)))
+    u = pyro.sample("beta1_unit", dist.Uniform(_c(y, 0.0), _c(y, 1.0)))
+    beta1 = (1.0 - alpha1) * u
+    var = torch.as_tensor(sigma1, dtype=y.dtype) ** 2 * torch.ones_like(mu * alpha0 * alpha1 * beta1)
+    variances = [var]
+    for t in range(1, int(T)):
+        var = alpha0 + alpha1 * (y[t - 1] - mu) ** 2 + beta1 * var
+        variances.append(var)
+    scale = torch.stack(variances, -1).sqrt()
+    pyro.sample("y", dist.Normal(mu.unsqueeze(-1), scale).to_event(1), obs=y)
+
+
 def arma11(T, y):
     """``arma11``: err[t] = y[t] - (mu + phi y[t-1] + theta err[t-1]), err[1] = y[1] - mu (1 + phi)
     (err[0] = 0), err ~ N(0, sigma); mu ~ N(0, 10), phi ~ N(0, 2), theta ~ N(0, 2),
