@@ -48,7 +48,10 @@ latent ("stochastic") sites persist across minibatches.  At each step, with mini
 The horizon is open: the data stream cycles through the data set without end, so the particle
 system is a stochastic approximation (it does not target the exact posterior after a fixed
 number of epochs); what it delivers is a trained :math:`\psi` together with a particle
-approximation of the stochastic sites' uncertainty.
+approximation of the stochastic sites' uncertainty.  It is not a posterior sampler for a
+static model without minibatches: every step then reweights by the whole data set again
+(measured on the eight-schools reference posterior: means 14 MCSE off, an sd 8x the
+reference's), and the run warns; use :class:`SMCSampler` there.
 
 References:
 
