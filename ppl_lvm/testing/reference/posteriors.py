@@ -153,6 +153,17 @@ def ar_k(K, T, y):
     pyro.sample("y", dist.Normal(mean, sigma.unsqueeze(-1)).to_event(1), obs=y[K:])
 
 
+def _garch_observe(T, y, sigma1, mu, alpha0, alpha1, beta1):
+    """y ~ N(mu, sigma[t]) with the GARCH(1, 1) variance recursion from sigma[1] = sigma1."""
+    var = torch.as_tensor(sigma1, dtype=y.dtype) ** 2 * torch.ones_like(mu * alpha0 * alpha1 * beta1)
+    variances = [var]
+    for t in range(1, int(T)):
+        var = alpha0 + alpha1 * (y[t - 1] - mu) ** 2 + beta1 * var
+        variances.append(var)
+    scale = torch.stack(variances, -1).sqrt()
+    pyro.sample("y", dist.Normal(mu.unsqueeze(-1), scale).to_event(1), obs=y)
+
+
 def garch11(T, y, sigma1):
     """``garch11``: y[t] ~ N(mu, sigma[t]), sigma[t]^2 = alpha0 + alpha1 (y[t-1] - mu)^2 +
     beta1 sigma[t-1]^2, sigma[1] = sigma1.  Stan declares mu (real), alpha0 (<lower=0>),
@@ -164,13 +175,7 @@ def garch11(T, y, sigma1):
     alpha0 = pyro.sample("alpha0", _flat(y, constraints.positive))
     alpha1 = pyro.sample("alpha1", dist.Beta(_c(y, 1.0), _c(y, 2.0)))
     beta1 = pyro.sample("beta1", dist.Uniform(torch.zeros_like(alpha1), 1.0 - alpha1))
-    var = torch.as_tensor(sigma1, dtype=y.dtype) ** 2 * torch.ones_like(mu * alpha0 * alpha1 * beta1)
-    variances = [var]
-    for t in range(1, int(T)):
-        var = alpha0 + alpha1 * (y[t - 1] - mu) ** 2 + beta1 * var
-        variances.append(var)
-    scale = torch.stack(variances, -1).sqrt()
-    pyro.sample("y", dist.Normal(mu.unsqueeze(-1), scale).to_event(1), obs=y)
+    _garch_observe(T, y, sigma1, mu, alpha0, alpha1, beta1)
 
 
 def garch11_unit_beta(T, y, sigma1):
@@ -182,13 +187,7 @@ def garch11_unit_beta(T, y, sigma1):
     alpha1 = pyro.sample("alpha1", dist.Beta(_c(y, 1.0), _c(y, 2.0)))
     u = pyro.sample("beta1_unit", dist.Uniform(_c(y, 0.0), _c(y, 1.0)))
     beta1 = (1.0 - alpha1) * u
-    var = torch.as_tensor(sigma1, dtype=y.dtype) ** 2 * torch.ones_like(mu * alpha0 * alpha1 * beta1)
-    variances = [var]
-    for t in range(1, int(T)):
-        var = alpha0 + alpha1 * (y[t - 1] - mu) ** 2 + beta1 * var
-        variances.append(var)
-    scale = torch.stack(variances, -1).sqrt()
-    pyro.sample("y", dist.Normal(mu.unsqueeze(-1), scale).to_event(1), obs=y)
+    _garch_observe(T, y, sigma1, mu, alpha0, alpha1, beta1)
 
 
 def arma11(T, y):
