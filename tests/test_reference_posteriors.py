@@ -123,11 +123,18 @@ def test_smc_online_without_minibatches_warns_that_it_is_not_a_posterior_sampler
 
 
 @pytest.mark.parametrize("backend", ["gflownet_em", "smc_filter"])
-def test_backends_valid_for_no_reference_posterior_refuse_with_the_reason(backend):
+def test_backends_valid_for_no_static_posterior_refuse_with_the_reason(backend):
     # gflownet_em needs discrete latents, smc_filter a state-space object: posteriordb's
     # reference posteriors are over continuous static parameters
     with pytest.raises(IncompatibleModelError):
         check_against_reference("gp_regr", backend, progress=False)
+
+
+def test_particle_filter_log_likelihood_of_the_reference_hmm():
+    # the HMM's state-space form at the reference posterior mean; exact value by the forward
+    # algorithm; z from the spread of 10 independent filters of 1000 particles
+    res = check_against_reference("hmm_example", "smc_filter", seed=0, progress=False)
+    assert res.passed(Z), res
 
 
 # --- the whole battery for the samplers that promise exact moments ------------------------------
