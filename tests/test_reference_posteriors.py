@@ -140,8 +140,11 @@ def test_particle_filter_log_likelihood_of_the_reference_hmm():
 # --- the whole battery for the samplers that promise exact moments ------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(n for n, p in REFERENCE_POSTERIORS.items() if p.proper_prior))
+@pytest.mark.parametrize("name", sorted(n for n, p in REFERENCE_POSTERIORS.items()
+                                        if p.proper_prior and n != "low_dim_gauss_mix"))
 def test_smc_sampler_on_every_proper_reference_posterior(name):
+    # low_dim_gauss_mix is left to benchmarks/reference_battery.py: about 20 s per temperature
+    # on one thread (1000 points x 1000 particles), tens of minutes in all
     res = check_against_reference(name, "smc", seed=0, progress=False, log_evidence=False)
     assert res.passed(Z, Z), res
 
