@@ -289,7 +289,7 @@ def _describe_args(args, kwargs) -> str:
     return ", ".join(parts) or "no arguments"
 
 
-def init_to_feasible_point(site, dtype=None):
+def init_to_feasible_point(site, dtype=None, device=None):
     """The point of ``site``'s support at zero on the unconstrained space, without needing a
     sample (Pyro's ``init_to_feasible`` draws once for the shape, which an ``ImproperUniform``
     prior cannot); usable as an autoguide's ``init_loc_fn`` (pass ``dtype`` with
@@ -304,27 +304,30 @@ def init_to_feasible_point(site, dtype=None):
                 dtype = fn.sample().dtype
             except NotImplementedError:
                 dtype = torch.get_default_dtype()
+    if device is None:
+        ref = site.get("value")
+        device = ref.device if torch.is_tensor(ref) else None
     transform = torch.distributions.biject_to(fn.support)
     shape = transform.inverse_shape(tuple(fn.batch_shape) + tuple(fn.event_shape))
-    return transform(torch.zeros(shape, dtype=dtype))
+    return transform(torch.zeros(shape, dtype=dtype, device=device))
 
 
-def _sample_or_feasible(site, dtype=None):
+def _sample_or_feasible(site, dtype=None, device=None):
     """A prototype value for ``site``: a draw, or where the distribution cannot be sampled
     (``ImproperUniform``, which holds no tensor to take a dtype from) a feasible point of its
     support in ``dtype`` (the data's)."""
     try:
         return site["fn"].sample()
     except NotImplementedError:
-        return init_to_feasible_point(site, dtype=dtype)
+        return init_to_feasible_point(site, dtype=dtype, device=device)
 
 
-def _data_dtype(args, kwargs):
-    """The floating dtype of the first floating-point tensor among the data, else ``None``."""
+def _data_dtype_device(args, kwargs):
+    """Dtype and device of the first floating-point tensor among the data, else ``(None, None)``."""
     for v in list(args) + list(kwargs.values()):
         if torch.is_tensor(v) and v.is_floating_point():
-            return v.dtype
-    return None
+            return v.dtype, v.device
+    return None, None
 
 
 def is_improper(fn) -> bool:
@@ -393,7 +396,8 @@ def trace_program(fn: Callable, args: Sequence, kwargs: dict, *, role: str = "mo
 
         from pyro.infer.autoguide.initialization import InitMessenger
 
-        runner = InitMessenger(functools.partial(_sample_or_feasible, dtype=_data_dtype(args, kwargs)))(runner)
+        dtype, device = _data_dtype_device(args, kwargs)
+        runner = InitMessenger(functools.partial(_sample_or_feasible, dtype=dtype, device=device))(runner)
     with preserved_rng():
         try:
             trace = poutine.trace(runner).get_trace(*args, **kwargs)

@@ -156,3 +156,17 @@ def test_latent_values_are_particles_first():
     ev = ParticleEvaluator(fx.model, fx.guide, s, 1)
     vals = ev.latent_values(ev.guide_trace(7, fx.args, {}), 7)
     assert vals["z"].shape == (7, fx.args[0].shape[0])
+
+
+def test_an_improper_site_gets_a_feasible_prototype_value_in_the_datas_dtype():
+    import pyro.distributions as dist
+    from torch.distributions import constraints
+    from ppl_lvm.traces import trace_program
+
+    def model(y):
+        s = pyro.sample("s", dist.ImproperUniform(constraints.positive, (), (2,)))
+        pyro.sample("y", dist.Normal(0.0, s).to_event(1), obs=y)
+
+    tr = trace_program(model, (torch.zeros(2, dtype=torch.float64),), {})
+    value = tr.nodes["s"]["value"]
+    assert value.dtype == torch.float64 and value.device.type == "cpu" and bool((value > 0).all())

@@ -163,14 +163,15 @@ def _chain_moments(x: np.ndarray):
             float(az.mcse(da, method="sd")["x"]), float(az.ess(da, method="bulk")["x"]))
 
 
-def _default_guide(model, dtype):
+def _default_guide(model, dtype, device):
     import functools
 
     from pyro.infer.autoguide import AutoMultivariateNormal
 
     from ...traces import init_to_feasible_point
 
-    return AutoMultivariateNormal(model, init_loc_fn=functools.partial(init_to_feasible_point, dtype=dtype))
+    return AutoMultivariateNormal(model, init_loc_fn=functools.partial(init_to_feasible_point, dtype=dtype,
+                                                                       device=device))
 
 
 def check_against_reference(name: str, backend, guide=None, *, num_samples: Optional[int] = None,
@@ -206,7 +207,7 @@ def check_against_reference(name: str, backend, guide=None, *, num_samples: Opti
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     if guided and guide is None:
-        guide = _default_guide(post.model, dtype)
+        guide = _default_guide(post.model, dtype, device)
     from ... import fit as run_fit
 
     if bname == "smc_filter":
