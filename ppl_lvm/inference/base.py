@@ -207,6 +207,18 @@ def progress_bar_class():
     return tqdm
 
 
+def refuse_dependent_supports(backend, structure, args, kwargs) -> None:
+    """Raise ``IncompatibleModelError`` for a latent site whose support depends on another
+    latent (see :func:`~ppl_lvm.traces.dependent_support_sites`): for the backends that map
+    every site to an unconstrained space with one fixed transform."""
+    from ..traces import dependent_support_message, dependent_support_sites
+
+    dependent = dependent_support_sites(backend.model, args, kwargs,
+                                        skip=tuple(structure.latents_in_subsampled_plates))
+    if dependent:
+        raise IncompatibleModelError(dependent_support_message(type(backend).__name__, dependent))
+
+
 def _is_finite(x) -> bool:
     return math.isfinite(float(x))
 

@@ -80,7 +80,7 @@ from ..errors import DivergenceError, IncompatibleModelError
 from ..traces import (PotentialEnergy, ProgramStructure, log_mean_exp, _log_mean_exp_se, trace_program,
                       validation_off)
 from ..validation import check_positive_int
-from .base import Backend, EvidenceEstimate, register_backend
+from .base import Backend, EvidenceEstimate, refuse_dependent_supports, register_backend
 from .smc import RESAMPLERS
 
 __all__ = ["SMCSampler", "OpenHorizonSMC"]
@@ -142,12 +142,7 @@ class _ParticleSampler(Backend):
                 "chi^2-VIS and SG-HMC accept improper priors.")
 
     def _after_setup(self, structure, *args, **kwargs):
-        from ..traces import dependent_support_message, dependent_support_sites
-
-        dependent = dependent_support_sites(self.model, args, kwargs,
-                                            skip=tuple(structure.latents_in_subsampled_plates))
-        if dependent:
-            raise IncompatibleModelError(dependent_support_message(type(self).__name__, dependent))
+        refuse_dependent_supports(self, structure, args, kwargs)
         try:
             self.potential = PotentialEnergy(self.model, structure, structure.max_plate_nesting)
         except ValueError as exc:
