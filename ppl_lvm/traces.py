@@ -700,6 +700,16 @@ class ParticleEvaluator:
     def _choose_mode_unseeded(self, args, kwargs):
         k = 3
         gt = self.guide_trace(k, args, kwargs)
+        # both runs must see the same minibatch: a plate the model subsamples and the guide does
+        # not (an autoguide over global latents) would otherwise draw its indices twice, and
+        # the two runs' log-densities would differ for that reason alone
+        missing = [n for n in self.structure.subsampled_plates if n not in gt.nodes]
+        if missing:
+            proto = poutine.trace(poutine.block(self.model, hide_types=["param"])).get_trace(*args, **kwargs)
+            gt = gt.copy()
+            for n in missing:
+                site = proto.nodes[n]
+                gt.add_node(n, **{key: v for key, v in site.items() if key != "name"})
         plate_err = vmap_err = None
         try:
             a = self._model_log_probs_plate(gt, k, args, kwargs)

@@ -1,25 +1,30 @@
 """Every registered backend x every registered model (the exact fixtures and library models).
 
-Valid pairs must fit on small data and improve their objective; pairs listed in
-``EXPECTED_INCOMPATIBLE`` must be refused up front with ``IncompatibleModelError``.  A new
-backend or model joins automatically through the registries, so this table is the one place
-to state which pairs are not valid.
+Valid pairs must fit on small data and improve their objective; pairs that the backends'
+declared requirements (``Backend.requires``) rule out must be refused up front with
+``IncompatibleModelError``.  A new backend or model joins automatically through the registries;
+what a backend accepts is read from its declaration, what a case is from the facts stated here
+(checked against the traced programs).
 """
+
+import inspect
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import pytest
+import torch
 
 from ppl_lvm import IncompatibleModelError
 from ppl_lvm.inference import BACKENDS
+from ppl_lvm.inference.requirements import Requirements
+from ppl_lvm.traces import structure_from_trace, trace_program
 from ppl_lvm.models import MODELS
 from ppl_lvm.testing import FIXTURES, LinearGaussianSSM
 
-#: (backend, model) pairs that must raise IncompatibleModelError (besides the rules below)
+#: (backend, model) pairs that must raise IncompatibleModelError besides what the backends'
+#: declarations (``Backend.requires``) and the cases' facts below imply
 EXPECTED_INCOMPATIBLE = set()
-
-#: gradient-based samplers (SG-MCMC moves, HMC moves) refuse discrete latents
-CONTINUOUS_ONLY = {"sghmc", "sgld", "smc", "smc_online"}
 
 #: constructor options per backend for a short fit
 BACKEND_OPTIONS = {
@@ -39,23 +44,68 @@ NUM_STEPS = 300
 #: backends whose one step is a whole pass over the data (a filter run): fewer steps
 FEW_STEPS = {"smc_filter": 60, "smc": 40, "smc_online": 60}
 
-#: backends that run only state-space objects, and those that run only Pyro programs
-STATE_SPACE_ONLY = {"smc_filter"}
-
-#: backends that need discrete latent sites (GFlowNet-EM's policy builds them), and the cases
-#: that have some; every other case must be refused by them
-DISCRETE_ONLY = {"gflownet_em"}
+#: facts about the cases, stated by hand (test_case_facts_match_the_traced_programs checks them
+#: against the traced programs): which have discrete latent sites, which subsample a plate, which
+#: of those have latents inside the subsampled plate, which have global latents with subsampling
 DISCRETE_CASES = {"binary", "discrete_vae"}
+SUBSAMPLED_CASES = {"minibatch_regression", "minibatch_local"}
+LOCAL_IN_SUBSAMPLED_CASES = {"minibatch_local"}
+GLOBAL_WITH_SUBSAMPLING_CASES = {"minibatch_regression"}
 
 
 def _incompatible(backend_name, kind, short):
+    """Whether the backend must refuse the case, from its declared requirements and the facts."""
     if (backend_name, short) in EXPECTED_INCOMPATIBLE:
         return True
-    if backend_name in DISCRETE_ONLY and short not in DISCRETE_CASES:
+    req = BACKENDS[backend_name].requires
+    if (kind == "ssm") != (req.program == "state_space"):
         return True
-    if backend_name in CONTINUOUS_ONLY and short in DISCRETE_CASES:
-        return True
-    return (kind == "ssm") != (backend_name in STATE_SPACE_ONLY)
+    if kind == "ssm":
+        return False
+    discrete = short in DISCRETE_CASES
+    return ((discrete and req.discrete_latents == "refuse")
+            or (not discrete and req.discrete_latents == "need")
+            or (short in SUBSAMPLED_CASES and req.subsampling == "refuse")
+            or (short in LOCAL_IN_SUBSAMPLED_CASES and not req.latents_in_subsampled_plate)
+            or (short in GLOBAL_WITH_SUBSAMPLING_CASES and not req.global_latents_with_subsampling))
+
+
+def _minibatch_regression():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, dtype=torch.float64, generator=g)
+    y = 1.0 + 2.0 * x + 0.5 * torch.randn(200, dtype=torch.float64, generator=g)
+
+    def model(x, y):
+        a = pyro.sample("a", dist.Normal(torch.zeros((), dtype=x.dtype), 5.0))
+        b = pyro.sample("b", dist.Normal(torch.zeros((), dtype=x.dtype), 5.0))
+        with pyro.plate("data", x.shape[0], subsample_size=20) as idx:
+            pyro.sample("y", dist.Normal(a + b * x[idx], 0.5), obs=y[idx])
+
+    def guide(x, y):
+        for name in ("a", "b"):
+            loc = pyro.param(f"{name}_loc", torch.zeros((), dtype=x.dtype))
+            scale = pyro.param(f"{name}_scale", torch.tensor(0.3, dtype=x.dtype), constraint=dist.constraints.positive)
+            pyro.sample(name, dist.Normal(loc, scale))
+
+    return model, guide, (x, y)
+
+
+def _minibatch_local():
+    g = torch.Generator().manual_seed(1)
+    y = 2.0 + 1.5 * torch.randn(200, dtype=torch.float64, generator=g)
+
+    def model(y):
+        with pyro.plate("data", y.shape[0], subsample_size=20) as idx:
+            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=y.dtype), 2.0))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=y[idx])
+
+    def guide(y):
+        loc = pyro.param("z_loc", torch.zeros(y.shape[0], dtype=y.dtype))
+        scale = pyro.param("z_scale", torch.ones(y.shape[0], dtype=y.dtype), constraint=dist.constraints.positive)
+        with pyro.plate("data", y.shape[0], subsample_size=20) as idx:
+            pyro.sample("z", dist.Normal(loc[idx], scale[idx]))
+
+    return model, guide, (y,)
 
 
 def _cases():
@@ -71,6 +121,8 @@ def _cases():
         return (fx.smc_model(learn_transition=True), fx.smc_guide(), (fx.x[1:],),
                 {"init_kwargs": {"initial": fx.x[0]}})
     cases["ssm:lgssm"] = make_ssm
+    cases["subsampled:minibatch_regression"] = _minibatch_regression
+    cases["subsampled:minibatch_local"] = _minibatch_local
     for name, factory in MODELS.items():
         def make(factory=factory):
             obj, args = factory()
@@ -107,6 +159,28 @@ def test_backend_model_matrix(backend_name, case):
     assert last < first, f"{backend_name} on {case}: objective did not improve ({first:.3f} -> {last:.3f})"
 
 
-def test_every_backend_has_matrix_options_or_defaults():
+def test_every_backend_says_what_it_is_valid_for_and_declares_its_requirements():
     for name, cls in BACKENDS.items():
         assert cls.valid_for, f"backend {name} must say what it is valid for"
+        assert isinstance(cls.requires, Requirements), f"backend {name} must declare requires = Requirements(...)"
+        assert set(BACKEND_OPTIONS) >= {name} or not _required_args(cls), name
+
+
+def _required_args(cls):
+    """Constructor arguments without defaults besides model and guide (a backend with some
+    needs matrix options to be built)."""
+    sig = inspect.signature(cls.__init__)
+    return [n for n, p in sig.parameters.items() if n not in ("self", "model", "guide")
+            and p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+@pytest.mark.parametrize("case", sorted(c for c in CASES if not c.startswith("ssm:")))
+def test_case_facts_match_the_traced_programs(case):
+    """The hand-stated facts the matrix combines with the declarations are those of the programs."""
+    model, guide, args, *kw = CASES[case]()
+    st = structure_from_trace(trace_program(model, args, kw[0] if kw else {}))
+    short = case.split(":", 1)[1]
+    assert bool(st.discrete_latents) == (short in DISCRETE_CASES)
+    assert bool(st.subsampled_plates) == (short in SUBSAMPLED_CASES)
+    assert bool(st.latents_in_subsampled_plates) == (short in LOCAL_IN_SUBSAMPLED_CASES)
+    assert bool(st.global_latents and st.subsampled_plates) == (short in GLOBAL_WITH_SUBSAMPLING_CASES)

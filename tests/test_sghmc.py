@@ -501,7 +501,9 @@ def test_the_mode_start_finds_every_chains_mode_without_minibatches():
     s = SGHMC(model, num_chains=3, warmup=10, num_samples=1)
     s.setup()
     s._init_chains((), {})
-    assert s._lbfgs_mode((), {})
+    found = s._lbfgs_mode(s._u, (), {})
+    assert found is not None
+    s._u, s._sq = found
     # each chain one conditional sd (0.01, 5) away from the mode
     assert ((s._u["z"] - torch.tensor([3.0, -200.0], dtype=torch.float64)).abs()
             < 5 * torch.tensor([0.01, 5.0], dtype=torch.float64)).all()

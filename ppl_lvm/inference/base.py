@@ -39,9 +39,10 @@ import pyro.optim
 from pyro import poutine
 from pyro.util import get_rng_state, set_rng_state
 
-from ..errors import DivergenceError, IncompatibleModelError
+from ..errors import DivergenceError
 from ..traces import (LogWeights, ParticleEvaluator, ProgramStructure, log_mean_exp, structure_from_trace,
                       trace_program)
+from .requirements import Requirements, check_program, check_requirements, describe, program_kind
 from ..validation import (check_callable, check_finite_data, check_model_guide, check_positive_int,
                           coerce_data, positional_names)
 
@@ -54,6 +55,7 @@ __all__ = [
     "LogLoss",
     "GuidedBackend",
     "ParticlePass",
+    "StepProposal",
     "register_backend",
     "get_backend",
     "list_backends",
@@ -88,8 +90,9 @@ def get_backend(name) -> type:
 
 
 def list_backends() -> Dict[str, str]:
-    """Registered backend names mapped to what each needs of a model."""
-    return {k: v.valid_for for k, v in sorted(BACKENDS.items())}
+    """Registered backend names mapped to what each is valid for and needs of a model (its
+    ``valid_for`` sentence, then its declared :class:`~ppl_lvm.inference.requirements.Requirements`)."""
+    return {k: describe(v) for k, v in sorted(BACKENDS.items())}
 
 
 class EvidenceEstimate(NamedTuple):
@@ -207,20 +210,19 @@ def progress_bar_class():
     return tqdm
 
 
-def refuse_dependent_supports(backend, structure, args, kwargs) -> None:
-    """Raise ``IncompatibleModelError`` for a latent site whose support depends on another
-    latent (see :func:`~ppl_lvm.traces.dependent_support_sites`): for the backends that map
-    every site to an unconstrained space with one fixed transform."""
-    from ..traces import dependent_support_message, dependent_support_sites
-
-    dependent = dependent_support_sites(backend.model, args, kwargs,
-                                        skip=tuple(structure.latents_in_subsampled_plates))
-    if dependent:
-        raise IncompatibleModelError(dependent_support_message(type(backend).__name__, dependent))
-
-
 def _is_finite(x) -> bool:
     return math.isfinite(float(x))
+
+
+class StepProposal(NamedTuple):
+    """What a backend's ``_loss_and_grads`` proposes for one step (see
+    :meth:`Backend._gradient_step`): the loss, the parameters whose ``.grad`` it set, and
+    ``commit``, a callable making the step's other state changes, run only once the step is
+    known to be finite."""
+
+    loss: float
+    params: list
+    commit: Optional[Callable[[], None]] = None
 
 
 # --------------------------------------------------------------------------- backend
@@ -248,7 +250,8 @@ class Backend:
     #: ``_loss_and_grads`` returns ``(loss, params)`` set it to False)
     _capture_params: ClassVar[bool] = True
     valid_for: ClassVar[str] = ""
-    needs_guide: ClassVar[bool] = True
+    #: what the backend needs from a model, checked by shared code in setup (requirements.py)
+    requires: ClassVar[Requirements] = Requirements()
     #: whether ``Fit.log_evidence`` accepts ``num_runs`` (independent repeats of an SMC run)
     _evidence_from_runs: ClassVar[bool] = False
     #: what ``draws=`` of ``Fit.posterior_samples``/``to_inferencedata`` may be (empty: no option)
@@ -256,13 +259,11 @@ class Backend:
 
     def __init__(self, model, guide=None, optim=None, *, max_plate_nesting: Optional[int] = None,
                  data_plate: Optional[str] = None, validate: bool = True):
-        # a state-space object (init/step, Pyro's SMCFilter contract) is refused in setup() with
-        # a pointer to the particle filter, so that the registry can say which backend fits
-        self._state_space_object = (not callable(model) and callable(getattr(model, "init", None))
-                                    and callable(getattr(model, "step", None)))
-        if not self._state_space_object:
+        # a program of the other kind (a state-space object for a backend of Pyro programs, or
+        # the reverse) is refused in setup() by check_program, which names the backends that fit
+        if program_kind(model) == "callable" == self.requires.program:
             check_callable(model, "model")
-            check_callable(guide, "guide", allow_none=not self.needs_guide)
+            check_callable(guide, "guide", allow_none=self.requires.guide == "optional")
         if optim is None:
             optim = pyro.optim.Adam({"lr": 1e-2})
         if not isinstance(optim, pyro.optim.PyroOptim):
@@ -290,7 +291,8 @@ class Backend:
 
     # ------------------------------------------------------------------ validation
     def check_model(self, structure: ProgramStructure) -> None:
-        """Raise :class:`~ppl_lvm.errors.IncompatibleModelError` if the model is not valid here."""
+        """Checks that depend on the backend's options (the declared :attr:`requires` are
+        checked before, by shared code); raise :class:`~ppl_lvm.errors.IncompatibleModelError`."""
 
     def _allow_enumerated_model_sites(self) -> bool:
         return False
@@ -312,12 +314,10 @@ class Backend:
         the random number generators, classifies the sites, and checks this backend's
         requirements.  Called automatically by :meth:`step`.
         """
-        if getattr(self, "_state_space_object", False):
-            raise IncompatibleModelError(
-                f"{type(self).__name__} runs Pyro programs (callables); this model is a state-space "
-                "object with init(state, ...)/step(state, ...) methods. Filter it with "
-                "backend='smc_filter' (ppl_lvm.inference.SMCFilterBackend or ParticleFilter)."
-            )
+        check_program(self)
+        if self.requires.program == "state_space":
+            self._check_state_space_data(*args, **kwargs)
+            return None
         key = self._signature(args, kwargs)
         if key == self._setup_key and self.structure is not None:
             return self.structure
@@ -334,6 +334,7 @@ class Backend:
             m_struct, g_struct = structure_from_trace(m_trace, data_plate=self.data_plate), None
         if self.validate:
             check_finite_data((), {}, trace=m_trace)
+        check_requirements(self, m_struct, args, kwargs)
         self.check_model(m_struct)
         mpn = max(m_struct.max_plate_nesting, g_struct.max_plate_nesting if g_struct else 0)
         if self.max_plate_nesting is not None:
@@ -355,6 +356,11 @@ class Backend:
 
     def _after_setup(self, structure: ProgramStructure, *args, **kwargs) -> None:
         """Hook for backends that build things (ELBOs, particle plates) once the model is known."""
+
+    def _check_state_space_data(self, *args, **kwargs) -> None:
+        """Backends for state-space objects (``requires.program == "state_space"``) check their
+        data here; setup() does not trace such a model."""
+        raise NotImplementedError
 
     @property
     def evaluator(self) -> ParticleEvaluator:
@@ -398,14 +404,19 @@ class Backend:
     def _gradient_step(self, loss_and_grads: Callable[[], object]) -> float:
         """Evaluate ``loss_and_grads()`` (which sets ``.grad``), check, then update.
 
-        ``loss_and_grads`` returns the loss, or ``(loss, params)`` when it knows the
-        unconstrained parameters it differentiated (which saves a param-capturing trace).
-        The update is applied only when the loss and every gradient are finite, so a
-        divergent step leaves parameters and optimizer state exactly as they were.
+        ``loss_and_grads`` returns the loss, ``(loss, params)`` when it knows the unconstrained
+        parameters it differentiated (which saves a param-capturing trace), or a
+        :class:`StepProposal` whose ``commit`` holds the step's bookkeeping (running averages,
+        counters, histories).  Nothing is changed until the loss and every gradient are known
+        to be finite: then ``commit()`` runs and the optimizer updates, so a divergent step
+        leaves parameters, optimizer state, counters and histories exactly as they were.
         """
         with poutine.trace(param_only=True) if self._capture_params else contextlib.nullcontext() as capture:
             out = loss_and_grads()
-        if isinstance(out, tuple):
+        commit = None
+        if isinstance(out, StepProposal):
+            loss, params, commit = out.loss, set(out.params), out.commit
+        elif isinstance(out, tuple):
             loss, params = out
             params = set(params)
         else:
@@ -413,8 +424,8 @@ class Backend:
             params = {site["value"].unconstrained() for site in capture.trace.nodes.values()
                       if site["type"] == "param"}
         loss = float(loss)
-        bad = None
         floor = self._loss_floor
+        bad = None
         if not _is_finite(loss):
             bad = f"the objective is {loss}"
         elif floor is not None and loss < floor:
@@ -422,13 +433,28 @@ class Backend:
                    "log-density of this model can take with parameters in floating-point range "
                    "(the fit ran away, e.g. a covariance that became singular); this is "
                    "divergence, not a result")
-        else:
-            grads = [p.grad for p in params if p.grad is not None]
+        self._update_parameters([(p, p.grad) for p in params], loss_problem=bad, commit=commit)
+        return loss
+
+    def _update_parameters(self, pairs, *, loss_problem: Optional[str] = None,
+                           commit: Optional[Callable[[], None]] = None, scale: float = 1.0) -> None:
+        """The one guarded path by which every backend changes its parameters.
+
+        ``pairs`` are ``(unconstrained parameter, gradient of the loss)``; ``loss_problem`` a
+        reason the step is already known to be divergent.  When every gradient is finite (and
+        no problem was given) ``commit()`` runs (the backend's own state changes for this step),
+        the gradients, times ``scale``, are written to ``.grad``, the optimizer takes its step
+        and the gradients are cleared; otherwise nothing changes (``.grad`` is cleared) and a
+        :class:`~ppl_lvm.errors.DivergenceError` is raised.
+        """
+        pairs = [(p, g) for p, g in pairs if g is not None]
+        bad = loss_problem
+        if bad is None and pairs:
             # one reduction and one host sync for all gradients; name the culprit only on failure
-            if grads and not bool(torch.isfinite(torch.stack([g.sum() for g in grads]).sum())):
+            if not bool(torch.isfinite(torch.stack([g.sum() for _, g in pairs]).sum())):
                 store = pyro.get_param_store()
-                for p in params:
-                    if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                for p, g in pairs:
+                    if not bool(torch.isfinite(g).all()):
                         try:
                             name = store.param_name(p)
                         except KeyError:
@@ -437,18 +463,31 @@ class Backend:
                         break
                 else:  # finite entries whose sum overflowed: still a divergent step
                     bad = "the gradients overflow"
+        params = [p for p, _ in pairs]
         if bad is not None:
             pyro.infer.util.zero_grads(params)
-            raise DivergenceError(
-                f"{type(self).__name__} step {self.num_steps}: {bad}. The update was skipped; "
-                "parameters and optimizer keep their values before this step (through run() or "
-                "ppl_lvm.fit the fit so far is in the error's .fit). Try a smaller learning "
-                "rate, better-scaled data, float64 data, or a guide initialised closer to the prior.",
-                step=self.num_steps,
-            )
+            self._divergence(bad)
+        if commit is not None:
+            commit()
+        if not params:
+            return
+        for p, g in pairs:
+            p.grad = g if scale == 1.0 else g * scale
         self.optim(params)
         pyro.infer.util.zero_grads(params)
-        return loss
+
+    #: what a DivergenceError from this backend advises
+    divergence_advice: ClassVar[str] = ("Try a smaller learning rate, better-scaled data, float64 data, or a "
+                                        "guide initialised closer to the prior.")
+
+    def _divergence(self, what: str):
+        """Raise the :class:`~ppl_lvm.errors.DivergenceError` of a step that was not taken."""
+        raise DivergenceError(
+            f"{type(self).__name__} step {self.num_steps}: {what}. The update was skipped; parameters, "
+            "optimizer state and the backend's own state keep their values before this step (through "
+            f"run() or ppl_lvm.fit the fit so far is in the error's .fit). {self.divergence_advice}",
+            step=self.num_steps,
+        )
 
     def _coerce(self, args, kwargs):
         names = positional_names(self.model) if callable(self.model) else None

@@ -83,7 +83,8 @@ from ..errors import IncompatibleModelError
 from ..traces import (LogWeights, PotentialEnergy, _PlateSums, _pad_left, _validation_off, site_is_subsample,
                       trace_program)
 from ..validation import check_positive_int
-from .base import GuidedBackend, iid_chains, register_backend
+from .base import GuidedBackend, StepProposal, iid_chains, register_backend
+from .requirements import Requirements, program_kind
 
 __all__ = ["GFlowNetEM", "MLPPolicy", "AnnealedThreshold"]
 
@@ -299,7 +300,7 @@ class GFlowNetEM(GuidedBackend):
                  "continuous latents through a guide)")
     proposal_description = "the policy (mixed with uniform choices at evidence_epsilon, times the guide)"
     draws_choices = ()  # its posterior draws are the policy's; there is no resampling option
-    needs_guide = False
+    requires = Requirements(guide="optional", discrete_latents="need")
     _capture_params = False
 
     def __init__(self, model, guide=None, optim=None, *, policy: Optional[nn.Module] = None,
@@ -326,7 +327,7 @@ class GFlowNetEM(GuidedBackend):
                              "given, set the learning rates in it (a callable of (module, param name)).")
         super().__init__(model, None, optim, max_plate_nesting=max_plate_nesting, data_plate=data_plate,
                          validate=validate)
-        if guide is not None and not callable(guide) and not self._state_space_object:
+        if guide is not None and not callable(guide) and program_kind(model) == "callable":
             raise TypeError(f"guide must be a Pyro program over the continuous latent sites or None, "
                             f"got {type(guide).__name__}.")
         if policy is not None and not isinstance(policy, nn.Module):
@@ -373,12 +374,6 @@ class GFlowNetEM(GuidedBackend):
     # ------------------------------------------------------------------ checks
     def check_model(self, structure):
         discrete = structure.discrete_latents
-        if not discrete:
-            raise IncompatibleModelError(
-                "GFlowNetEM samples discrete latent variables, but the model has none (latent sites: "
-                f"{sorted(structure.latent_sites) or 'none'}). Use backend='svi', 'iwae' or 'sghmc' "
-                "for continuous latents."
-            )
         dp = structure.data_plate
         local = [n for n, s in discrete.items() if dp is not None and dp in s.plates]
         glob = [n for n in discrete if n not in local]
@@ -746,6 +741,9 @@ class GFlowNetEM(GuidedBackend):
         explore = temperature != 1.0 or epsilon > 0.0
 
         h = self._encode(ctx, b)  # encoded once: sampling uses it detached, the losses with gradients
+        if not bool(torch.isfinite(h).all()):
+            self._divergence("the policy's encoding of the data is not finite (non-finite data, or policy "
+                             "weights that diverged)")
         h0 = h.detach()
         actions, elem_lp = self._sample(h0, k, temperature, epsilon)
         with poutine.trace(param_only=True) as gcap:
@@ -754,18 +752,19 @@ class GFlowNetEM(GuidedBackend):
             lw = self._log_weights(actions, cont, gterms, args, kwargs)
         log_r = self._unit_rewards(lw)
 
+        acceptance = None
         if self.local_search:
-            actions, log_r = self._local_search(h0, actions, elem_lp, log_r.detach(), cont, gterms, args, kwargs)
+            actions, log_r, acceptance = self._local_search(h0, actions, elem_lp, log_r.detach(), cont, gterms,
+                                                            args, kwargs)
 
         # ---- E-step: trajectory balance (or sub-trajectory balance) on the policy
         logp = self._element_log_probs(h, actions)
         log_z = self.policy.log_z(h)  # (B,)
         target = log_r.detach()
-        if not self._log_z_initialized:
-            with torch.no_grad():
-                self.policy.log_z_base.add_((target - logp.detach().sum(-1)).mean() - log_z.detach().mean())
-            self._log_z_initialized = True
-            log_z = self.policy.log_z(h)
+        log_z_offset = None
+        if not self._log_z_initialized:  # start log Z at the first batch's mean log(R / P_F)
+            log_z_offset = ((target - logp.detach().sum(-1)).mean() - log_z.detach().mean()).detach()
+            log_z = log_z + log_z_offset
         if self.subtrajectory_lambda is None:
             resid = log_z + logp.sum(-1) - target
             e_loss = resid.pow(2).mean()
@@ -776,14 +775,14 @@ class GFlowNetEM(GuidedBackend):
             loss = loss + self.sleep_weight * self._sleep_loss(args, kwargs)
         policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         e_val = float(e_loss.detach())
-        self._loss_avg = e_val if self._loss_avg is None else 0.95 * self._loss_avg + 0.05 * e_val
+        loss_avg = e_val if self._loss_avg is None else 0.95 * self._loss_avg + 0.05 * e_val
 
         # ---- M-step (model parameters) and the continuous guide's ELBO
         guide_params = list({s["value"].unconstrained() for s in gcap.trace.nodes.values() if s["type"] == "param"})
         model_params = list({s["value"].unconstrained() for s in mcap.trace.nodes.values() if s["type"] == "param"}
                             - set(policy_params))
         take_m = bool(model_params) and step >= self.m_step_warmup and (
-            self.m_step_threshold is None or self._loss_avg <= self.m_step_threshold(step))
+            self.m_step_threshold is None or loss_avg <= self.m_step_threshold(step))
         grads_for = []
         if take_m or guide_params:
             # the M-step's z: fresh on-policy draws when exploring (exploratory and locally searched
@@ -805,16 +804,26 @@ class GFlowNetEM(GuidedBackend):
                     p.grad = g if p.grad is None else p.grad + g
             grads_for = targets
             n_units = self.structure.plates[self.structure.data_plate].size if self.local else 1
-            self.m_step_history.append(float(m_obj.detach()) / n_units if take_m else float("nan"))
+            m_record = float(m_obj.detach()) / n_units if take_m else float("nan")
         else:
-            self.m_step_history.append(float("nan"))
-        if take_m:
-            self.m_steps += 1
+            m_record = float("nan")
         pgrads = torch.autograd.grad(loss, policy_params, allow_unused=True)
         for p, g in zip(policy_params, pgrads):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
-        return float(loss.detach()), policy_params + grads_for
+
+        def commit():  # the step's bookkeeping, run only once loss and gradients are finite
+            if log_z_offset is not None:
+                with torch.no_grad():  # before the optimizer's step, which then moves the shifted value
+                    self.policy.log_z_base.add_(log_z_offset)
+                self._log_z_initialized = True
+            self._loss_avg = loss_avg
+            self.m_step_history.append(m_record)
+            if take_m:
+                self.m_steps += 1
+            if acceptance is not None:
+                self.local_search_acceptance = acceptance
+        return StepProposal(float(loss.detach()), policy_params + grads_for, commit)
 
     def _subtb_loss(self, h, actions, logp, log_z, target):
         """Sub-trajectory balance over all (i < j) pairs with weights lambda**(j - i)."""
@@ -832,7 +841,9 @@ class GFlowNetEM(GuidedBackend):
         return (w * resid.pow(2)).sum((-1, -2)).div(w.sum()).mean()
 
     def _local_search(self, h0, actions, elem_lp, log_r, cont, gterms, args, kwargs):
-        """Rebuild the last ``local_search`` elements and accept by Metropolis-Hastings."""
+        """Rebuild the last ``local_search`` elements and accept by Metropolis-Hastings; returns
+        the states, their log-rewards and the last round's acceptance rate."""
+        acceptance = None
         m = min(self.local_search, self.num_elements)
         keep = self.num_elements - m
         k = actions.shape[0]
@@ -847,8 +858,8 @@ class GFlowNetEM(GuidedBackend):
                 actions = torch.where(accept.unsqueeze(-1), prop, actions)
                 cur_lp = torch.where(accept.unsqueeze(-1), prop_lp, cur_lp)
                 log_r = torch.where(accept, prop_r, log_r)
-                self.local_search_acceptance = float(accept.float().mean())
-        return actions, log_r
+                acceptance = float(accept.float().mean())
+        return actions, log_r, acceptance
 
     def _sleep_loss(self, args, kwargs):
         """-log P_F(z | x) at (z, x) drawn from the model (the data plate's points)."""

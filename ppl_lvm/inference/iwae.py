@@ -57,10 +57,10 @@ from typing import Optional
 
 import torch
 
-from ..errors import IncompatibleModelError
 from ..traces import LogWeights, detach_distribution, log_mean_exp, trace_program
 from ..validation import check_positive_int
 from .base import GuidedBackend, register_backend
+from .requirements import Requirements
 
 __all__ = ["IWAE", "iwae_bound", "vimco_signals"]
 
@@ -133,16 +133,7 @@ class IWAE(GuidedBackend):
         self._score_sites: tuple = ()
 
     # ------------------------------------------------------------------ checks
-    def check_model(self, structure):
-        if structure.global_latents and structure.subsampled_plates:
-            plates = sorted(structure.subsampled_plates)
-            raise IncompatibleModelError(
-                f"IWAE: the model has global latent site(s) {sorted(structure.global_latents)} and "
-                f"subsamples plate(s) {plates}. The importance-weighted bound over the joint has no "
-                "unbiased minibatch estimate; fit on full batches (subsample_size=None), make the "
-                "global sites parameters, or use backend='svi', whose ELBO is unbiased under "
-                "subsampling."
-            )
+    requires = Requirements(global_latents_with_subsampling=False)
 
     def _after_setup(self, structure, *args, **kwargs):
         self._score_sites = self._non_reparameterized_sites(structure)

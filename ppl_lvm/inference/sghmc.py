@@ -60,14 +60,14 @@ import numbers
 import warnings
 from typing import Dict, List, Optional, Sequence
 
-import pyro
 import torch
 from pyro import poutine
 
-from ..errors import DivergenceError, IncompatibleModelError
+from ..errors import IncompatibleModelError
 from ..traces import PotentialEnergy, ParticleEvaluator, ProgramStructure, trace_program
 from ..validation import check_positive_int
-from .base import Backend, refuse_dependent_supports, register_backend
+from .base import Backend, register_backend
+from .requirements import Requirements
 
 __all__ = ["SGHMC", "SGLD", "ConstantStepSize", "PolynomialDecay", "CyclicalStepSize"]
 
@@ -259,7 +259,8 @@ class SGHMC(Backend):
     """
 
     name = "sghmc"
-    needs_guide = False
+    requires = Requirements(guide="optional", discrete_latents="refuse", latent_sites="need",
+                            latents_in_subsampled_plate=False, dependent_supports=False)
     _capture_params = False
     valid_for = ("models whose latent sites are all continuous, with or without minibatches "
                  "from pyro.plate(subsample_size=B); local latents only without subsampling")
@@ -347,28 +348,6 @@ class SGHMC(Backend):
 
     # ------------------------------------------------------------------ checks and setup
     def check_model(self, structure: ProgramStructure) -> None:
-        discrete = structure.discrete_latents
-        if discrete:
-            raise IncompatibleModelError(
-                f"{type(self).__name__} moves continuous variables along gradients, but the model has "
-                f"discrete latent site(s) {sorted(discrete)}. Marginalize them by enumeration "
-                "(infer={'enumerate': 'parallel'} with SVI and TraceEnum_ELBO) or sample them "
-                "with backend='gflownet_em'."
-            )
-        if not structure.latent_sites:
-            raise IncompatibleModelError(
-                "The model has no latent sample sites, so there is nothing to sample. Give its "
-                "unknowns priors with pyro.sample, or fit point estimates with SVI and an empty guide."
-            )
-        sub = structure.subsampled_plates
-        trapped = structure.latents_in_subsampled_plates
-        if trapped:
-            raise IncompatibleModelError(
-                f"Latent site(s) {trapped} sit inside the subsampled plate(s) {sorted(sub)}: a chain "
-                "cannot keep a state for the data points outside each minibatch. Switch "
-                "subsampling off (subsample_size=None) to sample them with SG-HMC, or fit local "
-                "latents with an amortized guide (backend='iwae' or 'svi')."
-            )
         if self.groups is not None:
             unknown = sorted({n for g in self.groups for n in g} - set(structure.latent_sites))
             if unknown:
@@ -376,7 +355,6 @@ class SGHMC(Backend):
                                  f"latent sites are {sorted(structure.latent_sites)}.")
 
     def _after_setup(self, structure: ProgramStructure, *args, **kwargs) -> None:
-        refuse_dependent_supports(self, structure, args, kwargs)
         try:
             self.potential = PotentialEnergy(self.model, structure, structure.max_plate_nesting)
         except ValueError as exc:
@@ -437,15 +415,18 @@ class SGHMC(Backend):
                     * self.init_radius
         return out
 
-    def _init_chains(self, args, kwargs):
+    def _initial_chains(self, args, kwargs):
+        """``(u, v, sq)``: initial positions, zero momenta, no preconditioner (nothing stored)."""
         u = self._initial_values(args, kwargs)
         bad = [n for n, t in u.items() if not bool(torch.isfinite(t).all())]
         if bad:
             raise ValueError(f"The initial values of site(s) {bad} are not finite on unconstrained space; "
                              "pass init='uniform' or finite values inside the support.")
-        self._u = {n: t.detach().clone() for n, t in u.items()}
-        self._v = {n: torch.zeros_like(t) for n, t in self._u.items()}
-        self._sq = None
+        u = {n: t.detach().clone() for n, t in u.items()}
+        return u, {n: torch.zeros_like(t) for n, t in u.items()}, None
+
+    def _init_chains(self, args, kwargs):
+        self._u, self._v, self._sq = self._initial_chains(args, kwargs)
 
     # ------------------------------------------------------------------ one step
     def _structured_inputs(self, u):
@@ -488,25 +469,28 @@ class SGHMC(Backend):
         pg = list(zip(params, grads[len(names):]))
         return U.detach(), g, pg
 
-    def _divergence(self, what):
-        raise DivergenceError(
-            f"{type(self).__name__} step {self.num_steps}: {what}. The step was not taken; the "
-            "chains keep their last finite state. Lower the step size (it must shrink like 1/N "
-            "with N data points), raise the friction, or use preconditioner='rmsprop'.",
-            step=self.num_steps,
-        )
+    divergence_advice = ("Lower the step size (it must shrink like 1/N with N data points), raise the "
+                         "friction, or use preconditioner='rmsprop'.")
 
     def _step(self, *args, **kwargs) -> float:
+        # Nothing on self (chains, momenta, preconditioner, noise estimate, step size, draws) nor
+        # any model parameter changes until the whole step is known to be finite: the step's
+        # state is built in locals and committed by _update_parameters, the one guarded path.
         if self._u is None:
-            self._init_chains(args, kwargs)
+            u0, v0, sq0 = self._initial_chains(args, kwargs)
+        else:
+            u0, v0, sq0 = self._u, self._v, self._sq
         t = self.num_steps
-        if self._auto and t == 0 and not self._mode_found and self._lbfgs_mode(args, kwargs):
-            self._mode_found = True  # before this step's gradients, which are then at the mode
+        mode_found = self._mode_found
+        if self._auto and t == 0 and not mode_found:
+            found = self._lbfgs_mode(u0, args, kwargs)
+            if found is not None:  # before this step's gradients, which are then at the mode
+                (u0, sq0), mode_found = found, True
         eta = self._auto_step if self._auto else float(self.schedule(t))
         explore = False if self._auto else bool(self.schedule.explore(t))
         in_warmup = t < self.warmup
         learn = self.learn_params and in_warmup
-        u = {n: x.detach().requires_grad_(True) for n, x in self._u.items()}
+        u = {n: x.detach().requires_grad_(True) for n, x in u0.items()}
         U, grads, param_grads = self._potential_and_grads(args, kwargs, u, learn)
 
         finite = torch.stack([torch.isfinite(U).all()] + [torch.isfinite(g).all() for g in grads.values()])
@@ -517,14 +501,11 @@ class SGHMC(Backend):
             bad = [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
             self._divergence(f"the gradient of the potential at site(s) {bad} is not finite")
 
-        if param_grads and not all(g is None or bool(torch.isfinite(g).all()) for _, g in param_grads):
-            self._divergence("the gradient of a model parameter is not finite")
-
-        if self._auto and t < self.warmup // 5 and not self._mode_found:
-            return self._mode_search_step(U, grads, param_grads)
+        if self._auto and t < self.warmup // 5 and not mode_found:
+            return self._mode_search_step(U, grads, param_grads, (u0, v0, sq0))
         alpha = self.friction
         new_u, new_v = {}, {}
-        sq = self._sq
+        sq = sq0
         if self.preconditioner == "rmsprop":
             if sq is None:
                 sq = {n: g.detach() ** 2 for n, g in grads.items()}
@@ -533,11 +514,11 @@ class SGHMC(Backend):
                 sq = {n: b * sq[n] + (1 - b) * grads[n].detach() ** 2 for n in grads}
         noise, noise_count = self._noise_var, self._noise_count
         if in_warmup and not explore and self._estimating_noise(t):
-            noise, noise_count = self._noise_update(args, kwargs, grads)
+            noise, noise_count = self._noise_update(u0, args, kwargs, grads)
         for n, g in grads.items():
             g = g.detach()
             precond = 1.0 if sq is None else 1.0 / (self.rmsprop_eps + sq[n].sqrt())
-            v = (1.0 - alpha) * self._v[n] - eta * precond * g
+            v = (1.0 - alpha) * v0[n] - eta * precond * g
             if not explore:
                 # Chen et al.'s correction: the minibatch gradient already carries noise of
                 # variance eta^2 G^2 V per step, so inject 2 (alpha - beta_hat) eta G with
@@ -546,68 +527,58 @@ class SGHMC(Backend):
                     (alpha - 0.5 * eta * precond * noise[n]).clamp_min(0.0)
                 v = v + torch.sqrt(2.0 * eta * precond * room * torch.ones_like(g)) * torch.randn_like(g)
             new_v[n] = v
-            new_u[n] = self._u[n] + v
+            new_u[n] = u0[n] + v
         if not all(bool(torch.isfinite(x).all()) for x in new_u.values()):
             self._divergence("the proposed position is not finite")
-        # everything checked: commit the parameters' SAEM step, the preconditioner, the noise
-        # estimate and the step size, then the chains' move
-        self._commit_param_step(param_grads, U.shape[0])
-        self._sq, self._noise_var, self._noise_count = sq, noise, noise_count
-        if in_warmup and self._auto and t >= self.warmup // 2:
-            self._track_positions(new_u)
-            if noise is not None and noise_count >= 10 or noise is None and self._positions[0] >= 20:
-                self._auto_step = self._noise_limited_step(sq, noise)
-        if t == self.warmup - 1:
-            self._warn_noise_dominates(eta if not self._auto else self._auto_step)
-        self._u, self._v = new_u, new_v
 
-        if self.groups is not None:
-            self._push_buffer(new_u)
-        if not in_warmup and not explore and (t - self.warmup) % self.thin == 0:
-            with torch.no_grad():
-                self._draws.append({n: x.detach().clone() for n, x in self.potential.constrain(new_u).items()})
-            # the potential was evaluated before the move; it is the energy of the previous state
-            self._draw_potential.append(U[: self.num_chains].clone())
-            self._draw_step_size.append(eta)
+        def commit():  # everything checked: the preconditioner, noise estimate, step size, chains
+            self._mode_found = mode_found
+            self._sq, self._noise_var, self._noise_count = sq, noise, noise_count
+            if in_warmup and self._auto and t >= self.warmup // 2:
+                self._track_positions(new_u)
+                if noise is not None and noise_count >= 10 or noise is None and self._positions[0] >= 20:
+                    self._auto_step = self._noise_limited_step(sq, noise)
+            if t == self.warmup - 1:
+                self._warn_noise_dominates(eta if not self._auto else self._auto_step)
+            self._u, self._v = new_u, new_v
+            if self.groups is not None:
+                self._push_buffer(new_u)
+            if not in_warmup and not explore and (t - self.warmup) % self.thin == 0:
+                with torch.no_grad():
+                    self._draws.append({n: x.detach().clone() for n, x in self.potential.constrain(new_u).items()})
+                # the potential was evaluated before the move; it is the energy of the previous state
+                self._draw_potential.append(U[: self.num_chains].clone())
+                self._draw_step_size.append(eta)
+
+        # the model parameters' SAEM step ascends the log-joint averaged over the U.shape[0] copies
+        self._update_parameters(param_grads, commit=commit, scale=1.0 / U.shape[0])
         return float(U.mean())
-
-    def _commit_param_step(self, param_grads, num_copies: int) -> None:
-        """The model parameters' SAEM step: ascend the log-joint averaged over the chains
-        (``num_copies`` rows of the potential); called only once a step is known to be finite."""
-        params = []
-        for p, g in param_grads:
-            if g is not None:
-                p.grad = g / num_copies
-                params.append(p)
-        if params:
-            self.optim(params)
-            pyro.infer.util.zero_grads(params)
 
     #: L-BFGS iterations of the mode search of a model without minibatches (step_size='auto')
     auto_lbfgs_iterations: int = 500
 
-    def _lbfgs_mode(self, args, kwargs) -> bool:
+    def _lbfgs_mode(self, u, args, kwargs):
         """``step_size="auto"`` on a model without subsampled plates, model parameters or
         structured groups: move every chain to its nearest mode with L-BFGS (strong-Wolfe line
-        search, deterministic gradients) before sampling, and report whether it converged
-        (every gradient coordinate below a tenth of sqrt(H_ii), i.e. within 0.1 conditional sd
-        of the mode); if not (an unbounded
+        search, deterministic gradients) before sampling, starting from positions ``u``, and
+        return ``(positions, preconditioner)`` when it converged (every gradient coordinate below
+        a tenth of sqrt(H_ii), i.e. within 0.1 conditional sd of the mode), else ``None`` (an unbounded
         density such as a centered hierarchical funnel, whose density grows without limit as
-        the scale goes to 0), nothing is changed and the Adam search runs instead.  Adam with a
+        the scale goes to 0; the Adam search runs instead).  Nothing is stored.  Adam with a
         fixed rate needed far more than warmup/5 steps on ill-conditioned posteriors (kidiq:
         the potential 4e3 above the mode's after 2000 steps, every chain stuck)."""
         if self.structure.subsampled_plates or self.groups is not None:
-            return False
+            return None
         with torch.no_grad(), poutine.trace(param_only=True) as capture:
-            U0 = self.potential(self._u, args, kwargs)
+            U0 = self.potential(u, args, kwargs)
         if any(site["type"] == "param" for site in capture.trace.nodes.values()) and self.learn_params:
-            return False
+            return None
         if U0.shape[0] != self.num_chains or not bool(torch.isfinite(U0).all()):
-            return False
+            return None
         # one L-BFGS per chain (a joint run over the chains' summed potentials lets one chain's
         # curvature set the line search for all: 3 of 4 chains 50-250 nats short of the mode
         # after 200 iterations on the sblrc regression)
-        current = {n: t.detach().clone() for n, t in self._u.items()}
+        current = {n: t.detach().clone() for n, t in u.items()}
         for c in range(self.num_chains):
             mine = {n: t[c].clone().requires_grad_(True) for n, t in current.items()}
             opt = torch.optim.LBFGS(list(mine.values()), lr=1.0, max_iter=self.auto_lbfgs_iterations,
@@ -624,7 +595,7 @@ class SGHMC(Backend):
                 with poutine.block(hide_types=["param"]):
                     opt.step(closure)
             except (RuntimeError, ValueError):
-                return False
+                return None
             current = {n: torch.cat([current[n][:c], mine[n].detach().unsqueeze(0), current[n][c + 1:]])
                        for n in current}
         new = {n: t.detach().requires_grad_(True) for n, t in current.items()}
@@ -632,20 +603,18 @@ class SGHMC(Backend):
         g1 = torch.autograd.grad(U1.sum(), list(new.values()), allow_unused=True)
         g1 = [g if g is not None else torch.zeros_like(new[n]) for n, g in zip(new, g1)]
         if not bool(torch.isfinite(U1).all()):
-            return False  # a non-finite gradient fails the convergence test below (NaN <= x is False)
+            return None  # a non-finite gradient fails the convergence test below (NaN <= x is False)
         # at the mode the gradient vanishes, so rmsprop's E[g^2] would start at 0 (an infinite
         # preconditioner) and the chains' spread too: start both from the curvature instead.
         # For a Gaussian E[g_i^2] = H_ii, the diagonal of the precision (Hessian), and
         # 1/H_ii is the conditional variance: each chain starts one conditional sd away.
         hdiag = self._hessian_diagonal(new, args, kwargs)
         if hdiag is None:
-            return False
+            return None
         # converged: every chain within a tenth of a conditional sd of its mode, |g_i| <= 0.1 sqrt(H_ii)
         if not all(bool((g.abs() <= 0.1 * hdiag[n].sqrt()).all()) for n, g in zip(new, g1)):
-            return False
-        self._sq = hdiag
-        self._u = {n: (t.detach() + torch.randn_like(t) * hdiag[n].rsqrt()).detach() for n, t in new.items()}
-        return True
+            return None
+        return {n: (t.detach() + torch.randn_like(t) * hdiag[n].rsqrt()).detach() for n, t in new.items()}, hdiag
 
     def _hessian_diagonal(self, u, args, kwargs, exact_up_to: int = 200, probes: int = 64):
         """The diagonal of the potential's Hessian per chain, ``{site: (C, ...)}``: exact
@@ -683,7 +652,7 @@ class SGHMC(Backend):
             return None
         return {n: d.clamp_min(torch.finfo(d.dtype).tiny) for n, d in diag.items()}
 
-    def _mode_search_step(self, U, grads, param_grads) -> float:
+    def _mode_search_step(self, U, grads, param_grads, start) -> float:
         """``step_size='auto'``, first fifth of warmup: every chain descends its own minibatch
         potential with Adam (lr :attr:`auto_search_lr`, decaying geometrically to 1% of it, on
         unconstrained space, no noise, no draws), so that sampling starts in the posterior's bulk whatever the initial values'
@@ -700,13 +669,16 @@ class SGHMC(Backend):
         tiny = torch.finfo(next(iter(grads.values())).dtype).eps
         m = {n: b1 * m[n] + (1 - b1) * g.detach() for n, g in grads.items()}
         v2 = {n: b2 * v2[n] + (1 - b2) * g.detach() ** 2 for n, g in grads.items()}
-        new_u = {n: self._u[n] - lr * (m[n] / (1 - b1 ** k)) / ((v2[n] / (1 - b2 ** k)).sqrt() + tiny)
+        u0, v0, sq0 = start
+        new_u = {n: u0[n] - lr * (m[n] / (1 - b1 ** k)) / ((v2[n] / (1 - b2 ** k)).sqrt() + tiny)
                  for n in grads}
         if not all(bool(torch.isfinite(x).all()) for x in new_u.values()):
             self._divergence("the proposed position is not finite")
-        self._commit_param_step(param_grads, U.shape[0])
-        self._search = (m, v2, k)
-        self._u = new_u
+
+        def commit():
+            self._search = (m, v2, k)
+            self._u, self._v, self._sq = new_u, v0, sq0
+        self._update_parameters(param_grads, commit=commit, scale=1.0 / U.shape[0])
         return float(U.mean())
 
     # ------------------------------------------------------------------ gradient noise
@@ -715,12 +687,12 @@ class SGHMC(Backend):
         half of warmup, for models that subsample)."""
         return bool(self.structure.subsampled_plates) and t >= self.warmup // 2
 
-    def _noise_update(self, args, kwargs, grads):
+    def _noise_update(self, u, args, kwargs, grads):
         r"""The running mean of the minibatch gradient noise variance :math:`V` per coordinate,
         updated with one more pair: a second gradient at the same positions on independent
         minibatches, :math:`V \approx (g_1 - g_2)^2 / 2` averaged over chains.  Returns the
         new ``(mean, count)`` without committing them."""
-        u2 = {n: x.detach().requires_grad_(True) for n, x in self._u.items()}
+        u2 = {n: x.detach().requires_grad_(True) for n, x in u.items()}
         _, g2, _ = self._potential_and_grads(args, kwargs, u2, learn=False)
         C = self.num_chains
         pair = {n: 0.5 * (grads[n].detach()[:C] - g2[n][:C]).pow(2).mean(0, keepdim=True) for n in g2}

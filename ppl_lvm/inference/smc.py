@@ -84,7 +84,8 @@ from pyro.poutine.util import site_is_subsample
 from ..errors import IncompatibleModelError
 from ..traces import _log_mean_exp_se, _validation_off, log_mean_exp
 from ..validation import check_positive_int
-from .base import Backend, EvidenceEstimate, register_backend
+from .base import Backend, EvidenceEstimate, StepProposal, register_backend
+from .requirements import Requirements
 
 __all__ = [
     "ParticleFilter",
@@ -441,7 +442,7 @@ class ParticleFilter:
             bad = next((t for t, v in enumerate(incs) if not bool(torch.isfinite(v))), None)
             where = f" at step {bad} (0 = init)" if bad is not None else ""
             raise FloatingPointError(
-                f"The particle filter's log-evidence is {float(self._log_z)}{where}: every particle got "
+                f"The particle filter's log-evidence is {float(self._log_z.detach())}{where}: every particle got "
                 "zero (or NaN) weight. Use more particles, a proposal closer to the data (a guide), "
                 "or check the observation model."
             )
@@ -516,7 +517,7 @@ class SMCFilterBackend(Backend):
     """
 
     name = "smc_filter"
-    needs_guide = False
+    requires = Requirements(program="state_space", guide="optional")
     _capture_params = False
     _evidence_from_runs = True
     valid_for = ("state-space model objects with init(state, ...)/step(state, ...) (Pyro's SMCFilter "
@@ -538,19 +539,12 @@ class SMCFilterBackend(Backend):
                               resampling=self.resampling, resampling_gradient=self.resampling_gradient,
                               **extra)
 
-    def setup(self, observations=None, init_args=(), init_kwargs=None, **_options):
-        if not is_state_space_model(self.model):
-            raise IncompatibleModelError(
-                f"backend 'smc_filter' runs state-space model objects with init(state, ...) and "
-                f"step(state, ...) methods (Pyro's SMCFilter contract); got {type(self.model).__name__}. "
-                "For a static Pyro model use the tempered SMC sampler, backend='smc'."
-            )
+    def _check_state_space_data(self, observations=None, init_args=(), init_kwargs=None, **_options):
         self._make_filter()  # validates the options
         if observations is None:
             raise ValueError("Pass the observations: step(observations, init_args=(), init_kwargs=None).")
         if torch.is_tensor(observations) and self.validate and not bool(torch.isfinite(observations).all()):
             raise ValueError("observations contain NaN or inf; remove or impute them before filtering.")
-        return None
 
     def _run_filter(self, observations, init_args, init_kwargs, **extra):
         pf = self._make_filter(**extra)
@@ -560,17 +554,27 @@ class SMCFilterBackend(Backend):
         return pf, log_z, [p for p in params if p.requires_grad]
 
     def _step(self, observations=None, init_args=(), init_kwargs=None) -> float:
-        pf, log_z, params = self._run_filter(observations, init_args, init_kwargs)
-        self.filter_ = pf
+        try:
+            pf, log_z, params = self._run_filter(observations, init_args, init_kwargs)
+        except FloatingPointError as err:  # every particle lost its weight at some time step
+            self._divergence(str(err).rstrip("."))
+
+        def commit():
+            self.filter_ = pf
+
         if params and log_z.requires_grad:
-            return self._gradient_step(lambda: self._backward(log_z, params))
-        return float(-log_z)
+            return self._gradient_step(lambda: self._backward(log_z, params, commit))
+        loss = float(-log_z)
+        if not math.isfinite(loss):
+            self._divergence(f"the log-evidence estimate is {-loss}")
+        commit()
+        return loss
 
     @staticmethod
-    def _backward(log_z, params):
+    def _backward(log_z, params, commit):
         loss = -log_z
         loss.backward()
-        return float(loss.detach()), params
+        return StepProposal(float(loss.detach()), params, commit)
 
     def _default_num_steps(self) -> int:
         return 1

@@ -77,10 +77,11 @@ import torch
 from pyro import poutine
 
 from ..errors import DivergenceError, IncompatibleModelError
-from ..traces import (PotentialEnergy, ProgramStructure, log_mean_exp, _log_mean_exp_se, trace_program,
+from ..traces import (PotentialEnergy, log_mean_exp, _log_mean_exp_se, trace_program,
                       validation_off)
 from ..validation import check_positive_int
-from .base import Backend, EvidenceEstimate, refuse_dependent_supports, register_backend
+from .base import Backend, EvidenceEstimate, register_backend
+from .requirements import Requirements
 from .smc import RESAMPLERS
 
 __all__ = ["SMCSampler", "OpenHorizonSMC"]
@@ -96,9 +97,13 @@ def _fraction(value, name, low=0.0, high=1.0, open_low=True):
 class _ParticleSampler(Backend):
     """Shared machinery: particles on unconstrained space, prior draws, HMC moves."""
 
-    needs_guide = False
+    requires = Requirements(guide="optional", discrete_latents="refuse", latent_sites="need",
+                            dependent_supports=False, improper_priors="need_guide")
     _capture_params = False
     _evidence_from_runs = True
+    divergence_advice = ("Check the model's likelihood at draws from the prior (a prior far wider than "
+                         "the data's scale, a likelihood undefined somewhere in its support), or pass "
+                         "guide= to start the particles closer to the posterior.")
 
     def __init__(self, model, guide=None, optim=None, *, num_particles: int = 1000, num_moves: int = 5,
                  num_leapfrog: int = 5, step_size: float = 0.5, resampling: str = "systematic",
@@ -124,25 +129,7 @@ class _ParticleSampler(Backend):
         self._u: Optional[Dict[str, torch.Tensor]] = None
         self.acceptance = []
 
-    def check_model(self, structure: ProgramStructure) -> None:
-        if structure.discrete_latents:
-            raise IncompatibleModelError(
-                f"{type(self).__name__} moves particles with HMC, but the model has discrete latent "
-                f"site(s) {sorted(structure.discrete_latents)}. Marginalize them by enumeration "
-                "(SVI with TraceEnum_ELBO) or sample them with backend='gflownet_em'.")
-        if not structure.latent_sites:
-            raise IncompatibleModelError("The model has no latent sample sites; there is nothing to sample.")
-        improper = sorted(n for n, s in structure.latent_sites.items() if s.distribution == "ImproperUniform")
-        if improper and self.guide is None:
-            raise IncompatibleModelError(
-                f"The prior of latent site(s) {improper} is improper (ImproperUniform: a flat prior, as Stan "
-                f"gives a parameter without a prior statement); {type(self).__name__} starts its particles "
-                "from the prior, which cannot be sampled. Give the site(s) a proper prior, or pass a guide= "
-                "(the particles then start from the guide, weighted by prior / guide); SVI, IWAE, "
-                "chi^2-VIS and SG-HMC accept improper priors.")
-
     def _after_setup(self, structure, *args, **kwargs):
-        refuse_dependent_supports(self, structure, args, kwargs)
         try:
             self.potential = PotentialEnergy(self.model, structure, structure.max_plate_nesting)
         except ValueError as exc:
@@ -484,13 +471,8 @@ class SMCSampler(_ParticleSampler):
         self.ess = []
         self._lik = None
 
-    def check_model(self, structure):
-        super().check_model(structure)
-        if structure.subsampled_plates:
-            raise IncompatibleModelError(
-                f"The tempered SMC sampler needs the full likelihood, but the model subsamples plate(s) "
-                f"{sorted(structure.subsampled_plates)}. Pass arguments that switch subsampling off, "
-                "or use backend='smc_online' (open-horizon SMC) or 'sghmc' for minibatches.")
+    requires = Requirements(guide="optional", discrete_latents="refuse", latent_sites="need",
+                            subsampling="refuse", dependent_supports=False, improper_priors="need_guide")
 
     @property
     def done(self) -> bool:
@@ -520,15 +502,16 @@ class SMCSampler(_ParticleSampler):
         return max(lo, beta + 1e-12)
 
     def _step(self, *args, **kwargs) -> float:
-        if self._u is None:
-            self._u = self._prior_draws(args, kwargs)
-            self.beta, self.betas, self.log_evidence_, self.ess = 0.0, [0.0], 0.0, []
-        if not self.done:
-            _, lik = self._split_log_probs(self._u, args, kwargs)
+        fresh = self._u is None
+        u0 = self._prior_draws(args, kwargs) if fresh else self._u
+        if fresh or not self.done:
+            _, lik = self._split_log_probs(u0, args, kwargs)
             lik = lik.detach()
-            if not bool(torch.isfinite(lik).any()):
-                raise DivergenceError(f"SMCSampler step {self.num_steps}: the log-likelihood is not finite "
-                                      "for any particle.", step=self.num_steps)
+            if not bool(torch.isfinite(lik).any()):  # checked before anything is stored
+                self._divergence("the log-likelihood is not finite for any particle")
+            if fresh:
+                self._u = u0
+                self.beta, self.betas, self.log_evidence_, self.ess = 0.0, [0.0], 0.0, []
             new_beta = self._next_beta(lik)
             lw = (new_beta - self.beta) * torch.where(torch.isfinite(lik), lik, torch.full_like(lik, -math.inf))
             self.log_evidence_ += float(log_mean_exp(lw, 0))
@@ -652,16 +635,12 @@ class OpenHorizonSMC(_ParticleSampler):
         self.ess_threshold = _fraction(ess_threshold, "ess_threshold", open_low=False)
         self._log_w = None
 
+    requires = Requirements(guide="optional", discrete_latents="refuse", latent_sites="need",
+                            latents_in_subsampled_plate=False, dependent_supports=False,
+                            improper_priors="need_guide")
+
     def check_model(self, structure):
-        super().check_model(structure)
-        sub = structure.subsampled_plates
-        trapped = structure.latents_in_subsampled_plates
-        if trapped:
-            raise IncompatibleModelError(
-                f"Latent site(s) {trapped} sit inside the subsampled plate(s) {sorted(sub)}; particles over "
-                "them cannot persist across minibatches. Make them global, or use an amortized guide "
-                "(backend='iwae' or 'svi').")
-        if not sub:
+        if not structure.subsampled_plates:
             warnings.warn(
                 "OpenHorizonSMC on a model without a subsampled plate: every step reweights the particles "
                 "by the whole data set's likelihood again, so the weights target p(z) p(x | z)^t after t "
@@ -676,57 +655,53 @@ class OpenHorizonSMC(_ParticleSampler):
         return math.prod(p.scale for p in sub.values()) if sub else 1.0
 
     def _step(self, *args, **kwargs) -> float:
+        # reweighting, the parameter gradients and the resampling are computed into locals and
+        # committed together by _update_parameters once all are finite; the moves (which reject
+        # non-finite proposals and cannot diverge) then run under the updated parameters
         K = self.num_particles
-        if self._u is None:
-            self._u = self._prior_draws(args, kwargs)
-            self._log_w = None
+        u0, log_w0 = self._u, self._log_w
+        if u0 is None:
+            u0, log_w0 = self._prior_draws(args, kwargs), None
             if self.guide is not None:  # particles from the guide carry weights p(z) / q(z)
                 with torch.no_grad():
-                    values = self.potential.constrain(self._u)
+                    values = self.potential.constrain(u0)
                     lp = self.potential.log_probs(values, args, kwargs)
                     lw = sum(self.potential._per_chain(t, K) for n, (t, _) in lp.items()
                              if not self.structure.sites[n].is_observed)
                     lw = lw - self._guide_log_prob(values, args, kwargs)
-                    self._log_w = lw - torch.logsumexp(lw, 0)
+                    log_w0 = lw - torch.logsumexp(lw, 0)
         scale = self._scale()
         # one model run gives the minibatch likelihood per particle, with gradients for psi
-        fixed = {}
         with poutine.trace(param_only=True) as capture:
-            u = {n: t.detach() for n, t in self._u.items()}
+            u = {n: t.detach() for n, t in u0.items()}
             pe = self.potential
             lp, fixed = pe.log_probs_and_subsamples(pe.constrain(u), args, kwargs)
         lik = sum(pe._per_chain(term, K) for name, (term, _) in lp.items()
                   if self.structure.sites[name].is_observed) / scale  # unscaled minibatch log-lik
         if not bool(torch.isfinite(lik).all()):
-            raise DivergenceError(f"OpenHorizonSMC step {self.num_steps}: the minibatch log-likelihood is not "
-                                  "finite for some particle; lower the learning rate or step size.",
-                                  step=self.num_steps)
-        prev = self._log_w if self._log_w is not None else lik.new_full((K,), -math.log(K))  # normalized
+            self._divergence("the minibatch log-likelihood is not finite for some particle")
+        prev = log_w0 if log_w0 is not None else lik.new_full((K,), -math.log(K))  # normalized
         log_w = prev + lik.detach()
         loss = -scale * float(torch.logsumexp(log_w, 0))
         W = torch.softmax(log_w, 0)
         params = [s["value"].unconstrained() for s in capture.trace.nodes.values() if s["type"] == "param"]
         params = [p for p in params if p.requires_grad]
+        pairs = []
         if params:
             # Fisher identity: (N/B) sum_k W_k grad_psi log p(y_b | z_k, psi)
             objective = -scale * (W.detach() * lik).sum()
-            grads = torch.autograd.grad(objective, params, allow_unused=True)
-            used = []
-            for p, g in zip(params, grads):
-                if g is not None:
-                    if not bool(torch.isfinite(g).all()):
-                        raise DivergenceError(f"OpenHorizonSMC step {self.num_steps}: a parameter gradient is "
-                                              "not finite; the update was skipped.", step=self.num_steps)
-                    p.grad = g
-                    used.append(p)
-            self.optim(used)
-            pyro.infer.util.zero_grads(used)
+            pairs = list(zip(params, torch.autograd.grad(objective, params, allow_unused=True)))
         log_w = log_w - torch.logsumexp(log_w, 0)
         ess = float(torch.exp(-torch.logsumexp(2 * log_w, 0)))
+        u_next = u0
         if ess < self.ess_threshold * K:
-            self._u = self._resample(self._u, log_w)
+            u_next = self._resample(u0, log_w)
             log_w = torch.full_like(log_w, -math.log(K))
-        self._log_w = log_w.detach()
+
+        def commit():
+            self._u, self._log_w = u_next, log_w.detach()
+
+        self._update_parameters(pairs, commit=commit)
         # move on the minibatch posterior p(z) p(y_b | z)^(N/B), the same minibatch
         self._u = self._hmc_moves(self._u, 1.0, args, kwargs, mass="gradient") if not fixed else \
             self._moves_on_minibatch(args, kwargs, fixed)

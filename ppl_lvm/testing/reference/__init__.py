@@ -29,12 +29,9 @@ approximate by design, so the check is of what importance sampling with it promi
 from __future__ import annotations
 
 import json
-import math
-import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch

@@ -19,7 +19,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 
-__all__ = ["SortedNormal", "MODELS"]
+__all__ = ["SortedNormal", "HMMStateSpace", "hmm_log_likelihood"]
 
 
 class SortedNormal(dist.TorchDistribution):
