@@ -19,7 +19,7 @@ import time
 import pyro
 import torch
 
-from ppl_lvm.inference.smc import ParticleFilter
+from ppl_lvm.inference.particle_filter import ParticleFilter
 from ppl_lvm.testing import LinearGaussianSSM
 
 

@@ -130,7 +130,7 @@ def groups_to_inferencedata(groups: Dict[str, Dict[str, object]], attrs: Optiona
 
 
 def to_inferencedata(fit, num_samples=None, **kwargs):
-    """Convert a :class:`~ppl_lvm.inference.base.Fit` to ``arviz.InferenceData``.
+    """Convert a :class:`~ppl_lvm.inference.results.Fit` to ``arviz.InferenceData``.
 
     Groups: ``posterior`` in ``(chain, draw, ...)``, ``sample_stats`` (backend-specific, e.g.
     the importance log-weight of each guide draw), ``log_likelihood`` per observation (so

@@ -23,7 +23,7 @@ class DivergenceError(FloatingPointError):
 
     Raised by :meth:`~ppl_lvm.inference.base.Backend.run`; the parameters and the
     optimizer keep the values of the last finite step.  ``step`` is the index of the
-    failed step and ``fit`` the :class:`~ppl_lvm.inference.base.Fit` of the steps
+    failed step and ``fit`` the :class:`~ppl_lvm.inference.results.Fit` of the steps
     that succeeded (``None`` when the very first step failed).
     """
 

@@ -57,7 +57,7 @@ def test_an_enumerated_site_under_a_backend_that_cannot_sum_it_says_what_can():
 def test_progress_bar_falls_back_to_text_without_ipywidgets(monkeypatch):
     import sys
 
-    from ppl_lvm.inference.base import progress_bar_class
+    from ppl_lvm.inference.callbacks import progress_bar_class
 
     monkeypatch.setitem(sys.modules, "ipykernel", sys)  # "in Jupyter"
     monkeypatch.setitem(sys.modules, "ipywidgets", None)  # import fails

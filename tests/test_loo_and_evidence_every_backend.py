@@ -9,7 +9,6 @@
 * The log-evidence of the guide-based backends on a model with a latent scale (the conjugate
   normal-inverse-gamma regression), against the exact value, and the reported standard error
   against the spread of independent estimates."""
-import math
 
 import arviz as az
 import pyro

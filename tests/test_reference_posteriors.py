@@ -7,11 +7,9 @@ probability about 6e-4.  Fixed seeds.  Guide-based backends are checked on impor
 moments (what their resampled draws and evidence promise), not on the raw guide.
 """
 
-import math
 import warnings
 
 import pytest
-import torch
 
 from ppl_lvm.errors import IncompatibleModelError
 from ppl_lvm.testing import (REFERENCE_POSTERIORS, check_against_reference, load_reference,

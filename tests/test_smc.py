@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ppl_lvm import IncompatibleModelError
-from ppl_lvm.inference.smc import (
+from ppl_lvm.inference.particle_filter import (
     ParticleFilter,
     SMCFilterBackend,
     effective_sample_size,

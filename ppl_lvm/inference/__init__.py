@@ -1,22 +1,16 @@
-"""Inference backends: one file per backend, the contract in :mod:`ppl_lvm.inference.base`."""
+"""Inference backends: one file per backend, the contract in :mod:`ppl_lvm.inference.base` (see
+``docs/architecture.md`` for the layout)."""
 
-from .base import (
-    BACKENDS,
-    Backend,
-    Checkpoint,
-    EarlyStopping,
-    EvidenceEstimate,
-    Fit,
-    GuidedBackend,
-    LogLoss,
-    get_backend,
-    list_backends,
-    register_backend,
-)
+from .base import Backend, StepProposal
+from .callbacks import Checkpoint, EarlyStopping, LogLoss
+from .guided import GuidedBackend
+from .registry import BACKENDS, get_backend, list_backends, register_backend
+from .requirements import Requirements
+from .results import EvidenceEstimate, Fit
 from .iwae import IWAE
 from .vis import ChiSquareVIS
 from .svi import SVI
-from .smc import ParticleFilter, SMCFilterBackend
+from .particle_filter import ParticleFilter, SMCFilterBackend
 from .smc_sampler import OpenHorizonSMC, SMCSampler
 from .sghmc import SGHMC, SGLD, ConstantStepSize, CyclicalStepSize, PolynomialDecay
 from .gflownet_em import AnnealedThreshold, GFlowNetEM, MLPPolicy
@@ -48,4 +42,6 @@ __all__ = [
     "get_backend",
     "list_backends",
     "register_backend",
+    "Requirements",
+    "StepProposal",
 ]

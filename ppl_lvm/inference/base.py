@@ -11,10 +11,16 @@ A backend is a class derived from :class:`Backend`.  It is built from a model, a
   uninterrupted one would.
 
 Before the first step a backend validates the data (no NaN/inf), the model/guide pair (same
-latent sites, shapes and supports) and its own requirements (:meth:`Backend.check_model`,
-raising :class:`~ppl_lvm.errors.IncompatibleModelError`).  Backends register under a name
-(:func:`register_backend`) so that ``ppl_lvm.fit(model, guide, *data, backend="svi")`` and
-the ``ppl-lvm backends`` command find them.
+latent sites, shapes and supports) and its declared requirements
+(:class:`~ppl_lvm.inference.requirements.Requirements`, checked by shared code; option-dependent
+checks in :meth:`Backend.check_model`), raising :class:`~ppl_lvm.errors.IncompatibleModelError`.
+Every change a step makes goes through :meth:`Backend._update_parameters` once the whole step
+is known to be finite, so a :class:`~ppl_lvm.errors.DivergenceError` leaves parameters,
+optimizer state, counters and histories as they were.  Backends register under a name
+(:func:`~ppl_lvm.inference.registry.register_backend`) so that
+``ppl_lvm.fit(model, guide, *data, backend="svi")`` and the ``ppl-lvm backends`` command find
+them.  Results live in :mod:`~ppl_lvm.inference.results`, callbacks in
+:mod:`~ppl_lvm.inference.callbacks`, the guide-based machinery in :mod:`~ppl_lvm.inference.guided`.
 
 Example::
 
@@ -29,10 +35,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 from typing import Callable, ClassVar, Dict, List, NamedTuple, Optional, Sequence
 
-import numpy as np
 import torch
 import pyro
 import pyro.optim
@@ -40,174 +44,29 @@ from pyro import poutine
 from pyro.util import get_rng_state, set_rng_state
 
 from ..errors import DivergenceError
-from ..traces import (LogWeights, ParticleEvaluator, ProgramStructure, log_mean_exp, structure_from_trace,
-                      trace_program)
-from .requirements import Requirements, check_program, check_requirements, describe, program_kind
+from ..traces import ParticleEvaluator, ProgramStructure, structure_from_trace, trace_program
 from ..validation import (check_callable, check_finite_data, check_model_guide, check_positive_int,
                           coerce_data, positional_names)
+from .callbacks import Checkpoint, EarlyStopping, LogLoss, progress_bar_class, progress_default
+from .registry import BACKENDS, get_backend, list_backends, register_backend
+from .requirements import Requirements, check_program, check_requirements, program_kind
+from .results import EvidenceEstimate, Fit, iid_chains
 
 __all__ = [
     "Backend",
+    "StepProposal",
+    # re-exported from the modules that hold them
     "Fit",
     "EvidenceEstimate",
+    "iid_chains",
     "EarlyStopping",
     "Checkpoint",
     "LogLoss",
-    "GuidedBackend",
-    "ParticlePass",
-    "StepProposal",
     "register_backend",
     "get_backend",
     "list_backends",
     "BACKENDS",
 ]
-
-BACKENDS: Dict[str, type] = {}
-
-
-def register_backend(name: str):
-    """Class decorator: make a backend available as ``ppl_lvm.fit(..., backend=name)``."""
-    def deco(cls):
-        key = name.lower()
-        if key in BACKENDS and BACKENDS[key] is not cls:
-            raise ValueError(f"A backend named {name!r} is already registered ({BACKENDS[key].__name__}).")
-        cls.name = key
-        BACKENDS[key] = cls
-        return cls
-    return deco
-
-
-def get_backend(name) -> type:
-    """The backend class registered under ``name`` (case-insensitive); a class passes through."""
-    if isinstance(name, type) and issubclass(name, Backend):
-        return name
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a name or a Backend subclass, got {type(name).__name__}")
-    key = name.lower().replace("-", "_")
-    if key not in BACKENDS:
-        raise ValueError(f"Unknown backend {name!r}. Available backends: {', '.join(sorted(BACKENDS))}.")
-    return BACKENDS[key]
-
-
-def list_backends() -> Dict[str, str]:
-    """Registered backend names mapped to what each is valid for and needs of a model (its
-    ``valid_for`` sentence, then its declared :class:`~ppl_lvm.inference.requirements.Requirements`)."""
-    return {k: describe(v) for k, v in sorted(BACKENDS.items())}
-
-
-class EvidenceEstimate(NamedTuple):
-    r"""An estimate of :math:`\log p(x)` with its Monte Carlo standard error.
-
-    ``khat`` is the PSIS :math:`\hat k` of the importance weights (``nan`` where it does not
-    apply; the largest over data points where the weights factorize per data point): above
-    0.7 the estimate is unreliable whatever ``stderr`` says.
-    """
-
-    log_evidence: float
-    stderr: float
-    khat: float
-    num_particles: int
-    #: per data point, where the weights factorize: log p-hat(x_i) (numpy) ...
-    pointwise: Optional[np.ndarray] = None
-    #: ... and each data point's PSIS k-hat
-    pointwise_khat: Optional[np.ndarray] = None
-    #: why ``khat`` is nan, where it is
-    note: Optional[str] = None
-
-    def __float__(self):
-        return float(self.log_evidence)
-
-    def __repr__(self):
-        note = f", note={self.note!r}" if self.note else ""
-        return (f"EvidenceEstimate(log_evidence={self.log_evidence:.4f} ± {self.stderr:.4f}, "
-                f"khat={self.khat:.2f}, num_particles={self.num_particles}{note})")
-
-
-# --------------------------------------------------------------------------- callbacks
-class EarlyStopping:
-    """Stop when the loss has not improved by ``min_delta`` for ``patience`` steps.
-
-    The loss is smoothed by a running mean over ``window`` steps first, since stochastic
-    objectives fluctuate from step to step.  Use as ``backend.run(..., callbacks=[EarlyStopping()])``.
-    """
-
-    def __init__(self, patience: int = 200, min_delta: float = 0.0, window: int = 20):
-        self.patience = check_positive_int(patience, "patience")
-        self.window = check_positive_int(window, "window")
-        self.min_delta = float(min_delta)
-        self.best = math.inf
-        self.best_step = 0
-        self._recent: List[float] = []
-        self.stopped_at: Optional[int] = None
-
-    def __call__(self, backend, step: int, loss: float) -> bool:
-        self._recent.append(loss)
-        if len(self._recent) > self.window:
-            self._recent.pop(0)
-        smooth = sum(self._recent) / len(self._recent)
-        if smooth < self.best - self.min_delta:
-            self.best, self.best_step = smooth, step
-        elif step - self.best_step >= self.patience:
-            self.stopped_at = step
-            return True
-        return False
-
-
-class LogLoss:
-    """Log the loss (and its running mean) every ``every`` steps through :mod:`logging`.
-
-    Messages go to the ``"ppl_lvm"`` logger at INFO level unless another ``logger`` is given;
-    ``history`` keeps the ``(step, loss)`` pairs it logged.
-    """
-
-    def __init__(self, every: int = 100, logger=None):
-        import logging
-
-        self.every = check_positive_int(every, "every")
-        self.logger = logger or logging.getLogger("ppl_lvm")
-        self.history: List[tuple] = []
-
-    def __call__(self, backend, step: int, loss: float) -> bool:
-        if (step + 1) % self.every == 0:
-            recent = backend.losses[-self.every:]
-            self.history.append((step, loss))
-            self.logger.info("%s step %d: loss %.6g (mean of last %d: %.6g)", type(backend).__name__,
-                             step + 1, loss, len(recent), sum(recent) / len(recent))
-        return False
-
-
-class Checkpoint:
-    """Save the backend's state to ``path`` every ``every`` steps (and after the last step)."""
-
-    def __init__(self, path, every: int = 500):
-        self.path = path
-        self.every = check_positive_int(every, "every")
-
-    def __call__(self, backend, step: int, loss: float) -> bool:
-        if (step + 1) % self.every == 0:
-            backend.save(self.path)
-        return False
-
-
-def _progress_default() -> bool:
-    if os.environ.get("PPL_LVM_PROGRESS") in ("0", "false", "False"):
-        return False
-    if "ipykernel" in sys.modules:
-        return True
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
-
-
-def progress_bar_class():
-    """``tqdm.auto.tqdm`` where it can draw widgets (Jupyter with ipywidgets), else the text bar
-    (tqdm.auto without ipywidgets warns "IProgress not found" on every first fit)."""
-    if "ipykernel" in sys.modules:
-        try:
-            import ipywidgets  # noqa: F401
-        except ImportError:
-            from tqdm.std import tqdm
-            return tqdm
-    from tqdm.auto import tqdm
-    return tqdm
 
 
 def _is_finite(x) -> bool:
@@ -529,7 +388,7 @@ class Backend:
         self.setup(*args, **kwargs)
         tqdm = progress_bar_class()
 
-        show = _progress_default() if progress is None else bool(progress)
+        show = progress_default() if progress is None else bool(progress)
         every = max(1, num_steps // 200)
         bar = tqdm(total=num_steps, disable=not show, desc=type(self).__name__, leave=True)
         stop = False
@@ -653,484 +512,8 @@ class Backend:
         return f"{type(self).__name__}(steps={self.num_steps})"
 
 
-# --------------------------------------------------------------------------- results
-class Fit:
-    r"""The result of :meth:`Backend.run`: the backend in its fitted state plus the data.
-
-    A ``Fit`` is a view, not a copy: like :class:`pyro.infer.SVI`, the parameters live in
-    Pyro's global param store (and in the ``PyroModule``\ s), so further ``run`` calls,
-    ``pyro.clear_param_store()`` or another fit that reuses the same parameter names change
-    what it reports.  Save it (:meth:`save`) to keep a state.
-
-    :ivar backend: the backend.
-    :ivar args: the data the fit was run on (methods accept replacements).
-    """
-
-    def __init__(self, backend: Backend, args, kwargs):
-        self.backend = backend
-        self.args = tuple(args)
-        self.kwargs = dict(kwargs)
-
-    @property
-    def losses(self) -> np.ndarray:
-        """The objective at every step the backend has taken (live, like the parameters)."""
-        return np.asarray(self.backend.losses, dtype=float)
-
-    @property
-    def num_steps(self) -> int:
-        return self.backend.num_steps
-
-    def _data(self, args, kwargs):
-        """Positional data replace the fit's positional data when given; keywords are merged."""
-        return self.backend._coerce((tuple(args) if args else self.args), {**self.kwargs, **kwargs})
-
-    def _num_samples(self, num_samples):
-        if num_samples is None:
-            return self.backend._default_num_samples()
-        return check_positive_int(num_samples, "num_samples")
-
-    def _draws_option(self, draws):
-        if draws is None:
-            return {}
-        choices = self.backend.draws_choices
-        if not choices:
-            raise TypeError(f"draws= applies to the guide-based backends (svi, iwae, chi2_vis), not to "
-                            f"{type(self.backend).__name__}.")
-        if draws not in choices:
-            raise ValueError(f"draws must be one of {choices}, got {draws!r}.")
-        return {"draws": draws}
-
-    def posterior_samples(self, num_samples: Optional[int] = None, *args,
-                          sites: Optional[Sequence[str]] = None, draws: Optional[str] = None,
-                          **kwargs) -> Dict[str, torch.Tensor]:
-        """Draws from the fitted posterior (approximation): ``{site: (num_samples, *shape)}``.
-
-        ``num_samples`` defaults to 1000 draws from a guide, or to every kept draw of a sampler
-        (chains concatenated). Extra positional/keyword arguments replace the data the fit was
-        run on.  ``draws`` (guide-based backends): ``"resampled"`` (importance-resampled guide
-        draws, the default of IWAE and chi^2-VIS) or ``"proposal"`` (raw guide draws, SVI's
-        default); see :class:`GuidedBackend`.
-        """
-        num_samples = self._num_samples(num_samples)
-        a, k = self._data(args, kwargs)
-        self.backend.setup(*a, **k)
-        with torch.no_grad():
-            samples = self.backend._posterior_samples(num_samples, a, k, **self._draws_option(draws))
-        if sites is not None:
-            unknown = set(sites) - set(samples)
-            if unknown:
-                raise ValueError(f"Unknown site(s) {sorted(unknown)}; latent sites are {sorted(samples)}.")
-            samples = {s: samples[s] for s in sites}
-        return samples
-
-    def log_evidence(self, num_particles: int = 1000, *args, **kwargs) -> EvidenceEstimate:
-        r"""Estimate :math:`\log p(x)` where the backend can (with standard error and k-hat).
-
-        The SMC backends take ``num_runs=`` (independent runs whose :math:`\hat Z` are averaged;
-        the standard error comes from their spread)."""
-        num_runs = kwargs.pop("num_runs", None)
-        num_particles = check_positive_int(num_particles, "num_particles")
-        a, k = self._data(args, kwargs)
-        self.backend.setup(*a, **k)
-        if num_runs is not None:
-            if not self.backend._evidence_from_runs:
-                raise TypeError(f"{type(self.backend).__name__}.log_evidence takes no num_runs; only the "
-                                "SMC backends repeat independent runs.")
-            k = {**k, "num_runs": check_positive_int(num_runs, "num_runs")}
-        with torch.no_grad():
-            return self.backend._log_evidence(num_particles, a, k)
-
-    def predictive(self, num_samples: Optional[int] = None, *args,
-                   return_sites: Optional[Sequence[str]] = None, **kwargs) -> Dict[str, torch.Tensor]:
-        """Posterior predictive draws: the model run on posterior samples.
-
-        Observed sites are *sampled* (replicated data, as for a posterior predictive check),
-        even where the data pass ``obs=``: each draw is one replicate of the observed data set,
-        the model run on one posterior draw.  Pass new inputs as arguments (e.g.
-        ``fit.predictive(500, x_new, None)`` for a model ``model(x, y=None)``).  Returns
-        ``{site: tensor}`` with the draws in the first dimension and each site's own shape after
-        it, as :meth:`posterior_samples` does (no plate singleton dims).
-        """
-        samples = self.posterior_samples(self._num_samples(num_samples))
-        a, k = self._data(args, kwargs)
-        model = poutine.uncondition(self.backend.model)
-        with torch.no_grad():
-            try:  # vectorized over draws where the model broadcasts
-                out = pyro.infer.Predictive(model, posterior_samples=samples,
-                                            return_sites=return_sites, parallel=True)(*a, **k)
-            except (ValueError, RuntimeError, IndexError):
-                out = pyro.infer.Predictive(model, posterior_samples=samples,
-                                            return_sites=return_sites, parallel=False)(*a, **k)
-        sites = self.backend.structure.sites if self.backend.structure is not None else {}
-        for name, value in out.items():  # (S, 1, ..., *shape) -> (S, *shape)
-            shape = tuple(sites[name].value_shape) if name in sites else None
-            if shape is not None and value.dim() > len(shape) + 1 and value[0].numel() == math.prod(shape):
-                out[name] = value.reshape((value.shape[0],) + shape)
-        return out
-
-    def to_inferencedata(self, num_samples: Optional[int] = None, *args, draws: Optional[str] = None,
-                         **kwargs):
-        """``arviz.InferenceData`` with posterior, sample_stats, log_likelihood, observed_data.
-
-        ``num_samples``: guide draws (default 1000), or for a sampler at most this many draws
-        in all, thinned evenly within each chain (default: every kept draw).  ``draws`` as in
-        :meth:`posterior_samples`.
-        """
-        from ..diagnostics import groups_to_inferencedata
-
-        num_samples = self._num_samples(num_samples)
-        a, k = self._data(args, kwargs)
-        self.backend.setup(*a, **k)
-        with torch.no_grad():
-            groups = self.backend._inference_data_groups(num_samples, a, k, **self._draws_option(draws))
-        return groups_to_inferencedata(groups, attrs={"inference_library": "ppl_lvm",
-                                                      "backend": type(self.backend).__name__,
-                                                      "num_steps": self.num_steps})
-
-    def save(self, path) -> None:
-        """Checkpoint the backend (parameters, optimizer, RNG, history) to ``path``."""
-        self.backend.save(path)
-
-    @classmethod
-    def load(cls, path, backend: Backend, *args, **kwargs) -> "Fit":
-        """Restore a checkpoint into ``backend`` (built with the same model/guide/optim)."""
-        backend.load(path)
-        return cls(backend, args, kwargs)
-
-    def plot_losses(self, ax=None, smooth: int = 0):
-        """Plot the objective against the step (matplotlib); returns the axes."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots(figsize=(6, 3.5))
-        y = self.losses
-        ax.plot(np.arange(len(y)), y, lw=0.8, alpha=0.6 if smooth else 1.0, label="loss")
-        if smooth and len(y) > smooth:
-            kernel = np.ones(smooth) / smooth
-            ax.plot(np.arange(smooth - 1, len(y)), np.convolve(y, kernel, mode="valid"),
-                    lw=1.5, label=f"running mean ({smooth})")
-            ax.legend()
-        if len(y) >= 40:  # keep an early transient from flattening the rest of the curve
-            tail = y[len(y) // 20:]
-            lo, hi = float(np.min(tail)), float(np.quantile(tail, 0.99))
-            if float(np.max(y)) > hi and hi > lo:
-                pad = 0.1 * (hi - lo)
-                ax.set_ylim(lo - pad, hi + pad)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(type(self.backend).__name__)
-        warmup = getattr(self.backend, "warmup", 0)
-        if warmup and 0 < warmup < len(y):  # samplers: where the kept draws begin
-            ax.axvline(warmup, color="0.5", ls="--", lw=0.8)
-            ax.annotate("end of warmup", (warmup, 1.0), xycoords=("data", "axes fraction"),
-                        xytext=(3, -12), textcoords="offset points", fontsize=8, color="0.4")
-        ax.figure.tight_layout()  # keeps the x label inside a saved PNG
-        return ax
-
-    def __repr__(self):
-        last = f"{self.losses[-1]:.4g}" if len(self.losses) else "n/a"
-        extra = self.backend._fit_summary()
-        return f"Fit(backend={type(self.backend).__name__}, steps={self.num_steps}, last_loss={last}{extra})"
-
-
-def iid_chains(num_draws: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Reshape ``(num_draws, ...)`` i.i.d. draws to ``(chain, draw, ...)`` for ArviZ.
-
-    Independent or exchangeable draws (a guide's; SMC particles) split into 4 groups serve as
-    "chains" (R-hat then reads about 1 and ArviZ's shape check is satisfied); 1 chain when
-    ``num_draws`` is small or not a multiple of 4.
-    """
-    chains = 4 if num_draws % 4 == 0 and num_draws >= 16 else 1
-    return lambda v: v.reshape((chains, num_draws // chains) + tuple(v.shape[1:]))
-
-
-# --------------------------------------------------------------------------- guide-based results
-class ParticlePass(NamedTuple):
-    """One vectorized draw of K guide particles scored under the model (see
-    :meth:`GuidedBackend._particle_pass`)."""
-
-    guide_trace: object
-    model_lp: dict
-    log_weights: LogWeights
-    model_params: list
-    guide_params: list
-
-
-def _accumulate(params, grads):
-    for p, g in zip(params, grads):
-        if g is None:
-            continue
-        p.grad = g if p.grad is None else p.grad + g
-
-
-class GuidedBackend(Backend):
-    r"""A backend whose posterior is a guide :math:`q(z \mid x)` (SVI, IWAE, chi^2-VIS).
-
-    Provides the results every such backend shares:
-
-    * posterior samples: the guide run once inside a vectorized particle plate;
-    * log-evidence by importance sampling with the guide as proposal,
-      :math:`\log \hat p(x) = \log \frac1K \sum_k p(x, z_k) / q(z_k \mid x)` (per data point
-      where the latents are all local), with a delta-method standard error and the PSIS
-      :math:`\hat k` of the weights (a ``RuntimeWarning`` above 0.7);
-    * ArviZ groups: guide draws as the posterior, per-observation log-likelihoods, and the
-      draws' importance log-weights in ``sample_stats`` (``log_importance_weight``).
-
-    **Which draws.**  ``draws="proposal"`` returns the guide's own draws :math:`z \sim q`.
-    ``draws="resampled"`` returns sampling-importance-resampling draws (Rubin 1988): a pool
-    of ``num_samples`` guide draws is resampled with replacement in proportion to
-    :math:`w = p(x, z) / q(z \mid x)` (per data point where the weights factorize, i.e. only
-    local latents; jointly otherwise), which is the importance-weighted posterior that IWAE and
-    chi^2-VIS target; ``sample_stats`` then holds ``proposal_index`` (the pool draw behind
-    each draw; per data point where resampled per data point it is the first point's) and the
-    attributes ``importance_ess`` (Kish's ESS of the pool's weights, the smallest over data
-    points) and ``importance_khat`` (PSIS :math:`\hat k`, the largest).  Duplicated draws make
-    ArviZ's ESS honest about the pool's ESS.  ``default_draws``: ``"proposal"`` for SVI (its
-    answer is q), ``"resampled"`` for IWAE and chi^2-VIS.
-    """
-
-    #: which draws posterior_samples/to_inferencedata return when not told ("proposal" or "resampled")
-    default_draws: ClassVar[str] = "proposal"
-    draws_choices: ClassVar[tuple] = ("resampled", "proposal")
-
-    #: particles scored per vectorized pass when estimating the evidence
-    evidence_chunk_size: int = 1000
-    #: what the importance-sampling proposal is, for warnings
-    proposal_description: ClassVar[str] = "the guide"
-    _capture_params = False  # _loss_and_grads of guided backends returns (loss, params)
-    _resolved_gradient: Optional[str] = None
-
-    @property
-    def gradient_estimator(self) -> Optional[str]:
-        """The gradient estimator in use for the guide, once the model has been seen (backends
-        that choose one: IWAE's "dreg"/"pathwise"/"stl", VIS's "score"/"pathwise")."""
-        return self._resolved_gradient
-
-    # ------------------------------------------------------------------ shared update machinery
-    def _non_reparameterized_sites(self, structure) -> tuple:
-        """Guide sites of the model's latents that need score-function gradients
-        (discrete, or without ``rsample``)."""
-        return tuple(n for n, s in self.guide_structure.latent_sites.items()
-                     if n in structure.latent_sites and (s.is_discrete or not s.has_rsample))
-
-    def _warn_if_still_falling(self, num_steps: int) -> None:
-        """Warn when the objective still falls at the end of the run: the mean over the last
-        10% of the steps is more than 3 standard errors below the mean over the 10% before
-        (standard errors from 10 batch means per window, which allows for the autocorrelation
-        of stochastic-gradient losses).  Runs shorter than 200 steps are not judged."""
-        import warnings
-
-        if num_steps < 200 or len(self.losses) < num_steps:
-            return
-        w = num_steps // 10
-        recent = np.asarray(self.losses[-2 * w:], dtype=float)
-        if not np.all(np.isfinite(recent)):
-            return
-        before, last = recent[:w], recent[w:]
-        b = w // 10
-        means = [x[: b * 10].reshape(10, b).mean(1) for x in (before, last)]
-        se = math.sqrt(sum(float(m.var(ddof=1)) / 10 for m in means))
-        drop = float(before.mean() - last.mean())
-        if se > 0 and drop > 3 * se:
-            warnings.warn(
-                f"{type(self).__name__}: the loss was still falling when the run ended (the last {w} steps "
-                f"average {drop:.4g} below the {w} before, {drop / se:.1f} standard errors): the fit has not "
-                "converged, and its posterior and evidence are not yet the optimum's. Run longer "
-                "(num_steps; EarlyStopping(patience=...) stops once it flattens), raise the learning rate, "
-                "or standardize the data (predictors on very different scales slow every optimizer).",
-                RuntimeWarning, stacklevel=4)
-
-    def _warn_poor_guide(self, khat: float, what: str) -> None:
-        """The PSIS diagnostic of a variational fit (Yao, Vehtari, Simpson, Gelman 2018, "Yes,
-        but did it work?"): above 0.7 the guide misses mass the posterior has.  Measured on the
-        reference battery's centered eight schools (a funnel): k-hat 1.0, means up to 84 MCSE
-        off, sds 0.04x."""
-        import warnings
-
-        if khat > 0.7:
-            warnings.warn(
-                f"{type(self).__name__}: PSIS k-hat of the guide's importance weights is {khat:.2f} > 0.7 "
-                f"(Yao et al. 2018): {self.proposal_description} misses part of the posterior, so {what} "
-                "misstate it (typically too narrow). Fit longer, use a richer guide (e.g. "
-                "AutoMultivariateNormal, a flow), reparameterize (non-centered hierarchies), or use a "
-                "sampler (backend='smc' or 'sghmc').", RuntimeWarning, stacklevel=4)
-
-    def _particle_pass(self, num_particles, args, kwargs) -> ParticlePass:
-        """Draw K particles from the guide, score them under the model, and record which
-        parameters the guide (phi) and the model (theta) used.  Parameters used by both count
-        as model parameters."""
-        ev = self.evaluator
-        with poutine.trace(param_only=True) as gcap:
-            gt = ev.guide_trace(num_particles, args, kwargs)
-        with poutine.trace(param_only=True) as mcap:
-            model_lp = ev.model_log_probs(gt, num_particles, args, kwargs)
-        lw = ev.log_weights(num_particles, args, kwargs, guide_trace=gt, model_lp=model_lp)
-        guide_params = {s["value"].unconstrained() for s in gcap.trace.nodes.values() if s["type"] == "param"}
-        model_params = {s["value"].unconstrained() for s in mcap.trace.nodes.values() if s["type"] == "param"}
-        return ParticlePass(gt, model_lp, lw, list(model_params), list(guide_params - model_params))
-
-    def _fresh_log_weights(self, args, kwargs, num_particles: Optional[int] = None):
-        """:class:`~ppl_lvm.traces.LogWeights` of fresh particles, without gradients (K defaults
-        to the backend's ``num_particles``)."""
-        self.setup(*args, **kwargs)
-        k = self.num_particles if num_particles is None else check_positive_int(num_particles, "num_particles")
-        with torch.no_grad():
-            return self.evaluator.log_weights(k, args, kwargs)
-
-    def log_weights(self, *args, num_particles: Optional[int] = None, **kwargs):
-        """Importance log-weights of fresh guide particles (no gradients), as
-        :class:`~ppl_lvm.traces.LogWeights`: ``.joint`` ``(K,)``, per data point ``.local``
-        ``(K, B)``, ``.is_log_likelihood()``."""
-        return self._fresh_log_weights(args, kwargs, num_particles)
-
-    def log_chi2_objective(self, *args, num_particles: Optional[int] = None, **kwargs) -> float:
-        r""":math:`\log \hat V = \log \frac1K \sum_k w_k^2` with fresh particles (per data point
-        where the weights factorize): the forward-:math:`\chi^2` quality of the guide as a
-        proposal, :math:`\approx 2 \log p(x) + \log(1 + \chi^2(p \| q))`; lower is better."""
-        lw = self._fresh_log_weights(args, kwargs, num_particles)
-        return float(lw.reduce(log_mean_exp(2.0 * lw.particle_weights, 0)))
-
-    @staticmethod
-    def _apply_gradients(model_objective, guide_objective, model_params, guide_params) -> None:
-        """Set ``.grad`` to minus the gradient of ``model_objective`` for the model's parameters
-        and of ``guide_objective`` for the guide's (both objectives are maximized).  When the
-        two are the same tensor a single backward pass serves both."""
-        if guide_objective is model_objective:
-            params = model_params + guide_params
-            if params:
-                _accumulate(params, torch.autograd.grad(-model_objective, params, allow_unused=True))
-            return
-        if model_params:
-            _accumulate(model_params, torch.autograd.grad(-model_objective, model_params,
-                                                          retain_graph=bool(guide_params), allow_unused=True))
-        if guide_params:
-            _accumulate(guide_params, torch.autograd.grad(-guide_objective, guide_params, allow_unused=True))
-
-    def _posterior_samples(self, num_samples, args, kwargs, draws=None):
-        ev = self.evaluator
-        gt = ev.guide_trace(num_samples, args, kwargs)
-        latents = ev.latent_values(gt, num_samples)
-        if (draws or self.default_draws) == "proposal":
-            return latents
-        lw = ev.log_weights(num_samples, args, kwargs, guide_trace=gt)
-        pick, _ = self._resampler(lw, num_samples)
-        return {n: pick(v, n) for n, v in latents.items()}
-
-    def _resampler(self, lw: LogWeights, num_samples: int):
-        """``(pick, indices)``: ``pick(tensor (K, *shape), site) -> (num_samples, *shape)``
-        resamples by the normalized weights (sampling importance resampling), per data point
-        where they factorize; ``indices`` are the pool draws chosen, ``(num_samples,)`` or
-        ``(num_samples, B)``."""
-        s = self.structure
-        if not lw.factorizes:
-            idx = torch.multinomial(torch.softmax(lw.joint, 0), num_samples, replacement=True)
-            return (lambda v, name=None: v.index_select(0, idx)), idx
-        # (num_samples, B): data point b's draws come from its own weights
-        idx = torch.multinomial(torch.softmax(lw.local, 0).t(), num_samples, replacement=True).t()
-        data_plate = s.plates[s.data_plate]
-
-        def pick(v, name):
-            info = s.sites.get(name)
-            if info is None and name == s.data_plate:  # enumerated block per data point (K, B)
-                return torch.gather(v, 0, idx)
-            if info is None or s.data_plate not in info.plates:
-                return v[:num_samples] if v.shape[0] >= num_samples else v.expand((num_samples,) + v.shape[1:])
-            axis = 1 + len(info.batch_shape) + data_plate.dim  # the data plate's axis in v
-            shape = [num_samples] + [1] * (v.dim() - 1)
-            shape[axis] = idx.shape[1]
-            index = idx.reshape(shape).expand((num_samples,) + tuple(v.shape[1:]))
-            return torch.gather(v, 0, index)
-        return pick, idx
-
-    def _check_evidence_inputs(self):
-        s = self.structure
-        sub = s.subsampled_plates
-        if sub:
-            raise ValueError(
-                f"The model subsamples plate(s) {sorted(sub)}; the log-evidence needs every data "
-                "point. Pass arguments that switch subsampling off, e.g. "
-                "fit.log_evidence(1000, x, subsample_size=None)."
-            )
-        if self.guide_structure is not None:
-            missing = [n for n, i in s.latent_sites.items()
-                       if n not in self.guide_structure.latent_sites and i.enumerate is None]
-            if missing:  # enumerated sites are summed out exactly by the evaluator
-                raise ValueError(
-                    f"Latent site(s) {missing} are neither sampled by the guide nor marked for "
-                    "enumeration; importance sampling with the guide as proposal needs every "
-                    "latent site in the guide or enumerated (infer={'enumerate': 'parallel'})."
-                )
-
-    def _importance_log_weights(self, num_particles, args, kwargs):
-        """:class:`~ppl_lvm.traces.LogWeights` of ``num_particles`` guide draws, in chunks."""
-        ev = self.evaluator
-        parts = []
-        left = num_particles
-        while left > 0:
-            k = min(left, self.evidence_chunk_size)
-            parts.append(ev.log_weights(k, args, kwargs))
-            left -= k
-        return LogWeights.cat(parts)
-
-    def _log_evidence(self, num_particles, args, kwargs):
-        import warnings
-        from ..diagnostics import psis_khat, psis_khats
-
-        self._check_evidence_inputs()
-        lw = self._importance_log_weights(num_particles, args, kwargs)
-        est, se = lw.log_evidence()
-        diag = lw.weights_for_diagnostics()
-        pointwise = pointwise_khat = None
-        if diag.dim() == 2:  # per data point where the weights factorize; report the largest
-            pointwise_khat = psis_khats(diag)
-            khat = float(np.nanmax(pointwise_khat)) if np.isfinite(pointwise_khat).any() else float("nan")
-            pointwise = log_mean_exp(diag, 0).detach().cpu().numpy()
-        else:
-            khat = psis_khat(diag)
-        note = None
-        if khat > 0.7:
-            where = (f" for at least one of the {diag.shape[1]} data points" if diag.dim() == 2 else "")
-            warnings.warn(
-                f"PSIS k-hat of the importance weights is {khat:.2f} > 0.7{where}: "
-                f"{self.proposal_description} is a poor proposal there and the log-evidence estimate "
-                "is unreliable. Fit longer, use a richer proposal, or more particles.",
-                RuntimeWarning, stacklevel=3)
-        elif not math.isfinite(khat):
-            distinct = int(torch.unique(diag.reshape(diag.shape[0], -1)[:, 0]).numel())
-            note = (f"k-hat not computed: PSIS fits a generalized Pareto tail to the largest weights, "
-                    f"and these weights take few distinct values ({distinct} at the first data point: "
-                    f"{self.proposal_description} puts its draws on few states). Bounded weights have a "
-                    "finite variance, so the standard error applies.")
-        return EvidenceEstimate(float(est), float(se), float(khat), int(num_particles), pointwise, pointwise_khat,
-                                note)
-
-    def _inference_data_groups(self, num_samples, args, kwargs, draws=None):
-        from ..diagnostics import psis_khat
-
-        ev = self.evaluator
-        gt = ev.guide_trace(num_samples, args, kwargs)
-        latents = ev.latent_values(gt, num_samples)
-        model_lp = ev.model_log_probs(gt, num_samples, args, kwargs)  # one model run serves both
-        loglik = ev.per_observation_log_likelihood(gt, num_samples, args, kwargs, model_lp=model_lp)
-        lw = ev.log_weights(num_samples, args, kwargs, guide_trace=gt, model_lp=model_lp)
-        guide_proto = trace_program(self.guide, args, kwargs, role="guide")
-        proto = trace_program(self.model, args, kwargs, replay=guide_proto)
-        observed = {n: proto.nodes[n]["value"] for n in self.structure.observed_sites}
-        cd = iid_chains(num_samples)
-        groups = {"observed_data": observed}
-        if (draws or self.default_draws) == "proposal":
-            groups.update(posterior={n: cd(v) for n, v in latents.items()},
-                          sample_stats={"log_importance_weight": cd(lw.joint)},
-                          log_likelihood={n: cd(v) for n, v in loglik.items()})
-            self._warn_poor_guide(psis_khat(lw.particle_weights), "its draws")
-            return groups
-        pick, idx = self._resampler(lw, num_samples)
-        x = lw.particle_weights
-        ess = float((1.0 / torch.softmax(x, 0).pow(2).sum(0)).min())
-        self._warn_poor_guide(psis_khat(x), "the importance-resampled draws")
-        groups.update(posterior={n: cd(pick(v, n)) for n, v in latents.items()},
-                      sample_stats={"proposal_index": cd(idx if idx.dim() == 1 else idx[:, 0])},
-                      log_likelihood={n: cd(pick(v, n)) for n, v in loglik.items()})
-        groups["_sample_stats_attrs"] = {"draws": "resampled", "importance_ess": ess,
-                                         "importance_khat": psis_khat(x)}
-        return groups
+def __getattr__(name):  # GuidedBackend lives in guided.py, which imports this module
+    if name in ("GuidedBackend", "ParticlePass"):
+        from . import guided
+        return getattr(guided, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -83,7 +83,10 @@ from ..errors import IncompatibleModelError
 from ..traces import (LogWeights, PotentialEnergy, _PlateSums, _pad_left, _validation_off, site_is_subsample,
                       trace_program)
 from ..validation import check_positive_int
-from .base import GuidedBackend, StepProposal, iid_chains, register_backend
+from .base import StepProposal
+from .guided import GuidedBackend
+from .registry import register_backend
+from .results import iid_chains
 from .requirements import Requirements, program_kind
 
 __all__ = ["GFlowNetEM", "MLPPolicy", "AnnealedThreshold"]

@@ -59,7 +59,8 @@ import torch
 
 from ..traces import LogWeights, detach_distribution, log_mean_exp, trace_program
 from ..validation import check_positive_int
-from .base import GuidedBackend, register_backend
+from .guided import GuidedBackend
+from .registry import register_backend
 from .requirements import Requirements
 
 __all__ = ["IWAE", "iwae_bound", "vimco_signals"]

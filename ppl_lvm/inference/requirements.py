@@ -5,7 +5,7 @@ Each backend class sets ``requires = Requirements(...)``.  :meth:`Backend.setup
 signature, before the first step; it refuses a model the backend cannot run with an
 :class:`~ppl_lvm.errors.IncompatibleModelError` that names the offending site(s) and the
 registered backends whose declarations accept the model, and ``ppl-lvm backends`` /
-:func:`~ppl_lvm.inference.base.list_backends` print the same declarations.  What depends on a
+:func:`~ppl_lvm.inference.registry.list_backends` print the same declarations.  What depends on a
 backend's *options* (SVI's ``loss='enum'``, GFlowNet-EM's ``sleep_every``) stays in that
 backend's ``check_model``.
 
@@ -107,7 +107,7 @@ def program_kind(model) -> str:
 
 
 def _registry() -> Dict[str, type]:
-    from .base import BACKENDS
+    from .registry import BACKENDS
 
     return BACKENDS
 

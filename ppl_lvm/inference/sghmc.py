@@ -66,7 +66,8 @@ from pyro import poutine
 from ..errors import IncompatibleModelError
 from ..traces import PotentialEnergy, ParticleEvaluator, ProgramStructure, trace_program
 from ..validation import check_positive_int
-from .base import Backend, register_backend
+from .base import Backend
+from .registry import register_backend
 from .requirements import Requirements
 
 __all__ = ["SGHMC", "SGLD", "ConstantStepSize", "PolynomialDecay", "CyclicalStepSize"]

@@ -80,9 +80,12 @@ from ..errors import DivergenceError, IncompatibleModelError
 from ..traces import (PotentialEnergy, log_mean_exp, _log_mean_exp_se, trace_program,
                       validation_off)
 from ..validation import check_positive_int
-from .base import Backend, EvidenceEstimate, register_backend
+from .base import Backend
+from .callbacks import progress_bar_class, progress_default
+from .registry import register_backend
+from .results import EvidenceEstimate
 from .requirements import Requirements
-from .smc import RESAMPLERS
+from .particle_filter import RESAMPLERS
 
 __all__ = ["SMCSampler", "OpenHorizonSMC"]
 
@@ -530,12 +533,11 @@ class SMCSampler(_ParticleSampler):
         """Run tempering steps (until beta = 1 when ``num_steps`` is None) and return a Fit."""
         if num_steps is not None:
             return super().run(*args, num_steps=num_steps, progress=progress, callbacks=callbacks, **kwargs)
-        from .base import _progress_default, progress_bar_class
 
         args, kwargs = self._coerce(args, kwargs)
         tqdm = progress_bar_class()
         self.setup(*args, **kwargs)
-        show = _progress_default() if progress is None else bool(progress)
+        show = progress_default() if progress is None else bool(progress)
         bar = tqdm(total=1.0, disable=not show, desc="SMCSampler", bar_format="{l_bar}{bar}| beta={n:.3f}")
         try:
             while not self.done:

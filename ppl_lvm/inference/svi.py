@@ -35,7 +35,8 @@ from typing import Optional
 import pyro.infer
 
 from ..validation import check_positive_int
-from .base import GuidedBackend, register_backend
+from .guided import GuidedBackend
+from .registry import register_backend
 
 __all__ = ["SVI", "ELBOS"]
 

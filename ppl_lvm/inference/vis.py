@@ -42,7 +42,8 @@ import torch
 
 from ..traces import log_mean_exp
 from ..validation import check_positive_int
-from .base import GuidedBackend, register_backend
+from .guided import GuidedBackend
+from .registry import register_backend
 
 __all__ = ["ChiSquareVIS", "PRESETS"]
 

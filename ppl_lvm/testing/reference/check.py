@@ -192,7 +192,7 @@ def check_against_reference(name: str, backend, guide=None, *, num_samples: Opti
         :data:`DEFAULT_OPTIONS`.
     :returns: :class:`ReferenceCheck` (print it for the table).
     """
-    from ...inference.base import GuidedBackend, get_backend
+    from ...inference import GuidedBackend, get_backend
 
     post = load_reference(name)
     if draws not in ("importance", "proposal"):

@@ -84,7 +84,9 @@ from pyro.poutine.util import site_is_subsample
 from ..errors import IncompatibleModelError
 from ..traces import _log_mean_exp_se, _validation_off, log_mean_exp
 from ..validation import check_positive_int
-from .base import Backend, EvidenceEstimate, StepProposal, register_backend
+from .base import Backend, StepProposal
+from .registry import register_backend
+from .results import EvidenceEstimate
 from .requirements import Requirements
 
 __all__ = [
