@@ -54,8 +54,13 @@ __all__ = [
     "trace_program",
     "preserved_rng",
     "LogWeights",
+    "PlateSums",
+    "BatchedLogDensity",
     "ParticleEvaluator",
     "PotentialEnergy",
+    "draw_prior",
+    "pad_left",
+    "log_mean_exp_se",
     "log_mean_exp",
     "validation_off",
     "is_improper",
@@ -433,7 +438,7 @@ def log_mean_exp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.logsumexp(x, dim=dim) - math.log(x.shape[dim])
 
 
-def _log_mean_exp_se(lw: torch.Tensor, dim: int = 0) -> torch.Tensor:
+def log_mean_exp_se(lw: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Delta-method standard error of :func:`log_mean_exp`: sd(w) / (sqrt(K) mean(w)).
 
     Computed from self-normalized weights so that nothing overflows.
@@ -503,8 +508,8 @@ class LogWeights:
         with far lower variance; standard errors add in quadrature over data points.
         """
         if not self.factorizes:
-            return self.is_log_likelihood(), _log_mean_exp_se(self.joint, 0)
-        se = self.local_scale * _log_mean_exp_se(self.local, 0).pow(2).sum().sqrt()
+            return self.is_log_likelihood(), log_mean_exp_se(self.joint, 0)
+        se = self.local_scale * log_mean_exp_se(self.local, 0).pow(2).sum().sqrt()
         return self.is_log_likelihood(), se
 
     @property
@@ -534,7 +539,7 @@ class LogWeights:
         return self.particle_weights
 
 
-def _pad_left(t: torch.Tensor, ndim: int, site: str) -> torch.Tensor:
+def pad_left(t: torch.Tensor, ndim: int, site: str) -> torch.Tensor:
     if t.dim() > ndim:
         raise ValueError(
             f"Site {site!r} has log_prob shape {tuple(t.shape)}, with more batch dimensions than "
@@ -542,6 +547,181 @@ def _pad_left(t: torch.Tensor, ndim: int, site: str) -> torch.Tensor:
             "or move them into the event shape with .to_event(n)."
         )
     return t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape))
+
+
+def draw_prior(model, structure: "ProgramStructure", num_draws: int, ndim: int, args, kwargs) -> Dict[str, torch.Tensor]:
+    """``num_draws`` joint draws of the latent sites from the model's prior,
+    ``{site: (num_draws, *site shape)}`` (parameters are not traced: ``poutine.block``).
+
+    One model run inside a plate of ``num_draws`` at ``dim=-ndim`` where the model broadcasts
+    over it (every site's value then holds ``num_draws`` times its shape); otherwise, for a
+    model that does not broadcast, one run per draw.
+    """
+    names = list(structure.latent_sites)
+    batched = _prior_draws_in_plate(model, structure, names, num_draws, ndim, args, kwargs)
+    if batched is not None:
+        return batched
+    draws = []
+    with torch.no_grad():
+        for _ in range(num_draws):
+            tr = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(*args, **kwargs)
+            draws.append({n: tr.nodes[n]["value"] for n in names})
+    return {n: torch.stack([d[n] for d in draws]).detach() for n in names}
+
+
+def _prior_draws_in_plate(model, structure, names, k, ndim, args, kwargs):
+    """The vectorized draws of :func:`draw_prior`, or ``None`` when the model does not broadcast."""
+    def in_plate(*a, **kw):
+        with pyro.plate("_ppl_lvm_prior_draws", k, dim=-ndim):
+            return model(*a, **kw)
+    try:
+        with torch.no_grad():
+            tr = poutine.trace(poutine.block(in_plate, hide_types=["param"])).get_trace(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - a model that fails inside the plate does not broadcast
+        return None
+    out = {}
+    for n in names:
+        v = tr.nodes[n]["value"]
+        shape = tuple(structure.sites[n].value_shape)
+        if v.numel() != k * math.prod(shape):
+            return None
+        out[n] = v.reshape((k,) + shape).detach()
+    return out
+
+
+def _num_draws(values, num_draws):
+    if num_draws is not None:
+        return int(num_draws)
+    if not values:
+        raise ValueError("num_draws is needed when there are no latent values (every latent enumerated).")
+    return next(iter(values.values())).shape[0]
+
+
+def _reference(values, args):
+    """A tensor whose device new indices should follow: a value, else the first tensor argument."""
+    for v in list(values.values()) + [a for a in args if torch.is_tensor(a)]:
+        return v
+    return torch.zeros(())
+
+
+class BatchedLogDensity:
+    r"""Per-site log-densities of a model at :math:`K` sets of latent values in one call: the
+    one batched log-density engine, behind :class:`ParticleEvaluator` (guide particles) and
+    :class:`PotentialEnergy` (chains and SMC particles on unconstrained space).
+
+    The :math:`K` draws are a ``pyro.plate`` at ``dim=-ndim``, left of the model's own plates,
+    when the model broadcasts over it (one model run for all draws); otherwise the conditioned
+    model is mapped over them with ``torch.func.vmap`` (argument validation off inside, which
+    vmap needs for data-dependent checks).  Which one is decided once (``mode="auto"``), on
+    the first evaluation, from three draws evaluated both ways on the same minibatch: the plate
+    run is used only where it gives the same log-densities (:func:`_pick_mode`).
+
+    :param model: the model.
+    :param ProgramStructure structure: its prototype structure.
+    :param int ndim: dims of every returned term: the draws' dim plus the model's batch dims.
+    :param str mode: ``"auto"``, ``"plate"`` or ``"vmap"``.
+    :param str plate_name: name of the plate holding the draws.
+    """
+
+    def __init__(self, model, structure: "ProgramStructure", ndim: int, mode: str = "auto",
+                 plate_name: str = "_ppl_lvm_draws"):
+        if mode not in ("auto", "plate", "vmap"):
+            raise ValueError(f"mode must be 'auto', 'plate' or 'vmap', got {mode!r}")
+        self.model = model
+        self.structure = structure
+        self.ndim = int(ndim)
+        self.mode = mode
+        self.plate_name = plate_name
+
+    def layout(self, value: torch.Tensor, name: str) -> torch.Tensor:
+        """``(K, *site shape)`` -> the site's layout inside the draws' plate (singleton dims between
+        the draws' dim and the site's own batch dims)."""
+        info = self.structure.sites[name]
+        pad = self.ndim - 1 - len(info.batch_shape)
+        return value.reshape((value.shape[0],) + (1,) * pad + tuple(info.value_shape))
+
+    def random_subsamples(self, like: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The indices each subsampled plate would draw (a random subset), shared by all K draws."""
+        return {n: torch.randperm(p.size, device=like.device)[: p.subsample_size]
+                for n, p in self.structure.subsampled_plates.items()}
+
+    def plate_log_probs(self, values, fixed=None, args=(), kwargs=None, num_draws: Optional[int] = None):
+        """One model run inside the draws' plate, conditioned on ``values`` (``(K, *shape)``) and on
+        ``fixed`` (``{plate: indices}``, subsample sites; a fresh minibatch where absent).  Returns
+        ``({site: (scaled, unscaled log_prob)}, {plate: indices used})``.  ``num_draws`` is K when
+        ``values`` is empty (every latent enumerated)."""
+        k = _num_draws(values, num_draws)
+        laid = {n: self.layout(v, n) for n, v in values.items()}
+        if fixed:
+            laid.update(fixed)
+
+        def in_draws(*a, **kw):
+            with pyro.plate(self.plate_name, k, dim=-self.ndim):
+                return self.model(*a, **kw)
+
+        trace = poutine.trace(poutine.condition(in_draws, data=laid)).get_trace(*args, **(kwargs or {}))
+        trace.compute_log_prob()
+        out = {}
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site) or name not in self.structure.sites:
+                continue
+            out[name] = (pad_left(site["log_prob"], self.ndim, name),
+                         pad_left(site["unscaled_log_prob"], self.ndim, name))
+        used = {n: s["value"] for n, s in trace.nodes.items() if s["type"] == "sample" and site_is_subsample(s)}
+        return out, used
+
+    def vmap_log_probs(self, values, fixed, args=(), kwargs=None):
+        """The conditioned model mapped over the K draws with vmap; ``fixed`` holds the subsample
+        indices (shared by all draws), and ``values`` may carry per-draw subsample indices."""
+        return _vmapped_log_probs(self.model, values, fixed, list(self.structure.sites), self.ndim, args,
+                                  kwargs or {})
+
+    def choose_mode(self, values, fixed=None, args=(), kwargs=None, num_draws: Optional[int] = None) -> str:
+        """Decide between ``"plate"`` and ``"vmap"`` from three of the draws (RNG left untouched)."""
+        k = min(3, _num_draws(values, num_draws))
+        few = {n: v[:k].detach() for n, v in values.items()}
+        plate_err = vmap_err = a = b = None
+        with preserved_rng():
+            try:
+                a, used = self.plate_log_probs(few, fixed, args, kwargs, num_draws=k)
+            except Exception as exc:  # noqa: BLE001 - any failure means the model does not broadcast
+                plate_err, used = exc, (dict(fixed) if fixed else self.random_subsamples(_reference(few, args)))
+            try:  # the same minibatch as the plate run
+                b = self.vmap_log_probs(few, used, args, kwargs)
+            except Exception as exc:  # noqa: BLE001
+                vmap_err = exc
+        self.mode = _pick_mode(a, b, k, plate_err, vmap_err, "draws")
+        return self.mode
+
+    def log_probs(self, values, args=(), kwargs=None, fixed=None):
+        """``({site: (scaled log_prob, unscaled log_prob)}, {plate: indices used})`` at ``values``
+        (``(K, *site shape)``), K in dim 0 and :attr:`ndim` dims, plates aligned right."""
+        if self.mode == "auto":
+            self.choose_mode(values, fixed, args, kwargs)
+        if self.mode == "plate":
+            return self.plate_log_probs(values, fixed, args, kwargs)
+        used = dict(fixed) if fixed else self.random_subsamples(_reference(values, args))
+        return self.vmap_log_probs(values, used, args, kwargs), used
+
+    @staticmethod
+    def per_draw(term: torch.Tensor, k: int) -> torch.Tensor:
+        """A term ``(K or 1, ...)`` summed to ``(K,)``."""
+        return term.expand((k,) + tuple(term.shape[1:])).reshape(k, -1).sum(-1)
+
+    def observation_log_likelihood(self, log_probs, k: int) -> Dict[str, torch.Tensor]:
+        """``{observed site: (K, *batch shape)}`` unscaled log-likelihood of each observation
+        (a term keyed by something other than a site, e.g. an enumerated block per data point,
+        comes back as ``(K, B)``)."""
+        out = {}
+        for name, (_, ulp) in log_probs.items():
+            info = self.structure.sites.get(name)
+            if info is not None and not info.is_observed:
+                continue
+            ulp = ulp.expand((k,) + tuple(ulp.shape[1:]))
+            shape = tuple(info.batch_shape) if info is not None else None
+            out[name] = ulp.reshape((k,) + shape) if shape is not None and ulp[0].numel() == math.prod(shape) \
+                else ulp.reshape(k, -1)
+        return out
 
 
 class ParticleEvaluator:
@@ -564,7 +744,24 @@ class ParticleEvaluator:
         self.guide = guide
         self.structure = model_structure
         self.max_plate_nesting = int(max_plate_nesting)
-        self.mode = mode
+        self.density = BatchedLogDensity(model, model_structure, self.max_plate_nesting + 1, mode,
+                                         plate_name=PARTICLE_PLATE)
+
+    @property
+    def mode(self) -> str:
+        """``"plate"``, ``"vmap"`` or ``"auto"`` (not decided yet): see :class:`BatchedLogDensity`."""
+        return self.density.mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self.density.mode = value
+
+    @staticmethod
+    def subsamples(guide_trace) -> Dict[str, torch.Tensor]:
+        """``{plate: indices}`` of the guide's plates (the model reuses its minibatch), without the
+        particle plate."""
+        return {n: s["value"] for n, s in guide_trace.nodes.items()
+                if s["type"] == "sample" and site_is_subsample(s) and n != PARTICLE_PLATE}
 
     @property
     def particle_dim(self) -> int:
@@ -612,19 +809,6 @@ class ParticleEvaluator:
         return value.expand(target)
 
     # ----------------------------------------------------------------- model side
-    def _model_log_probs_plate(self, guide_trace, num_particles, args, kwargs):
-        model = poutine.replay(self._in_particles(self.model, num_particles), trace=guide_trace)
-        trace = poutine.trace(model).get_trace(*args, **kwargs)
-        trace.compute_log_prob()
-        out = {}
-        ndim = self.max_plate_nesting + 1
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site) or name not in self.structure.sites:
-                continue
-            lp = _pad_left(site["log_prob"], ndim, name)
-            ulp = _pad_left(site["unscaled_log_prob"], ndim, name)
-            out[name] = (lp, ulp)
-        return out
 
     def enumerated_sites(self, guide_trace) -> Tuple[str, ...]:
         """Model latent sites marked for enumeration that the guide does not sample: they are
@@ -686,69 +870,31 @@ class ParticleEvaluator:
         self.block_sites = names
         return out
 
-    def _model_log_probs_vmap(self, guide_trace, num_particles, args, kwargs):
-        values = self.latent_values(guide_trace, num_particles)
-        fixed = {n: s["value"] for n, s in guide_trace.nodes.items()
-                 if s["type"] == "sample" and site_is_subsample(s)}
-        return _vmapped_log_probs(self.model, values, fixed, list(self.structure.sites),
-                                  self.max_plate_nesting + 1, args, kwargs)
-
-    def _choose_mode(self, args, kwargs):
-        with preserved_rng():  # deciding the mode must not shift the fit's random stream
-            self._choose_mode_unseeded(args, kwargs)
-
-    def _choose_mode_unseeded(self, args, kwargs):
-        k = 3
-        gt = self.guide_trace(k, args, kwargs)
-        # both runs must see the same minibatch: a plate the model subsamples and the guide does
-        # not (an autoguide over global latents) would otherwise draw its indices twice, and
-        # the two runs' log-densities would differ for that reason alone
-        missing = [n for n in self.structure.subsampled_plates if n not in gt.nodes]
-        if missing:
-            proto = poutine.trace(poutine.block(self.model, hide_types=["param"])).get_trace(*args, **kwargs)
-            gt = gt.copy()
-            for n in missing:
-                site = proto.nodes[n]
-                gt.add_node(n, **{key: v for key, v in site.items() if key != "name"})
-        plate_err = vmap_err = None
-        try:
-            a = self._model_log_probs_plate(gt, k, args, kwargs)
-        except Exception as exc:  # noqa: BLE001 - any failure means the model does not broadcast
-            plate_err, a = exc, None
-        try:
-            b = self._model_log_probs_vmap(gt, k, args, kwargs)
-        except Exception as exc:  # noqa: BLE001
-            vmap_err, b = exc, None
-        self.mode = _pick_mode(a, b, k, plate_err, vmap_err, "particles")
-
     def resolve_mode(self, args, kwargs) -> str:
         """Decide (once) between ``"plate"`` and ``"vmap"`` for these arguments; return it."""
         if self.mode == "auto":
-            self._choose_mode(args, kwargs)
+            with preserved_rng():  # deciding the mode must not shift the fit's random stream
+                gt = self.guide_trace(3, args, kwargs)
+            self.density.choose_mode(self.latent_values(gt, 3), self.subsamples(gt), args, kwargs, num_draws=3)
         return self.mode
-
-    def _reduce_all(self, lp, num_particles):
-        return lp.expand((num_particles,) + tuple(lp.shape[1:])).reshape(num_particles, -1).sum(-1)
 
     def model_log_probs(self, guide_trace, num_particles, args, kwargs):
         """Dict site -> (scaled log_prob, unscaled log_prob), particles in dim 0.
 
-        Both tensors have ``max_plate_nesting + 1`` dims, the plates' dims aligned right.
+        Both tensors have ``max_plate_nesting + 1`` dims, the plates' dims aligned right.  The
+        model is conditioned on the guide's latent values and minibatch (the engine,
+        :class:`BatchedLogDensity`); enumerated sites are summed out
+        (:meth:`_model_log_probs_enum`).
         """
         if self.enumerated_sites(guide_trace):
             return self._model_log_probs_enum(guide_trace, num_particles, args, kwargs)
-        if self.resolve_mode(args, kwargs) == "plate":
-            return self._model_log_probs_plate(guide_trace, num_particles, args, kwargs)
-        return self._model_log_probs_vmap(guide_trace, num_particles, args, kwargs)
+        self.resolve_mode(args, kwargs)
+        values = self.latent_values(guide_trace, num_particles)
+        return self.density.log_probs(values, args, kwargs, fixed=self.subsamples(guide_trace))[0]
 
     # ----------------------------------------------------------------- weights
-    def _accumulator(self, num_particles: int) -> "_PlateSums":
-        ndim = self.max_plate_nesting + 1
-        data_plate = self.structure.data_plate
-        if data_plate is None:
-            return _PlateSums(num_particles, ndim, None, None, 1.0, 0)
-        info = self.structure.plates[data_plate]
-        return _PlateSums(num_particles, ndim, data_plate, ndim + info.dim, info.scale, info.subsample_size)
+    def _accumulator(self, num_particles: int) -> "PlateSums":
+        return PlateSums.for_structure(self.structure, num_particles, self.max_plate_nesting + 1)
 
     def _guide_sites(self, guide_trace, names=None):
         """Guide sample sites that enter log q: the model's latents and auxiliary sites."""
@@ -786,7 +932,7 @@ class ParticleEvaluator:
             if detach_guide_params:
                 lq = detach_distribution(site["fn"], name).log_prob(site["value"])
                 lq = scale_and_mask(lq, site["scale"], site["mask"])
-            acc.add(-_pad_left(lq, ndim, name), plates, True)
+            acc.add(-pad_left(lq, ndim, name), plates, True)
         return acc.log_weights()
 
     def guide_log_probs(self, guide_trace, num_particles: int, names=None,
@@ -809,7 +955,7 @@ class ParticleEvaluator:
                 lq = lq.detach()
             elif detach_values and torch.is_tensor(site["value"]) and site["value"].requires_grad:
                 lq = scale_and_mask(site["fn"].log_prob(site["value"].detach()), site["scale"], site["mask"])
-            acc.add(_pad_left(lq, ndim, name), plates, True)
+            acc.add(pad_left(lq, ndim, name), plates, True)
         return acc.log_weights()
 
     def _term_plates(self, name):
@@ -839,21 +985,7 @@ class ParticleEvaluator:
                 "plate, so the observations are not independent given the guide's latents and have "
                 "no per-observation log-likelihood (for LOO). Sample the site in the guide instead, "
                 "or move it into the data plate.")
-        out = {}
-        for name in model_lp:
-            info = self.structure.sites.get(name)
-            if info is None:  # the block keyed by the data plate: one value per data point
-                _, ulp = model_lp[name]
-                out[name] = ulp.expand((num_particles,) + tuple(ulp.shape[1:])).reshape(num_particles, -1)
-                continue
-            if not info.is_observed:
-                continue
-            _, ulp = model_lp[name]
-            shape = tuple(info.batch_shape)
-            ulp = ulp.expand((num_particles,) + tuple(ulp.shape[1:]))
-            out[name] = ulp.reshape((num_particles,) + shape) if ulp[0].numel() == math.prod(shape) \
-                else ulp.reshape(num_particles, -1)
-        return out
+        return self.density.observation_log_likelihood(model_lp, num_particles)
 
 
 
@@ -919,7 +1051,7 @@ def _contract_enumerated(trace, structure: ProgramStructure, ndim: int, lead_pla
             continue
         ulp = site["packed"]["unscaled_log_prob"]
         if enum_syms.isdisjoint(ulp._pyro_dims):
-            out[name] = (_pad_left(site["log_prob"], ndim, name), _pad_left(site["unscaled_log_prob"], ndim, name))
+            out[name] = (pad_left(site["log_prob"], ndim, name), pad_left(site["unscaled_log_prob"], ndim, name))
             continue
         frames = [f for f in site["cond_indep_stack"] if f.vectorized]
         ordinal = frozenset(symbol[f.name] for f in frames if f.size > 1)
@@ -938,7 +1070,7 @@ def _contract_enumerated(trace, structure: ProgramStructure, ndim: int, lead_pla
     target = {symbol[p] for p in ([lead_plate] if lead_plate else []) + ([data_plate] if in_data_plate else [])
               if p in symbol}
     total = contract_to_tensor(block, enum_syms, target_ordinal=frozenset(target), ring=LogRing())
-    total = _pad_left(packed.unpack(total, trace.symbol_to_dim), ndim, "enumerated block")
+    total = pad_left(packed.unpack(total, trace.symbol_to_dim), ndim, "enumerated block")
     observed = [n for n in block_names if structure.sites[n].is_observed]
     if not in_data_plate:
         key = ENUMERATED_BLOCK
@@ -969,8 +1101,18 @@ def _vmapped_log_probs(model, values, fixed, names, ndim, args, kwargs):
             for name, (lp, ulp) in mapped.items()}
 
 
-class _PlateSums:
-    """Sum per-particle log-density terms into a global ``(K,)`` part and a local ``(K, B)`` part."""
+class PlateSums:
+    """Sum per-particle log-density terms into a global ``(K,)`` part and a local ``(K, B)`` part
+    (per data point of the data plate, unscaled), giving :class:`LogWeights`."""
+
+    @classmethod
+    def for_structure(cls, structure: "ProgramStructure", k: int, ndim: int) -> "PlateSums":
+        """The accumulator for K draws of a model with this structure, terms with ``ndim`` dims."""
+        data_plate = structure.data_plate
+        if data_plate is None:
+            return cls(k, ndim, None, None, 1.0, 0)
+        info = structure.plates[data_plate]
+        return cls(k, ndim, data_plate, ndim + info.dim, info.scale, info.subsample_size)
 
     def __init__(self, k, ndim, data_plate, plate_pos, local_scale, width):
         self.k, self.ndim = k, ndim
@@ -1070,7 +1212,6 @@ def validation_off():
         torch.distributions.Distribution.set_default_validate_args(torch_default)
 
 
-_validation_off = validation_off  # the name used before it was public
 
 
 def _subsets(rows: int, size: int, k: int, device) -> torch.Tensor:
@@ -1145,7 +1286,7 @@ class PotentialEnergy:
                 ) from exc
         batch = max([len(s.batch_shape) for s in structure.sites.values()] + [int(max_plate_nesting)])
         self.ndim = batch + 1  # chains + batch dims
-        self.mode = mode
+        self.density = BatchedLogDensity(model, structure, self.ndim, mode, plate_name=CHAIN_PLATE)
         #: ``{plate name: indices}`` to hold the minibatch fixed across calls (``None``: a fresh
         #: minibatch per call, as the model's plates draw them)
         self.fixed_subsamples: Optional[Dict[str, torch.Tensor]] = None
@@ -1172,56 +1313,18 @@ class PotentialEnergy:
         return total
 
     # ---------------------------------------------------------------- model evaluation
-    def _layout(self, value: torch.Tensor, name: str) -> torch.Tensor:
-        info = self.structure.sites[name]
-        pad = self.ndim - 1 - len(info.batch_shape)
-        return value.reshape((value.shape[0],) + (1,) * pad + tuple(info.value_shape))
+    @property
+    def mode(self) -> str:
+        """``"plate"``, ``"vmap"`` or ``"auto"`` (not decided yet): see :class:`BatchedLogDensity`."""
+        return self.density.mode
 
-    def _plate_log_probs(self, values, num_chains, args, kwargs):
-        laid = {n: self._layout(v, n) for n, v in values.items()}
-        if self.fixed_subsamples:
-            laid.update(self.fixed_subsamples)
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self.density.mode = value
 
-        def in_chains(*a, **k):
-            with pyro.plate(CHAIN_PLATE, num_chains, dim=-self.ndim):
-                return self.model(*a, **k)
-
-        trace = poutine.trace(poutine.condition(in_chains, data=laid)).get_trace(*args, **kwargs)
-        trace.compute_log_prob()
-        out = {}
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site) or name not in self.structure.sites:
-                continue
-            out[name] = (_pad_left(site["log_prob"], self.ndim, name),
-                         _pad_left(site["unscaled_log_prob"], self.ndim, name))
-        fixed = {n: s["value"] for n, s in trace.nodes.items() if s["type"] == "sample" and site_is_subsample(s)}
-        return out, fixed
-
-    def _random_subsamples(self, like: torch.Tensor):
-        # the indices pyro.plate would draw (a random subset), shared by every chain
-        if self.fixed_subsamples:
-            return dict(self.fixed_subsamples)
-        return {n: torch.randperm(p.size, device=like.device)[: p.subsample_size]
-                for n, p in self.structure.subsampled_plates.items()}
-
-    def _vmap_log_probs(self, values, fixed, args, kwargs):
-        return _vmapped_log_probs(self.model, values, fixed, list(self.structure.sites), self.ndim, args, kwargs)
-
-    def _choose_mode(self, values, args, kwargs):
-        k = min(3, next(iter(values.values())).shape[0])
-        few = {n: v[:k].detach() for n, v in values.items()}
-        plate_err = vmap_err = a = b = None
-        with preserved_rng():
-            try:
-                a, fixed = self._plate_log_probs(few, k, args, kwargs)
-            except Exception as exc:  # noqa: BLE001 - any failure means the model does not broadcast
-                plate_err, fixed = exc, self._random_subsamples(next(iter(few.values())))
-            try:
-                b = self._vmap_log_probs(few, fixed, args, kwargs)
-            except Exception as exc:  # noqa: BLE001
-                vmap_err = exc
-
-        self.mode = _pick_mode(a, b, k, plate_err, vmap_err, "chains")
+    def layout(self, value: torch.Tensor, name: str) -> torch.Tensor:
+        """``(C, *site shape)`` laid out inside the chains' plate (:meth:`BatchedLogDensity.layout`)."""
+        return self.density.layout(value, name)
 
     def log_probs(self, values: Dict[str, torch.Tensor], args, kwargs) -> Dict[str, tuple]:
         """``{site: (scaled log_prob, unscaled log_prob)}`` of every sample site at ``values``.
@@ -1233,15 +1336,10 @@ class PotentialEnergy:
         reject, instead of an exception.
         """
         num_chains = next(iter(values.values())).shape[0]
-        with _validation_off():
+        with validation_off():
             if self._per_chain_minibatches(num_chains):
-                return self._vmap_log_probs({**values, **self._per_chain_subsamples(values)}, {}, args, kwargs)
-            if self.mode == "auto":
-                self._choose_mode(values, args, kwargs)
-            if self.mode == "plate":
-                return self._plate_log_probs(values, num_chains, args, kwargs)[0]
-            ref = next(iter(values.values()))
-            return self._vmap_log_probs(values, self._random_subsamples(ref), args, kwargs)
+                return self.density.vmap_log_probs({**values, **self._per_chain_subsamples(values)}, {}, args, kwargs)
+            return self.density.log_probs(values, args, kwargs, fixed=self.fixed_subsamples)[0]
 
     def _per_chain_minibatches(self, num_chains):
         return (self.independent_minibatches and num_chains > 1 and not self.fixed_subsamples
@@ -1256,42 +1354,31 @@ class PotentialEnergy:
     def log_probs_and_subsamples(self, values, args, kwargs):
         """:meth:`log_probs` plus ``{plate name: indices}`` of the minibatch it used (to condition
         further runs on the same minibatch with ``poutine.condition``)."""
-        num_chains = next(iter(values.values())).shape[0]
-        with _validation_off():
-            if self.mode == "auto":
-                self._choose_mode(values, args, kwargs)
-            if self.mode == "plate":
-                return self._plate_log_probs(values, num_chains, args, kwargs)
-            fixed = self._random_subsamples(next(iter(values.values())))
-            return self._vmap_log_probs(values, fixed, args, kwargs), fixed
+        with validation_off():
+            return self.density.log_probs(values, args, kwargs, fixed=self.fixed_subsamples)
 
-    def _per_chain(self, lp: torch.Tensor, num_chains: int) -> torch.Tensor:
-        return lp.expand((num_chains,) + tuple(lp.shape[1:])).reshape(num_chains, -1).sum(-1)
+    @staticmethod
+    def per_chain(term: torch.Tensor, num_chains: int) -> torch.Tensor:
+        """A term ``(C or 1, ...)`` summed to ``(C,)``."""
+        return BatchedLogDensity.per_draw(term, num_chains)
 
     def __call__(self, unconstrained: Dict[str, torch.Tensor], args, kwargs) -> torch.Tensor:
         """:math:`U(u)` per chain, shape ``(C,)`` (differentiable in ``u`` and the model's params)."""
         values = self.constrain(unconstrained)
         num_chains = next(iter(values.values())).shape[0]
         lp = self.log_probs(values, args, kwargs)
-        log_joint = sum(self._per_chain(v[0], num_chains) for v in lp.values())
+        log_joint = sum(self.per_chain(v[0], num_chains) for v in lp.values())
         return -(log_joint + self.log_abs_det_jacobian(unconstrained, values))
 
     def log_joint(self, values: Dict[str, torch.Tensor], args, kwargs) -> torch.Tensor:
         """:math:`\\log p(\\mathcal{D}, x)` per chain at constrained ``values`` (no Jacobian)."""
         num_chains = next(iter(values.values())).shape[0]
         lp = self.log_probs(values, args, kwargs)
-        return sum(self._per_chain(v[0], num_chains) for v in lp.values())
+        return sum(self.per_chain(v[0], num_chains) for v in lp.values())
 
     def observation_log_likelihood(self, values, args, kwargs, log_probs=None) -> Dict[str, torch.Tensor]:
         """``{observed site: (C, *batch shape)}`` unscaled log-likelihood of each observation."""
         num_chains = next(iter(values.values())).shape[0]
         if log_probs is None:
             log_probs = self.log_probs(values, args, kwargs)
-        out = {}
-        for name, info in self.structure.observed_sites.items():
-            ulp = log_probs[name][1]
-            shape = tuple(info.batch_shape)
-            ulp = ulp.expand((num_chains,) + tuple(ulp.shape[1:]))
-            out[name] = ulp.reshape((num_chains,) + shape) if ulp[0].numel() == math.prod(shape) \
-                else ulp.reshape(num_chains, -1)
-        return out
+        return self.density.observation_log_likelihood(log_probs, num_chains)

@@ -17,14 +17,6 @@ def _fresh_pyro_state():
     pyro.clear_param_store()
 
 
-def cuda_params():
-    """Parametrize over devices: CPU always, CUDA only where available (skipped otherwise)."""
-    return [
-        "cpu",
-        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
-    ]
-
-
 @pytest.fixture
 def one_thread():
     """One torch thread: many small kernels (filters, samplers) avoid OpenMP overhead."""

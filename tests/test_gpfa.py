@@ -15,7 +15,7 @@ from ppl_lvm.models import GPFA, SharedGPFA
 from ppl_lvm.models.gpfa import kernel_matrix, latent_r2
 from ppl_lvm.traces import PotentialEnergy, structure_from_trace, trace_program
 
-from conftest import cuda_params
+from tests.helpers import cuda_params
 
 F64 = torch.float64
 

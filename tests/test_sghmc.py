@@ -22,7 +22,7 @@ from ppl_lvm.inference import CyclicalStepSize, PolynomialDecay
 from ppl_lvm.testing import BayesianLinearRegression, BinaryLatents, NormalNormalLocal
 from ppl_lvm.traces import PotentialEnergy, structure_from_trace, trace_program
 
-from conftest import cuda_params
+from tests.helpers import cuda_params
 
 
 def _mcse_z(idata, name, exact):

@@ -25,7 +25,7 @@ from ppl_lvm.inference.particle_filter import (
 from ppl_lvm.testing import LinearGaussianSSM
 from ppl_lvm.traces import log_mean_exp
 
-from conftest import cuda_params
+from tests.helpers import cuda_params
 
 NUM_RUNS = 20
 

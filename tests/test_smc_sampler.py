@@ -89,6 +89,20 @@ def test_guide_as_base_distribution_shortens_the_path():
     assert len(samplers[0].betas) < len(from_prior.betas)
 
 
+def test_fit_log_evidence_is_the_run_you_have_and_reruns_only_when_asked():
+    fx = BayesianLinearRegression(num_data=50, num_features=2, seed=1)
+    s = SMCSampler(fx.model, num_particles=200)
+    with pytest.raises(ValueError, match="beta = 0 < 1"):
+        ppl_lvm.inference.Fit(s, fx.args, {}).log_evidence()
+    fit = s.run(*fx.args)
+    est = fit.log_evidence()
+    assert est.log_evidence == s.log_evidence_ and est.num_particles == 200
+    assert math.isnan(est.stderr) and "num_runs" in est.note
+    assert fit.log_evidence(200).log_evidence == s.log_evidence_
+    with pytest.raises(ValueError, match="ran with 200 particles.*num_runs"):
+        fit.log_evidence(500)
+
+
 def test_fit_log_evidence_repeats_runs_and_inferencedata():
     fx = BayesianLinearRegression(num_data=50, num_features=2, seed=1)
     s = SMCSampler(fx.model, num_particles=200)

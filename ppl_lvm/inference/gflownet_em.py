@@ -80,7 +80,7 @@ from pyro import poutine
 from torch import nn
 
 from ..errors import IncompatibleModelError
-from ..traces import (LogWeights, PotentialEnergy, _PlateSums, _pad_left, _validation_off, site_is_subsample,
+from ..traces import (LogWeights, PotentialEnergy, PlateSums, pad_left, validation_off, site_is_subsample,
                       trace_program)
 from ..validation import check_positive_int
 from .base import StepProposal
@@ -528,7 +528,7 @@ class GFlowNetEM(GuidedBackend):
         cached = getattr(self, "_context_cache", None)
         if not fixed and cached is not None and self._same_data(cached[0], key):
             return cached[1], fixed
-        with torch.no_grad(), _validation_off(), poutine.block():
+        with torch.no_grad(), validation_off(), poutine.block():
             tr = poutine.trace(poutine.condition(self.model, data=fixed)).get_trace(*args, **kwargs)
         ctx = self._context(tr)
         if not fixed:
@@ -671,12 +671,7 @@ class GFlowNetEM(GuidedBackend):
 
     # ------------------------------------------------------------------ rewards
     def _accumulator(self, k):
-        s = self.structure
-        ndim = self.potential.ndim
-        if s.data_plate is None:
-            return _PlateSums(k, ndim, None, None, 1.0, 0)
-        info = s.plates[s.data_plate]
-        return _PlateSums(k, ndim, s.data_plate, ndim + info.dim, info.scale, info.subsample_size)
+        return PlateSums.for_structure(self.structure, k, self.potential.ndim)
 
     def _guide_draws(self, k, fixed, args, kwargs):
         """K draws of the continuous guide (with ``log q`` terms) on the step's minibatch."""
@@ -704,7 +699,7 @@ class GFlowNetEM(GuidedBackend):
             if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
                 continue
             plates = tuple(f.name for f in site["cond_indep_stack"] if f.vectorized)
-            terms.append((-_pad_left(site["log_prob"], ndim, name), plates))
+            terms.append((-pad_left(site["log_prob"], ndim, name), plates))
         return values, terms
 
     def _log_weights(self, actions, cont_values, guide_terms, args, kwargs, log_probs=None) -> LogWeights:
@@ -866,7 +861,7 @@ class GFlowNetEM(GuidedBackend):
 
     def _sleep_loss(self, args, kwargs):
         """-log P_F(z | x) at (z, x) drawn from the model (the data plate's points)."""
-        with torch.no_grad(), _validation_off(), poutine.block():
+        with torch.no_grad(), validation_off(), poutine.block():
             tr = poutine.trace(poutine.uncondition(self.model)).get_trace(*args, **kwargs)
         ctx = self._context(tr)
         values = {s.name: tr.nodes[s.name]["value"].unsqueeze(0) for s in self.specs}

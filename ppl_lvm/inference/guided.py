@@ -66,6 +66,8 @@ class GuidedBackend(Backend):
     default_draws: ClassVar[str] = "proposal"
     draws_choices: ClassVar[tuple] = ("resampled", "proposal")
 
+    #: importance samples of ``Fit.log_evidence()`` when not told
+    evidence_particles: int = 1000
     #: particles scored per vectorized pass when estimating the evidence
     evidence_chunk_size: int = 1000
     #: what the importance-sampling proposal is, for warnings
@@ -250,6 +252,8 @@ class GuidedBackend(Backend):
         from ..diagnostics import psis_khat, psis_khats
 
         self._check_evidence_inputs()
+        if num_particles is None:
+            num_particles = self.evidence_particles
         lw = self._importance_log_weights(num_particles, args, kwargs)
         est, se = lw.log_evidence()
         diag = lw.weights_for_diagnostics()

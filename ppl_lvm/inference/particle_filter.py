@@ -82,7 +82,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from ..errors import IncompatibleModelError
-from ..traces import _log_mean_exp_se, _validation_off, log_mean_exp
+from ..traces import log_mean_exp_se, validation_off, log_mean_exp
 from ..validation import check_positive_int
 from .base import Backend, StepProposal
 from .registry import register_backend
@@ -373,7 +373,7 @@ class ParticleFilter:
         if self.num_steps == 0:  # validate the distributions' arguments on the first step only
             m, g = self._run_programs(method, args, kwargs, self.state, k)
         else:
-            with _validation_off():
+            with validation_off():
                 m, g = self._run_programs(method, args, kwargs, self.state, k)
         if m.latent is None and m.observed is None:
             raise ValueError(f"model.{method} has no sample sites; each step must sample or observe something.")
@@ -584,6 +584,7 @@ class SMCFilterBackend(Backend):
     def _log_evidence(self, num_particles, args, kwargs):
         """Mean of ``num_runs`` (keyword, default 10) independent filters' :math:`\\hat Z`."""
         runs = int(kwargs.pop("num_runs", 10))
+        num_particles = self.num_particles if num_particles is None else num_particles
         observations, init_args, init_kwargs = self._unpack(args, kwargs)
         vals = []
         for _ in range(runs):
@@ -592,7 +593,7 @@ class SMCFilterBackend(Backend):
             vals.append(log_z.detach())
         v = torch.stack(vals)
         est = log_mean_exp(v, 0)
-        se = _log_mean_exp_se(v, 0) if runs > 1 else torch.tensor(float("nan"))
+        se = log_mean_exp_se(v, 0) if runs > 1 else torch.tensor(float("nan"))
         return EvidenceEstimate(float(est), float(se), float("nan"), num_particles * runs, None, None,
                                 "k-hat applies to importance weights; this is an SMC estimate (the "
                                 "error bar is the spread of independent runs)")

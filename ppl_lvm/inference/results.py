@@ -116,13 +116,17 @@ class Fit:
             samples = {s: samples[s] for s in sites}
         return samples
 
-    def log_evidence(self, num_particles: int = 1000, *args, **kwargs) -> EvidenceEstimate:
+    def log_evidence(self, num_particles: Optional[int] = None, *args, **kwargs) -> EvidenceEstimate:
         r"""Estimate :math:`\log p(x)` where the backend can (with standard error and k-hat).
 
-        The SMC backends take ``num_runs=`` (independent runs whose :math:`\hat Z` are averaged;
-        the standard error comes from their spread)."""
+        ``num_particles``: importance samples of the guide-based backends (default 1000); for the
+        tempered SMC sampler the estimate of the run you have (``num_particles`` must then be
+        left out or equal its particles).  The SMC backends take ``num_runs=``: that many fresh,
+        independent runs with ``num_particles`` each, whose :math:`\hat Z` are averaged (the
+        standard error comes from their spread)."""
         num_runs = kwargs.pop("num_runs", None)
-        num_particles = check_positive_int(num_particles, "num_particles")
+        if num_particles is not None:
+            num_particles = check_positive_int(num_particles, "num_particles")
         a, k = self._data(args, kwargs)
         self.backend.setup(*a, **k)
         if num_runs is not None:

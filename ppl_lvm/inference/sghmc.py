@@ -64,7 +64,7 @@ import torch
 from pyro import poutine
 
 from ..errors import IncompatibleModelError
-from ..traces import PotentialEnergy, ParticleEvaluator, ProgramStructure, trace_program
+from ..traces import PotentialEnergy, ParticleEvaluator, ProgramStructure, draw_prior, trace_program
 from ..validation import check_positive_int
 from .base import Backend
 from .registry import register_backend
@@ -390,12 +390,7 @@ class SGHMC(Backend):
                 vals = ev.latent_values(ev.guide_trace(C, args, kwargs), C)
             return pe.unconstrain({n: v.detach() for n, v in vals.items()})
         if self.init == "prior":
-            draws = []
-            with torch.no_grad():
-                for _ in range(C):  # once, at the start: a user's model need not broadcast here
-                    tr = poutine.trace(poutine.block(self.model, hide_types=["param"])).get_trace(*args, **kwargs)
-                    draws.append({n: tr.nodes[n]["value"].detach() for n in structure.latent_sites})
-            return pe.unconstrain({n: torch.stack([d[n] for d in draws]) for n in structure.latent_sites})
+            return pe.unconstrain(draw_prior(self.model, structure, C, pe.ndim, args, kwargs))
         given = self.init if isinstance(self.init, dict) else {}
         unknown = sorted(set(given) - set(structure.latent_sites))
         if unknown:
@@ -854,7 +849,7 @@ class SGHMC(Backend):
             for n, v in self.potential.observation_log_likelihood(part, args, kwargs, log_probs).items():
                 loglik.setdefault(n, []).append(v)
             k = next(iter(part.values())).shape[0]
-            lp.append(sum(self.potential._per_chain(v[0], k) for v in log_probs.values()))
+            lp.append(sum(self.potential.per_chain(v[0], k) for v in log_probs.values()))
         groups["log_likelihood"] = {n: torch.cat(v).reshape((C, d) + tuple(v[0].shape[1:]))
                                     for n, v in loglik.items()}
         groups["sample_stats"]["lp"] = torch.cat(lp).reshape(C, d)

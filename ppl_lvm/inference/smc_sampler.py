@@ -72,13 +72,12 @@ import numbers
 import warnings
 from typing import ClassVar, Dict, Optional
 
-import pyro
 import torch
 from pyro import poutine
 
 from ..errors import DivergenceError, IncompatibleModelError
-from ..traces import (PotentialEnergy, log_mean_exp, _log_mean_exp_se, trace_program,
-                      validation_off)
+from ..traces import (CHAIN_PLATE, BatchedLogDensity, PotentialEnergy, draw_prior, log_mean_exp,
+                      log_mean_exp_se, trace_program, validation_off)
 from ..validation import check_positive_int
 from .base import Backend
 from .callbacks import progress_bar_class, progress_default
@@ -129,12 +128,14 @@ class _ParticleSampler(Backend):
             raise ValueError(f"resampling must be one of {sorted(RESAMPLERS)}, got {resampling!r}")
         self.resampling = resampling
         self.potential: Optional[PotentialEnergy] = None
+        self._guide_density: Optional[BatchedLogDensity] = None
         self._u: Optional[Dict[str, torch.Tensor]] = None
         self.acceptance = []
 
     def _after_setup(self, structure, *args, **kwargs):
         try:
             self.potential = PotentialEnergy(self.model, structure, structure.max_plate_nesting)
+            self._guide_density = None
         except ValueError as exc:
             raise IncompatibleModelError(str(exc)) from exc
         if self.guide is not None:
@@ -146,33 +147,21 @@ class _ParticleSampler(Backend):
                     "latent values. Use a guide that samples the model's latent sites directly, or guide=None.")
 
     def _guide_log_prob(self, values, args, kwargs) -> torch.Tensor:
-        """log q(z) of the guide at constrained ``values`` (``(K, *shape)``), per particle."""
-        from ..traces import CHAIN_PLATE, _pad_left
-
-        pe = self.potential
+        """log q(z) of the guide at constrained ``values`` (``(K, *shape)``), per particle: the
+        batched log-density engine run on the guide (:class:`~ppl_lvm.traces.BatchedLogDensity`)."""
+        if self._guide_density is None:
+            self._guide_density = BatchedLogDensity(self.guide, self.guide_structure, self.potential.ndim,
+                                                    plate_name=CHAIN_PLATE)
         k = next(iter(values.values())).shape[0]
-        laid = {n: pe._layout(v, n) for n, v in values.items()}
-
-        def in_plate(*a, **kw):
-            with pyro.plate(CHAIN_PLATE, k, dim=-pe.ndim):
-                return self.guide(*a, **kw)
-
         with validation_off():  # a proposal off the support scores -inf and is rejected
-            tr = poutine.trace(poutine.condition(in_plate, data=laid)).get_trace(*args, **kwargs)
-            tr.compute_log_prob()
-        total = None
-        for name, site in tr.nodes.items():
-            if site["type"] == "sample" and name in values:
-                term = pe._per_chain(_pad_left(site["log_prob"], pe.ndim, name), k)
-                total = term if total is None else total + term
-        return total
+            lp, _ = self._guide_density.log_probs(values, args, kwargs)
+        return sum(BatchedLogDensity.per_draw(lp[n][0], k) for n in values)
 
     # ------------------------------------------------------------------ particles
     def _prior_draws(self, args, kwargs) -> Dict[str, torch.Tensor]:
         """K draws of the latent sites from the base distribution (the prior, or the guide when
         one is given), ``{site: (K, *shape)}`` on unconstrained space."""
         K, structure, pe = self.num_particles, self.structure, self.potential
-        names = list(structure.latent_sites)
         if self.guide is not None:
             from ..traces import ParticleEvaluator
 
@@ -180,27 +169,8 @@ class _ParticleSampler(Backend):
             with torch.no_grad():
                 vals = ev.latent_values(ev.guide_trace(K, args, kwargs), K)
             return {n: t.detach() for n, t in pe.unconstrain(vals).items()}
-        try:
-            def in_plate(*a, **k):
-                with pyro.plate("_ppl_lvm_prior_draws", K, dim=-pe.ndim):
-                    return self.model(*a, **k)
-            with torch.no_grad():
-                tr = poutine.trace(poutine.block(in_plate, hide_types=["param"])).get_trace(*args, **kwargs)
-            out = {}
-            for n in names:
-                v = tr.nodes[n]["value"]
-                shape = tuple(structure.sites[n].value_shape)
-                if v.numel() != K * math.prod(shape):
-                    raise ValueError("not vectorized")
-                out[n] = v.reshape((K,) + shape)
-        except Exception:  # noqa: BLE001 - a model that does not broadcast: draw one at a time
-            draws = []
-            with torch.no_grad():
-                for _ in range(K):
-                    tr = poutine.trace(poutine.block(self.model, hide_types=["param"])).get_trace(*args, **kwargs)
-                    draws.append({n: tr.nodes[n]["value"] for n in names})
-            out = {n: torch.stack([d[n] for d in draws]) for n in names}
-        return {n: t.detach() for n, t in pe.unconstrain(out).items()}
+        return {n: t.detach() for n, t in pe.unconstrain(draw_prior(self.model, structure, K, pe.ndim, args,
+                                                                    kwargs)).items()}
 
     def _split_log_probs(self, u, args, kwargs):
         """(log base density + log|J|, log-likelihood ratio), each ``(K,)``, differentiable in ``u``.
@@ -215,7 +185,7 @@ class _ParticleSampler(Backend):
         prior = ladj.new_zeros(k)
         lik = ladj.new_zeros(k)
         for name, (term, _) in lp.items():
-            s = pe._per_chain(term, k)
+            s = pe.per_chain(term, k)
             if self.structure.sites[name].is_observed:
                 lik = lik + s
             else:
@@ -404,7 +374,7 @@ class _ParticleSampler(Backend):
         proto = trace_program(self.model, args, kwargs)
         groups["observed_data"] = {k: proto.nodes[k]["value"] for k in self.structure.observed_sites}
         lp = self.potential.log_probs(draws, args, kwargs)
-        groups["sample_stats"] = {"lp": one_chain(sum(self.potential._per_chain(t, n) for t, _ in lp.values()))}
+        groups["sample_stats"] = {"lp": one_chain(sum(self.potential.per_chain(t, n) for t, _ in lp.values()))}
         if not self.structure.subsampled_plates:
             ll = self.potential.observation_log_likelihood(draws, args, kwargs, lp)
             groups["log_likelihood"] = {k: one_chain(v) for k, v in ll.items()}
@@ -566,29 +536,46 @@ class SMCSampler(_ParticleSampler):
                    log_evidence=float(self.log_evidence_))
         return out
 
+    #: what every SMC estimate's note says about its error bar and bias
+    _evidence_note = ("k-hat applies to importance weights; this is an SMC estimate. Adaptive temperatures "
+                      "bias it by a few tenths of a nat at 1000 particles (reference battery: -0.14 on AR(5), "
+                      "-0.27 on a 6-parameter regression); more particles or moves shrink it")
+
     def _log_evidence(self, num_particles, args, kwargs):
-        """``num_runs`` (keyword, default 5) fresh tempered runs with ``num_particles`` each; the
-        estimate is the log of the mean of their :math:`\\hat Z` with a delta-method standard error."""
-        runs = int(kwargs.pop("num_runs", 5))
-        if runs < 1:
-            raise ValueError(f"num_runs must be a positive integer, got {runs}")
+        """This run's :math:`\\log \\hat Z` (no error bar from one run), or with ``num_runs=R``
+        the log of the mean :math:`\\hat Z` of R fresh tempered runs with ``num_particles`` each
+        (default: this sampler's), with a delta-method standard error from their spread."""
+        runs = kwargs.pop("num_runs", None)
+        if runs is None:
+            if num_particles is not None and num_particles != self.num_particles:
+                raise ValueError(
+                    f"This sampler ran with {self.num_particles} particles; its estimate cannot be given for "
+                    f"num_particles={num_particles}. Pass num_runs=R to run R fresh samplers with "
+                    f"{num_particles} particles each (an error bar from their spread).")
+            if not self.done:
+                raise ValueError(f"The sampler stopped at beta = {self.beta:.4g} < 1, so there is no estimate "
+                                 "of the evidence yet; run it to the end (run() without num_steps).")
+            return EvidenceEstimate(float(self.log_evidence_), float("nan"), float("nan"), self.num_particles,
+                                    None, None, "this run's estimate: one run gives no error bar; "
+                                    "fit.log_evidence(num_runs=R) runs R fresh samplers and takes the error bar "
+                                    "from their spread. " + self._evidence_note)
+        runs = check_positive_int(runs, "num_runs")
+        num_particles = self.num_particles if num_particles is None else num_particles
         vals = []
         for _ in range(runs):
             fresh = SMCSampler(self.model, self.guide, num_particles=num_particles, target_ess=self.target_ess,
                                num_moves=self.num_moves, num_leapfrog=self.num_leapfrog,
                                step_size=self.step_size, resampling=self.resampling, max_steps=self.max_steps,
+                               max_moves=self.max_moves, decorrelation=self.decorrelation,
                                max_plate_nesting=self.max_plate_nesting, validate=False)
             with torch.enable_grad():  # the HMC moves need gradients (Fit calls this under no_grad)
                 fresh.run(*args, progress=False, **kwargs)
             vals.append(fresh.log_evidence_)
         v = torch.tensor(vals, dtype=torch.float64)
-        se = float(_log_mean_exp_se(v, 0)) if runs > 1 else float("nan")
+        se = float(log_mean_exp_se(v, 0)) if runs > 1 else float("nan")
         return EvidenceEstimate(float(log_mean_exp(v, 0)), se, float("nan"), num_particles * runs, None, None,
-                                "k-hat applies to importance weights; this is an SMC estimate (the "
-                                "error bar is the spread of independent runs). Adaptive temperatures bias "
-                                "it by a few tenths of a nat at 1000 particles, which the error bar does "
-                                "not include (reference battery: -0.14 on AR(5), -0.27 on a 6-parameter "
-                                "regression); more particles or moves shrink it")
+                                f"the mean of {runs} fresh runs (the error bar is their spread, not including "
+                                "the bias). " + self._evidence_note)
 
     def _extra_state(self) -> dict:
         return {**super()._extra_state(), "beta": self.beta, "betas": list(self.betas),
@@ -668,7 +655,7 @@ class OpenHorizonSMC(_ParticleSampler):
                 with torch.no_grad():
                     values = self.potential.constrain(u0)
                     lp = self.potential.log_probs(values, args, kwargs)
-                    lw = sum(self.potential._per_chain(t, K) for n, (t, _) in lp.items()
+                    lw = sum(self.potential.per_chain(t, K) for n, (t, _) in lp.items()
                              if not self.structure.sites[n].is_observed)
                     lw = lw - self._guide_log_prob(values, args, kwargs)
                     log_w0 = lw - torch.logsumexp(lw, 0)
@@ -678,7 +665,7 @@ class OpenHorizonSMC(_ParticleSampler):
             u = {n: t.detach() for n, t in u0.items()}
             pe = self.potential
             lp, fixed = pe.log_probs_and_subsamples(pe.constrain(u), args, kwargs)
-        lik = sum(pe._per_chain(term, K) for name, (term, _) in lp.items()
+        lik = sum(pe.per_chain(term, K) for name, (term, _) in lp.items()
                   if self.structure.sites[name].is_observed) / scale  # unscaled minibatch log-lik
         if not bool(torch.isfinite(lik).all()):
             self._divergence("the minibatch log-likelihood is not finite for some particle")
