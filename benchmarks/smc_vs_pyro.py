@@ -52,7 +52,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     pyro.set_rng_seed(0)
-    fx = LinearGaussianSSM(num_steps=100, seed=0)
+    fx = LinearGaussianSSM(num_time_steps=100, seed=0)
     exact = fx.kalman_filter()["log_evidence"]
     print(f"LGSSM T=100, Kalman log-evidence {exact:.4f}, {torch.get_num_threads()} thread(s), "
           f"{a.repeats} repeats\n")

@@ -7,6 +7,8 @@ survive ``python -O``.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -15,7 +17,8 @@ import torch
 from .errors import ModelGuideMismatchError
 from .traces import ProgramStructure, structure_from_trace, trace_program
 
-__all__ = ["positional_names", "check_finite_data", "check_callable", "check_model_guide", "check_positive_int"]
+__all__ = ["positional_names", "check_finite_data", "check_callable", "check_model_guide", "check_int",
+           "check_positive_int", "check_real", "check_positive", "check_fraction"]
 
 
 def positional_names(fn) -> list:
@@ -63,10 +66,58 @@ def check_callable(obj, what: str, allow_none: bool = False) -> None:
         )
 
 
+# --------------------------------------------------------------------------- argument checkers
+# One family, one argument order (value, name, ...): a wrong type is a TypeError, a value out of
+# range a ValueError, and both name the argument and show what was given.
+
+def check_int(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (numpy integers accepted, bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}; pass e.g. "
+                        f"{name}={max(minimum, 1)}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+    return int(value)
+
+
 def check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    """``value`` as an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}.")
+    if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     return int(value)
+
+
+def check_real(value, name: str, *, low: Optional[float] = None, high: Optional[float] = None,
+               open_low: bool = False, open_high: bool = False) -> float:
+    """``value`` as a finite float in the interval given by ``low``/``high`` (open or closed ends);
+    a one-element tensor is accepted."""
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            raise TypeError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}.")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.")
+    value = float(value)
+    below = low is not None and (value <= low if open_low else value < low)
+    above = high is not None and (value >= high if open_high else value > high)
+    if not math.isfinite(value) or below or above:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if open_low or low is None else '['}{lo}, {hi}{')' if open_high or high is None else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}.")
+    return value
+
+
+def check_positive(value, name: str) -> float:
+    """``value`` as a finite float > 0."""
+    return check_real(value, name, low=0.0, open_low=True)
+
+
+def check_fraction(value, name: str, *, open_low: bool = True) -> float:
+    """``value`` as a float in (0, 1] (or [0, 1] with ``open_low=False``)."""
+    return check_real(value, name, low=0.0, high=1.0, open_low=open_low)
 
 
 def _walk(obj, path: str):

@@ -8,7 +8,7 @@ import torch
 
 from ppl_lvm import SVI, psis_khat, to_inferencedata
 from ppl_lvm.diagnostics import groups_to_inferencedata
-from ppl_lvm.testing import BayesianLinearRegression, NormalNormalGlobal
+from ppl_lvm.testing import ConjugateLinearRegression, NormalNormalGlobal
 
 
 @pytest.mark.parametrize("tail", ["light", "heavy"])
@@ -49,7 +49,7 @@ def test_groups_to_inferencedata_shapes():
 
 
 def test_svi_fit_to_inferencedata_works_with_arviz():
-    fx = BayesianLinearRegression(num_data=60)
+    fx = ConjugateLinearRegression(num_data=60)
     fit = SVI(fx.model, fx.guide, optim=pyro.optim.Adam({"lr": 0.05}), num_particles=8,
               vectorize_particles=True).run(*fx.args, num_steps=800)
     idata = to_inferencedata(fit, num_samples=800)

@@ -9,7 +9,7 @@ import torch
 import ppl_lvm
 from ppl_lvm.errors import ModelGuideMismatchError
 from ppl_lvm.models import VAE
-from ppl_lvm.testing import BayesianLinearRegression
+from ppl_lvm.testing import ConjugateLinearRegression
 
 
 def test_model_keywords_given_to_fit_reach_the_model():
@@ -25,7 +25,7 @@ def test_model_keywords_given_to_fit_reach_the_model():
 
 
 def test_numpy_data_are_converted_and_strings_refused_by_name():
-    fx = BayesianLinearRegression(num_data=40, num_features=2, seed=0)
+    fx = ConjugateLinearRegression(num_data=40, num_features=2, seed=0)
     X, y = fx.args[0], fx.args[1]
     fit = ppl_lvm.fit(fx.model, fx.guide, X.numpy(), y.numpy(), backend="svi", num_steps=5)
     assert torch.is_tensor(fit.args[0]) and fit.args[0].dtype == X.dtype
@@ -67,7 +67,7 @@ def test_progress_bar_falls_back_to_text_without_ipywidgets(monkeypatch):
 
 
 def test_predictive_has_the_shapes_of_posterior_samples():
-    fx = BayesianLinearRegression(num_data=30, num_features=5, seed=0)
+    fx = ConjugateLinearRegression(num_data=30, num_features=5, seed=0)
     fit = ppl_lvm.fit(fx.model, fx.guide, *fx.args, backend="svi", num_steps=5)
     pred = fit.predictive(5)
     assert pred["w"].shape == fit.posterior_samples(5)["w"].shape == (5, 5)
@@ -75,7 +75,7 @@ def test_predictive_has_the_shapes_of_posterior_samples():
 
 
 def test_a_checkpoint_from_another_optimizer_is_refused(tmp_path):
-    fx = BayesianLinearRegression(num_data=30, num_features=2, seed=0)
+    fx = ConjugateLinearRegression(num_data=30, num_features=2, seed=0)
     a = ppl_lvm.SVI(fx.model, fx.guide, optim=pyro.optim.Adam({"lr": 0.01}))
     a.run(*fx.args, num_steps=3)
     a.save(tmp_path / "ck.pt")

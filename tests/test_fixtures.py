@@ -20,7 +20,7 @@ from pyro.poutine.util import prune_subsample_sites
 
 from ppl_lvm.testing import (
     FIXTURES,
-    BayesianLinearRegression,
+    ConjugateLinearRegression,
     BinaryLatents,
     ExactFixture,
     LinearGaussianSSM,
@@ -56,10 +56,10 @@ def test_registry_and_class_attributes():
         assert cls.name == name
     assert LinearGaussianSSM.max_plate_nesting == 0 and LinearGaussianSSM.is_state_space
     assert BinaryLatents.has_discrete_latents
-    for cls in (NormalNormalGlobal, NormalNormalLocal, BayesianLinearRegression, BinaryLatents):
+    for cls in (NormalNormalGlobal, NormalNormalLocal, ConjugateLinearRegression, BinaryLatents):
         assert cls.max_plate_nesting == 1
         assert not cls.is_state_space
-    for cls in (NormalNormalGlobal, NormalNormalLocal, BayesianLinearRegression, LinearGaussianSSM):
+    for cls in (NormalNormalGlobal, NormalNormalLocal, ConjugateLinearRegression, LinearGaussianSSM):
         assert not cls.has_discrete_latents
 
 
@@ -165,7 +165,7 @@ def test_normal_local_against_quadrature():
 
 
 def test_linreg_against_dense_mvn_and_identity():
-    fix = BayesianLinearRegression()
+    fix = ConjugateLinearRegression()
     X, y = fix.args
     n, d = X.shape
     cov_y = fix.noise_scale**2 * torch.eye(n, dtype=X.dtype) + fix.prior_scale**2 * X @ X.T
@@ -191,7 +191,7 @@ def test_linreg_against_dense_mvn_and_identity():
 
 def _dense_lgssm(fix):
     """Dense joint Gaussian of (z, x) for a small LinearGaussianSSM."""
-    T, dtype = fix.num_steps, fix.dtype
+    T, dtype = fix.num_time_steps, fix.dtype
     # z = B e with e = (z_0, process noise_1..T-1), B[t, s] = a^(t - s) for s <= t
     idx = torch.arange(T)
     powers = (idx.unsqueeze(-1) - idx).clamp(min=0).to(dtype)
@@ -204,7 +204,7 @@ def _dense_lgssm(fix):
 
 
 def test_lgssm_against_dense_gaussian():
-    fix = LinearGaussianSSM(num_steps=5, seed=1)
+    fix = LinearGaussianSSM(num_time_steps=5, seed=1)
     x = fix.x
     cov_z, cov_x = _dense_lgssm(fix)
     zeros = torch.zeros(5, dtype=x.dtype)
@@ -460,7 +460,7 @@ def test_smc_filter_matches_kalman(locally_optimal):
     means = []
     smc.init(initial=x[0])
     means.append(float(smc.get_empirical()["z"].mean))
-    for t in range(1, fix.num_steps):
+    for t in range(1, fix.num_time_steps):
         smc.step(x=x[t])
         means.append(float(smc.get_empirical()["z"].mean))
     means = torch.tensor(means, dtype=torch.float64)
@@ -517,11 +517,11 @@ def test_smc_objects_without_observation():
         (NormalNormalLocal, {"num_data": -3}, ValueError),
         (NormalNormalLocal, {"obs_scale": -0.1}, ValueError),
         (NormalNormalLocal, {"prior_scale": "big"}, TypeError),
-        (BayesianLinearRegression, {"num_features": 0}, ValueError),
-        (BayesianLinearRegression, {"noise_scale": -0.5}, ValueError),
-        (BayesianLinearRegression, {"prior_scale": float("inf")}, ValueError),
-        (BayesianLinearRegression, {"subsample_size": 101}, ValueError),
-        (LinearGaussianSSM, {"num_steps": 0}, ValueError),
+        (ConjugateLinearRegression, {"num_features": 0}, ValueError),
+        (ConjugateLinearRegression, {"noise_scale": -0.5}, ValueError),
+        (ConjugateLinearRegression, {"prior_scale": float("inf")}, ValueError),
+        (ConjugateLinearRegression, {"subsample_size": 101}, ValueError),
+        (LinearGaussianSSM, {"num_time_steps": 0}, ValueError),
         (LinearGaussianSSM, {"process_scale": -0.5}, ValueError),
         (LinearGaussianSSM, {"init_scale": 0.0}, ValueError),
         (LinearGaussianSSM, {"transition": float("nan")}, ValueError),
@@ -541,4 +541,4 @@ def test_bad_constructor_input(cls, kwargs, exc):
 
 def test_bad_smc_guide_flag():
     with pytest.raises(TypeError):
-        LinearGaussianSSM(num_steps=3).smc_guide(locally_optimal="yes")
+        LinearGaussianSSM(num_time_steps=3).smc_guide(locally_optimal="yes")

@@ -18,7 +18,7 @@ import torch
 from torch.distributions import constraints
 
 import ppl_lvm
-from ppl_lvm.testing import BayesianLinearRegression
+from ppl_lvm.testing import ConjugateLinearRegression
 
 FIT = {
     "svi": dict(num_steps=1500, optim=pyro.optim.Adam({"lr": 0.05})),
@@ -32,7 +32,7 @@ FIT = {
 
 @pytest.mark.parametrize("backend", sorted(FIT))
 def test_p_loo_is_the_number_of_parameters(backend):
-    fx = BayesianLinearRegression(num_data=100, num_features=3, seed=2)
+    fx = ConjugateLinearRegression(num_data=100, num_features=3, seed=2)
     guide = None if backend in ("sghmc", "sgld", "smc") else fx.guide
     fit = ppl_lvm.fit(fx.model, guide, *fx.args, backend=backend, **FIT[backend])
     idata = fit.to_inferencedata(800 if guide is not None else None)

@@ -112,12 +112,12 @@ def _cases():
     cases = {}
     for name, cls in FIXTURES.items():
         def make(cls=cls, name=name):
-            fx = cls(num_steps=10) if name == "lgssm" else cls()
+            fx = cls(num_time_steps=10) if name == "lgssm" else cls()
             return fx.model, fx.guide, fx.args
         cases[f"fixture:{name}"] = make
     # state-space objects (Pyro's SMCFilter contract): only the particle filter runs them
     def make_ssm():
-        fx = LinearGaussianSSM(num_steps=20)
+        fx = LinearGaussianSSM(num_time_steps=20)
         return (fx.smc_model(learn_transition=True), fx.smc_guide(), (fx.x[1:],),
                 {"init_kwargs": {"initial": fx.x[0]}})
     cases["ssm:lgssm"] = make_ssm
@@ -184,3 +184,11 @@ def test_case_facts_match_the_traced_programs(case):
     assert bool(st.subsampled_plates) == (short in SUBSAMPLED_CASES)
     assert bool(st.latents_in_subsampled_plates) == (short in LOCAL_IN_SUBSAMPLED_CASES)
     assert bool(st.global_latents and st.subsampled_plates) == (short in GLOBAL_WITH_SUBSAMPLING_CASES)
+
+
+def test_every_backend_takes_model_guide_optim_in_that_order():
+    """The same keyword in the same position for every backend (the SMC sampler refuses a
+    non-None optimizer, having no parameters to learn)."""
+    for name, cls in BACKENDS.items():
+        params = list(inspect.signature(cls.__init__).parameters)[1:4]
+        assert params == ["model", "guide", "optim"], (name, params)

@@ -19,7 +19,7 @@ import torch
 
 from ppl_lvm import SGHMC, SGLD, DivergenceError, IncompatibleModelError
 from ppl_lvm.inference import CyclicalStepSize, PolynomialDecay
-from ppl_lvm.testing import BayesianLinearRegression, BinaryLatents, NormalNormalLocal
+from ppl_lvm.testing import ConjugateLinearRegression, BinaryLatents, NormalNormalLocal
 from ppl_lvm.traces import PotentialEnergy, structure_from_trace, trace_program
 
 from tests.helpers import cuda_params
@@ -45,7 +45,7 @@ def linreg_fit():
     pyro.set_rng_seed(0)
     # N = 1000, minibatch B = 250: lam = N / sigma^2 = 4000. With eta = 5e-6 and alpha = 0.5
     # the minibatch noise inflates the variance by ~ 0.02 * 3 / 1 = 6% (sd +3%).
-    fx = BayesianLinearRegression(num_data=1000, num_features=3, noise_scale=0.5, seed=0)
+    fx = ConjugateLinearRegression(num_data=1000, num_features=3, noise_scale=0.5, seed=0)
     sampler = SGHMC(_linreg_model, step_size=5e-6, friction=0.5, num_chains=4, num_samples=2000,
                     warmup=2000, thin=5)
     fit = sampler.run(*fx.args, subsample_size=250)
@@ -76,7 +76,7 @@ def test_linreg_four_chains_rhat(linreg_fit):
 def test_chains_draw_independent_minibatches():
     """With one shared minibatch the minibatch noise is common to all chains and correlates them;
     by default every chain draws its own.  Large step, small minibatch: the effect is strong."""
-    fx = BayesianLinearRegression(num_data=1000, num_features=1, noise_scale=0.5, seed=0)
+    fx = ConjugateLinearRegression(num_data=1000, num_features=1, noise_scale=0.5, seed=0)
     corr = {}
     for shared in (True, False):
         pyro.set_rng_seed(0)
@@ -221,7 +221,7 @@ def test_potential_energy_matches_hand_computation_with_jacobian():
 
 
 def test_potential_plate_and_vmap_agree_with_gradients():
-    fx = BayesianLinearRegression(num_data=30, num_features=2, seed=2)
+    fx = ConjugateLinearRegression(num_data=30, num_features=2, seed=2)
     tr = trace_program(fx.model, fx.args, {})
     st = structure_from_trace(tr)
     u = torch.randn(5, 2, dtype=torch.float64)
@@ -254,7 +254,7 @@ def test_non_broadcasting_model_runs_through_vmap():
 
 
 def test_sgld_is_sghmc_with_unit_friction():
-    fx = BayesianLinearRegression(num_data=50, num_features=2, subsample_size=10, seed=0)
+    fx = ConjugateLinearRegression(num_data=50, num_features=2, subsample_size=10, seed=0)
     pyro.set_rng_seed(5)
     a = SGLD(fx.model, step_size=1e-3, num_chains=3, num_samples=20, warmup=5)
     a.run(*fx.args)
@@ -267,7 +267,7 @@ def test_sgld_is_sghmc_with_unit_friction():
 
 
 def test_warmup_thinning_and_cyclical_schedule():
-    fx = BayesianLinearRegression(num_data=50, num_features=2, seed=0)
+    fx = ConjugateLinearRegression(num_data=50, num_features=2, seed=0)
     s = SGHMC(fx.model, step_size=1e-3, num_chains=2, num_samples=7, warmup=10, thin=3)
     s.run(*fx.args)
     assert s.num_steps == 10 + 7 * 3 and s.num_draws == 7
@@ -304,7 +304,7 @@ def test_model_parameters_learned_in_warmup_then_frozen():
 
 
 def test_checkpoint_resume_is_bit_identical(tmp_path):
-    fx = BayesianLinearRegression(num_data=60, num_features=2, subsample_size=20, seed=0)
+    fx = ConjugateLinearRegression(num_data=60, num_features=2, subsample_size=20, seed=0)
     opts = dict(step_size=1e-3, friction=0.3, num_chains=3, num_samples=30, warmup=10,
                 preconditioner="rmsprop")
     pyro.set_rng_seed(1)
@@ -321,7 +321,7 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
 
 
 def test_divergence_keeps_last_finite_state():
-    fx = BayesianLinearRegression(num_data=200, num_features=2, seed=0)
+    fx = ConjugateLinearRegression(num_data=200, num_features=2, seed=0)
     s = SGHMC(fx.model, step_size=5.0, friction=0.1, num_chains=2, num_samples=100, warmup=0)
     with pytest.raises(DivergenceError, match="step size") as err:
         s.run(*fx.args)
@@ -330,7 +330,7 @@ def test_divergence_keeps_last_finite_state():
 
 
 def test_init_options_and_guide_start():
-    fx = BayesianLinearRegression(num_data=50, num_features=2, seed=0)
+    fx = ConjugateLinearRegression(num_data=50, num_features=2, seed=0)
     s = SGHMC(fx.model, init={"w": torch.tensor([0.5, -0.5], dtype=torch.float64)}, init_radius=1e-3,
               step_size=1e-4, num_chains=3, num_samples=1, warmup=0)
     s.run(*fx.args, num_steps=1)
@@ -345,7 +345,7 @@ def test_init_options_and_guide_start():
 
 @pytest.mark.parametrize("device", cuda_params())
 def test_device_follows_data(device):
-    fx = BayesianLinearRegression(num_data=40, num_features=2, subsample_size=10, seed=0, device=device)
+    fx = ConjugateLinearRegression(num_data=40, num_features=2, subsample_size=10, seed=0, device=device)
     s = SGHMC(fx.model, step_size=1e-3, num_chains=2, num_samples=5, warmup=2)
     s.run(*fx.args)
     assert s.samples()["w"].device.type == device
@@ -407,7 +407,7 @@ def test_a_diverging_step_moves_no_model_parameter():
     """The SAEM update of a model parameter is applied only once the chains' proposal is known
     to be finite: a step that diverges leaves the parameter and the optimizer untouched (it
     moved mu from 0.5 to 5.79 before the error)."""
-    fx = BayesianLinearRegression(num_data=200, num_features=2, seed=0)
+    fx = ConjugateLinearRegression(num_data=200, num_features=2, seed=0)
 
     def model(X, y):
         shift = pyro.param("shift", torch.tensor(0.5, dtype=X.dtype))
@@ -442,7 +442,7 @@ def test_defaults_give_the_exact_posterior_sds_on_minibatches():
     Chen et al.'s noise correction) must give means within 4 MCSE and sds within 4 standard
     errors (1/sqrt(2 ESS)) of the exact posterior; measured over seeds 0-2 with 3000 draws per
     chain: sd ratios 0.94-1.05, ESS 260-280."""
-    fx = BayesianLinearRegression(num_data=2000, num_features=3, noise_scale=0.5, seed=0)
+    fx = ConjugateLinearRegression(num_data=2000, num_features=3, noise_scale=0.5, seed=0)
     X, y = fx.args[0], fx.args[1]
     prec = torch.eye(3, dtype=X.dtype) + X.T @ X / 0.25
     cov = torch.linalg.inv(prec)
@@ -460,7 +460,7 @@ def test_defaults_give_the_exact_posterior_sds_on_minibatches():
 
 
 def test_a_step_size_the_noise_overwhelms_is_warned_about():
-    fx = BayesianLinearRegression(num_data=2000, num_features=3, noise_scale=0.5, seed=0)
+    fx = ConjugateLinearRegression(num_data=2000, num_features=3, noise_scale=0.5, seed=0)
     s = SGHMC(_linreg_model, step_size=1e-3, preconditioner="rmsprop", num_chains=2, num_samples=20, warmup=200)
     with pytest.warns(RuntimeWarning, match="noise dominates"):
         s.run(*fx.args[:2], subsample_size=100)

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("bootstrap", 1.0), ("bootstrap", 0.5), ("prior_guide", 0.5), ("locally_optimal", 0.5),
 ])
 def test_lgssm_evidence_and_filtering_means(proposal, threshold):
-    fx = LinearGaussianSSM(num_steps=100, seed=0)
+    fx = LinearGaussianSSM(num_time_steps=100, seed=0)
     kf = fx.kalman_filter()
     guide = {"bootstrap": None, "prior_guide": fx.smc_guide(),
              "locally_optimal": fx.smc_guide(locally_optimal=True)}[proposal]
@@ -65,7 +65,7 @@ def test_lgssm_evidence_and_filtering_means(proposal, threshold):
 def test_evidence_exact_for_a_single_step_without_resampling_bias():
     """One observation, prior proposal: Z-hat = mean_k p(x | z_k), unbiased; over many
     repeats the mean of Z-hat matches p(x) within 3 standard errors."""
-    fx = LinearGaussianSSM(num_steps=1, seed=1)
+    fx = LinearGaussianSSM(num_time_steps=1, seed=1)
     exact = math.exp(fx.kalman_filter()["log_evidence"])
     zs = []
     for _ in range(400):
@@ -175,7 +175,7 @@ def test_pyro_smcfilter_model_runs_unchanged():
 
 # --------------------------------------------------------------------------- smoothing
 def test_backward_simulation_matches_rts_smoother():
-    fx = LinearGaussianSSM(num_steps=50, seed=0)
+    fx = LinearGaussianSSM(num_time_steps=50, seed=0)
     rts = fx.kalman_smoother()
     K, M = 1000, 300
     pf = ParticleFilter(fx.smc_model(), fx.smc_guide(locally_optimal=True), K, store_particles=True)
@@ -192,7 +192,7 @@ def test_backward_simulation_matches_rts_smoother():
 
 
 def test_smooth_needs_stored_particles():
-    fx = LinearGaussianSSM(num_steps=5, seed=0)
+    fx = LinearGaussianSSM(num_time_steps=5, seed=0)
     pf = ParticleFilter(fx.smc_model(), None, 10)
     pf.filter(fx.x[1:], init_kwargs={"initial": fx.x[0]})
     with pytest.raises(RuntimeError, match="store_particles"):
@@ -217,7 +217,7 @@ class _ParamLGSSM:
 
 
 def _exact_loglik(x, a):
-    f = LinearGaussianSSM(num_steps=len(x), transition=a, seed=0)
+    f = LinearGaussianSSM(num_time_steps=len(x), transition=a, seed=0)
     f.x = x
     return f.kalman_filter()["log_evidence"]
 
@@ -225,7 +225,7 @@ def _exact_loglik(x, a):
 def test_fisher_resampling_gradient_is_consistent_for_model_parameters():
     """d log Z-hat / d a, averaged over runs, against the exact score from the Kalman filter
     (central differences); the "drop" treatment (FIVO) is biased here by more than 3 se."""
-    fx = LinearGaussianSSM(num_steps=50, seed=3)
+    fx = LinearGaussianSSM(num_time_steps=50, seed=3)
     x, a0, h = fx.x, 0.7, 1e-5
     exact = (_exact_loglik(x, a0 + h) - _exact_loglik(x, a0 - h)) / (2 * h)
     grads = {}
@@ -244,7 +244,7 @@ def test_fisher_resampling_gradient_is_consistent_for_model_parameters():
 
 
 def test_backend_learns_the_transition_by_particle_maximum_likelihood():
-    fx = LinearGaussianSSM(num_steps=100, seed=3)
+    fx = LinearGaussianSSM(num_time_steps=100, seed=3)
     x = fx.x
     grid = np.linspace(0.6, 1.0, 81)
     a_mle = grid[int(np.argmax([_exact_loglik(x, float(a)) for a in grid]))]
@@ -277,7 +277,7 @@ def test_static_model_refused_by_filter():
     (dict(resampling_gradient="score"), "resampling_gradient"),
 ])
 def test_bad_filter_options(bad, match):
-    fx = LinearGaussianSSM(num_steps=3)
+    fx = LinearGaussianSSM(num_time_steps=3)
     opts = dict(num_particles=10)
     opts.update(bad)
     with pytest.raises(ValueError, match=match):
@@ -285,7 +285,7 @@ def test_bad_filter_options(bad, match):
 
 
 def test_step_before_init_and_failed_filter():
-    fx = LinearGaussianSSM(num_steps=3)
+    fx = LinearGaussianSSM(num_time_steps=3)
     pf = ParticleFilter(fx.smc_model(), None, 10)
     with pytest.raises(RuntimeError, match="init"):
         pf.step(fx.x[0])
@@ -306,7 +306,7 @@ def test_step_before_init_and_failed_filter():
 
 @pytest.mark.parametrize("device", cuda_params())
 def test_filter_device_follows_model(device):
-    fx = LinearGaussianSSM(num_steps=10, seed=0, device=device)
+    fx = LinearGaussianSSM(num_time_steps=10, seed=0, device=device)
     pf = ParticleFilter(fx.smc_model(), None, 100)
     log_z = pf.filter(fx.x[1:], init_kwargs={"initial": fx.x[0]})
     assert log_z.device.type == device
@@ -331,7 +331,7 @@ def test_proposal_learned_without_resampling_approaches_the_locally_optimal_one(
     p(z_t | z_{t-1}, x_t) = N(v a / q^2 z + v / r^2 x, v), v = 1 / (1/q^2 + 1/r^2): (0.596, 0.338,
     0.407).  The SIS optimum in this family conditions on x_t only, as the locally optimal
     proposal does, but weighs the whole sequence, so the two agree only approximately: 15%."""
-    fx = LinearGaussianSSM(num_steps=40, seed=0)
+    fx = LinearGaussianSSM(num_time_steps=40, seed=0)
     backend = SMCFilterBackend(fx.smc_model(), _LinearProposal(), pyro.optim.Adam({"lr": 0.02}),
                                num_particles=50, ess_threshold=0.0)
     backend.run(fx.x[1:], init_kwargs={"initial": fx.x[0]}, num_steps=200)

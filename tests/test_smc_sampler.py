@@ -17,7 +17,7 @@ import torch
 import ppl_lvm
 from ppl_lvm import SVI, IncompatibleModelError
 from ppl_lvm.inference import OpenHorizonSMC, SMCSampler
-from ppl_lvm.testing import BayesianLinearRegression, BinaryLatents
+from ppl_lvm.testing import ConjugateLinearRegression, BinaryLatents
 
 RUNS = 8
 
@@ -35,7 +35,7 @@ def _runs(model, args, guide=None, runs=RUNS, **opts):
 
 
 def test_linreg_evidence_and_posterior_moments():
-    fx = BayesianLinearRegression(num_data=100, num_features=3, seed=0)
+    fx = ConjugateLinearRegression(num_data=100, num_features=3, seed=0)
     samplers = _runs(fx.model, fx.args, num_particles=400)
     lz = np.array([s.log_evidence_ for s in samplers])
     se = lz.std(ddof=1) / math.sqrt(RUNS)
@@ -44,8 +44,9 @@ def test_linreg_evidence_and_posterior_moments():
     sds = torch.stack([s.particles()["w"].std(0) for s in samplers])
     z = (means.mean(0) - fx.exact_posterior_mean()["w"]) / (means.std(0) / math.sqrt(RUNS))
     assert float(z.abs().max()) < 4, z
-    ratio = sds.mean(0) / fx.exact_posterior_sd()["w"]
-    assert float((ratio - 1).abs().max()) < 0.15, ratio
+    # the run-averaged particle sd, z-tested with the across-run standard error like the means
+    z_sd = (sds.mean(0) - fx.exact_posterior_sd()["w"]) / (sds.std(0) / math.sqrt(RUNS))
+    assert float(z_sd.abs().max()) < 4, z_sd
     s = samplers[0]
     assert s.betas[0] == 0.0 and s.betas[-1] == 1.0 and len(s.betas) > 2
     assert all(b1 > b0 for b0, b1 in zip(s.betas, s.betas[1:]))
@@ -78,7 +79,7 @@ def test_constrained_site_evidence_and_mean_by_quadrature():
 
 
 def test_guide_as_base_distribution_shortens_the_path():
-    fx = BayesianLinearRegression(num_data=100, num_features=3, seed=0)
+    fx = ConjugateLinearRegression(num_data=100, num_features=3, seed=0)
     SVI(fx.model, fx.guide, pyro.optim.Adam({"lr": 0.05})).run(*fx.args, num_steps=1500)
     samplers = _runs(fx.model, fx.args, guide=fx.guide, runs=6, num_particles=400)
     lz = np.array([s.log_evidence_ for s in samplers])
@@ -90,7 +91,7 @@ def test_guide_as_base_distribution_shortens_the_path():
 
 
 def test_fit_log_evidence_is_the_run_you_have_and_reruns_only_when_asked():
-    fx = BayesianLinearRegression(num_data=50, num_features=2, seed=1)
+    fx = ConjugateLinearRegression(num_data=50, num_features=2, seed=1)
     s = SMCSampler(fx.model, num_particles=200)
     with pytest.raises(ValueError, match="beta = 0 < 1"):
         ppl_lvm.inference.Fit(s, fx.args, {}).log_evidence()
@@ -104,7 +105,7 @@ def test_fit_log_evidence_is_the_run_you_have_and_reruns_only_when_asked():
 
 
 def test_fit_log_evidence_repeats_runs_and_inferencedata():
-    fx = BayesianLinearRegression(num_data=50, num_features=2, seed=1)
+    fx = ConjugateLinearRegression(num_data=50, num_features=2, seed=1)
     s = SMCSampler(fx.model, num_particles=200)
     fit = s.run(*fx.args)
     est = fit.log_evidence(200, num_runs=4)
@@ -118,7 +119,7 @@ def test_fit_log_evidence_repeats_runs_and_inferencedata():
 
 
 def test_refusals():
-    fx = BayesianLinearRegression(num_data=50, num_features=2, subsample_size=10)
+    fx = ConjugateLinearRegression(num_data=50, num_features=2, subsample_size=10)
     with pytest.raises(IncompatibleModelError, match="smc_online"):
         SMCSampler(fx.model, num_particles=10).run(*fx.args)
     with pytest.raises(IncompatibleModelError, match="gflownet_em"):
@@ -173,7 +174,7 @@ def test_arviz_layout_is_one_population_with_smc_diagnostics():
     """The particles are one population, not four chains: ArviZ gets one chain, and the SMC
     diagnostics (particle ESS, move acceptance, unique particles) in sample_stats (it split
     them into 4 pseudo-chains, so R-hat read ~1 whatever happened)."""
-    from ppl_lvm.testing import BayesianLinearRegression as LinReg
+    from ppl_lvm.testing import ConjugateLinearRegression as LinReg
 
     fx = LinReg()
     fit = ppl_lvm.fit(fx.model, None, *fx.args, backend="smc", num_particles=200)

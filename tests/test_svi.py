@@ -14,7 +14,7 @@ import torch
 
 from ppl_lvm import SVI
 from ppl_lvm.testing import (
-    BayesianLinearRegression,
+    ConjugateLinearRegression,
     BinaryLatents,
     LinearGaussianSSM,
     NormalNormalGlobal,
@@ -37,7 +37,12 @@ def _fit(fx, num_steps=2000, **kw):
     return backend.run(*fx.args, num_steps=num_steps)
 
 
-def _check_moments(fit, mean, sd, z_bound=3.0, sd_rtol=0.10):
+def _check_moments(fit, mean, sd, z_bound=3.0):
+    # the sd of NUM_DRAWS independent draws has relative standard error 1/sqrt(2 (n - 1)) = 1.1%;
+    # 4 of them, plus 1% for the optimizer's residual (the guide ends within about 0.01 of its
+    # optimum, see _fit), bound the largest relative error over a site's elements (measured on
+    # the four fits below: 0.4% to 2.6%)
+    sd_rtol = 4.0 / math.sqrt(2 * (NUM_DRAWS - 1)) + 0.01
     draws = fit.posterior_samples(NUM_DRAWS)
     for name in mean:
         est_mean = draws[name].mean(0)
@@ -90,7 +95,7 @@ def test_evidence_estimate_is_right_for_a_poor_guide():
 def test_linear_regression_mean_field_optimum():
     """For a Gaussian posterior, the mean-field optimum has the exact means and
     sd_i = 1/sqrt(Lambda_ii) (the diagonal of the precision), not the marginal sd."""
-    fx = BayesianLinearRegression()
+    fx = ConjugateLinearRegression()
     fit = _fit(fx, num_steps=3000)
     cov = fx.exact_posterior_cov()
     mf_sd = torch.linalg.inv(cov).diagonal().rsqrt()
@@ -157,7 +162,7 @@ def test_binary_latents_enumerated_in_the_model():
 
 
 def test_lgssm_mean_field_means_match_the_smoother():
-    fx = LinearGaussianSSM(num_steps=30)
+    fx = LinearGaussianSSM(num_time_steps=30)
     fit = _fit(fx, num_particles=32)
     mean = fx.exact_posterior_mean()
     draws = fit.posterior_samples(NUM_DRAWS)

@@ -280,7 +280,7 @@ class ParticleFilter:
         self.state = SMCState(self.num_particles)
         self._log_w: Optional[torch.Tensor] = None  # normalized log-weights carried into the next step
         self._log_z: Optional[torch.Tensor] = None
-        self.num_steps = 0
+        self.num_time_steps = 0  # time steps filtered so far (init counts as one)
         self._hist: Dict[str, list] = {"ess": [], "resampled": [], "log_increment": []}
         self._moments: Dict[str, List[tuple]] = {}
         self._stored: List[dict] = []
@@ -370,7 +370,7 @@ class ParticleFilter:
 
     def _advance(self, method, args, kwargs):
         k = self.num_particles
-        if self.num_steps == 0:  # validate the distributions' arguments on the first step only
+        if self.num_time_steps == 0:  # validate the distributions' arguments on the first step only
             m, g = self._run_programs(method, args, kwargs, self.state, k)
         else:
             with validation_off():
@@ -436,7 +436,7 @@ class ParticleFilter:
         if self.record:
             self._hist["resampled"].append(do)
         self._log_w = lw
-        self.num_steps += 1
+        self.num_time_steps += 1
 
     def _check_finite(self):
         if self._log_z is not None and not bool(torch.isfinite(self._log_z)):

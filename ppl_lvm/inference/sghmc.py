@@ -65,7 +65,7 @@ from pyro import poutine
 
 from ..errors import IncompatibleModelError
 from ..traces import PotentialEnergy, ParticleEvaluator, ProgramStructure, draw_prior, trace_program
-from ..validation import check_positive_int
+from ..validation import check_positive, check_positive_int
 from .base import Backend
 from .registry import register_backend
 from .requirements import Requirements
@@ -78,7 +78,7 @@ class ConstantStepSize:
     """:math:`\\eta_t = \\eta`."""
 
     def __init__(self, step_size: float):
-        self.step_size = _positive_float(step_size, "step_size")
+        self.step_size = check_positive(step_size, "step_size")
 
     def __call__(self, t: int) -> float:
         return self.step_size
@@ -102,8 +102,8 @@ class PolynomialDecay(ConstantStepSize):
 
     def __init__(self, step_size: float, decay_steps: float = 1000.0, power: float = 0.55):
         super().__init__(step_size)
-        self.decay_steps = _positive_float(decay_steps, "decay_steps")
-        self.power = _positive_float(power, "power")
+        self.decay_steps = check_positive(decay_steps, "decay_steps")
+        self.power = check_positive(power, "power")
 
     def __call__(self, t: int) -> float:
         return self.step_size * (1.0 + t / self.decay_steps) ** (-self.power)
@@ -145,12 +145,6 @@ class CyclicalStepSize(ConstantStepSize):
     def __repr__(self):
         return (f"CyclicalStepSize({self.step_size:g}, cycle_length={self.cycle_length}, "
                 f"exploration={self.exploration:g})")
-
-
-def _positive_float(value, name) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def _schedule(step_size):
@@ -271,12 +265,12 @@ class SGHMC(Backend):
     #: Adam's learning rate in the mode search that opens an adaptive warmup
     auto_search_lr: float = 0.05
 
-    def __init__(self, model, guide=None, *, step_size="auto", friction: float = 0.1, num_chains: int = 4,
+    def __init__(self, model, guide=None, optim=None, *, step_size="auto", friction: float = 0.1, num_chains: int = 4,
                  num_samples: int = 1000, warmup: int = 1000, thin: int = 1,
                  preconditioner: Optional[str] = "auto", rmsprop_decay: float = 0.99,
                  rmsprop_eps: float = 1e-5, init="uniform", init_radius: float = 2.0,
                  groups: Optional[Sequence[Sequence[str]]] = None, coupling: float = 0.0,
-                 buffer_size: int = 100, optim=None, learn_params: bool = True, shared_minibatch: bool = False,
+                 buffer_size: int = 100, learn_params: bool = True, shared_minibatch: bool = False,
                  noise_correction: bool = True,
                  max_plate_nesting: Optional[int] = None, data_plate: Optional[str] = None,
                  validate: bool = True):
@@ -303,11 +297,11 @@ class SGHMC(Backend):
         if not 0.0 < rmsprop_decay < 1.0:
             raise ValueError(f"rmsprop_decay must be in (0, 1), got {rmsprop_decay!r}")
         self.rmsprop_decay = float(rmsprop_decay)
-        self.rmsprop_eps = _positive_float(rmsprop_eps, "rmsprop_eps")
+        self.rmsprop_eps = check_positive(rmsprop_eps, "rmsprop_eps")
         if not (init in ("uniform", "prior") or isinstance(init, dict)):
             raise ValueError(f"init must be 'uniform', 'prior' or a dict {{site: value}}, got {init!r}")
         self.init = init
-        self.init_radius = _positive_float(init_radius, "init_radius")
+        self.init_radius = check_positive(init_radius, "init_radius")
         if groups is not None:
             if isinstance(groups, (str, bytes)) or not all(
                     isinstance(g, (list, tuple)) and g and all(isinstance(n, str) for n in g) for g in groups):
@@ -998,8 +992,8 @@ class SGLD(SGHMC):
     name = "sgld"
     valid_for = SGHMC.valid_for
 
-    def __init__(self, model, guide=None, **options):
+    def __init__(self, model, guide=None, optim=None, **options):
         if "friction" in options:
             raise TypeError("SGLD has no friction option (it is SG-HMC with friction=1); use SGHMC "
                             "to choose the friction.")
-        super().__init__(model, guide, friction=1.0, **options)
+        super().__init__(model, guide, optim, friction=1.0, **options)

@@ -68,7 +68,6 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from typing import ClassVar, Dict, Optional
 
@@ -78,7 +77,7 @@ from pyro import poutine
 from ..errors import DivergenceError, IncompatibleModelError
 from ..traces import (CHAIN_PLATE, BatchedLogDensity, PotentialEnergy, draw_prior, log_mean_exp,
                       log_mean_exp_se, trace_program, validation_off)
-from ..validation import check_positive_int
+from ..validation import check_fraction, check_positive, check_positive_int
 from .base import Backend
 from .callbacks import progress_bar_class, progress_default
 from .registry import register_backend
@@ -87,13 +86,6 @@ from .requirements import Requirements
 from .particle_filter import RESAMPLERS
 
 __all__ = ["SMCSampler", "OpenHorizonSMC"]
-
-
-def _fraction(value, name, low=0.0, high=1.0, open_low=True):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-            (low < value if open_low else low <= value) and value <= high):
-        raise ValueError(f"{name} must be in {'(' if open_low else '['}{low}, {high}], got {value!r}")
-    return float(value)
 
 
 class _ParticleSampler(Backend):
@@ -108,7 +100,7 @@ class _ParticleSampler(Backend):
                          "guide= to start the particles closer to the posterior.")
 
     def __init__(self, model, guide=None, optim=None, *, num_particles: int = 1000, num_moves: int = 5,
-                 num_leapfrog: int = 5, step_size: float = 0.5, resampling: str = "systematic",
+                 num_leapfrog: int = 5, leapfrog_step_size: float = 0.5, resampling: str = "systematic",
                  max_moves: Optional[int] = None, decorrelation: float = 0.1,
                  max_plate_nesting: Optional[int] = None, validate: bool = True):
         super().__init__(model, guide, optim, max_plate_nesting=max_plate_nesting, validate=validate)
@@ -118,12 +110,10 @@ class _ParticleSampler(Backend):
         if self.max_moves < self.num_moves:
             raise ValueError(f"max_moves={self.max_moves} is below num_moves={self.num_moves}; pass "
                              "max_moves >= num_moves (or None: exactly num_moves moves).")
-        self.decorrelation = _fraction(decorrelation, "decorrelation")
+        self.decorrelation = check_fraction(decorrelation, "decorrelation")
         self.moves_per_step = []
         self.num_leapfrog = check_positive_int(num_leapfrog, "num_leapfrog")
-        if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real) or not step_size > 0:
-            raise ValueError(f"step_size must be a positive number, got {step_size!r}")
-        self.step_size = float(step_size)
+        self.leapfrog_step_size = check_positive(leapfrog_step_size, "leapfrog_step_size")
         if resampling not in RESAMPLERS:
             raise ValueError(f"resampling must be one of {sorted(RESAMPLERS)}, got {resampling!r}")
         self.resampling = resampling
@@ -283,7 +273,7 @@ class _ParticleSampler(Backend):
             # (independent of its position, so each transition stays pi_beta-invariant): a cloud
             # spread across a funnel (a latent scale) has particles in the neck that need steps
             # far below those the mean acceptance selects, and without them they do not move
-            eps = self.step_size
+            eps = self.leapfrog_step_size
             eps_k = eps * torch.pow(10.0, -torch.rand_like(U))[:, None] if self.step_jitter else eps
             p = draw_momentum()
             kin0 = 0.5 * (p * velocity(p)).sum(-1)
@@ -305,7 +295,7 @@ class _ParticleSampler(Backend):
             rate = float(accept.to(U.dtype).mean())
             self.acceptance.append(rate)
             # move the step size towards acceptance 0.65 (a multiplicative Robbins-Monro rule)
-            self.step_size = float(min(max(eps * math.exp(rate - 0.65), 1e-4), 1e3))
+            self.leapfrog_step_size = float(min(max(eps * math.exp(rate - 0.65), 1e-4), 1e3))
             moves += 1
             if moves >= self.max_moves:
                 break
@@ -382,12 +372,12 @@ class _ParticleSampler(Backend):
         return groups
 
     def _extra_state(self) -> dict:
-        return {"u": self._u, "step_size": self.step_size, "moves_per_step": list(self.moves_per_step),
+        return {"u": self._u, "leapfrog_step_size": self.leapfrog_step_size, "moves_per_step": list(self.moves_per_step),
                 "acceptance": list(self.acceptance)}
 
     def _load_extra_state(self, extra: dict) -> None:
         self._u = extra.get("u")
-        self.step_size = float(extra.get("step_size", self.step_size))
+        self.leapfrog_step_size = float(extra.get("leapfrog_step_size", extra.get("step_size", self.leapfrog_step_size)))
         self.moves_per_step = list(extra.get("moves_per_step", []))
         self.acceptance = list(extra.get("acceptance", []))
 
@@ -415,7 +405,7 @@ class SMCSampler(_ParticleSampler):
         or the log-likelihood's, correlation across particles with its value before the moves
         is above ``decorrelation`` (default 0.1).  ``max_moves=num_moves`` fixes the number.
     :param int num_leapfrog: leapfrog steps per transition (1 gives MALA).
-    :param float step_size: initial leapfrog step size (in units of the particles' standard
+    :param float leapfrog_step_size: initial leapfrog step size (in units of the particles' standard
         deviations; adapted towards acceptance 0.65).
     :param str resampling: ``"systematic"``, ``"stratified"`` or ``"multinomial"``.
 
@@ -428,15 +418,19 @@ class SMCSampler(_ParticleSampler):
                  "sampler with HMC moves; log-evidence)")
     step_jitter = True
 
-    def __init__(self, model, guide=None, *, num_particles: int = 1000, target_ess: float = 0.5,
-                 num_moves: int = 5, num_leapfrog: int = 5, step_size: float = 0.5,
+    def __init__(self, model, guide=None, optim=None, *, num_particles: int = 1000, target_ess: float = 0.5,
+                 num_moves: int = 5, num_leapfrog: int = 5, leapfrog_step_size: float = 0.5,
                  resampling: str = "systematic", max_steps: int = 1000, max_moves: Optional[int] = 50,
                  decorrelation: float = 0.1, max_plate_nesting: Optional[int] = None, validate: bool = True):
+        if optim is not None:
+            raise TypeError("The tempered SMC sampler learns no parameters, so it takes no optimizer (optim "
+                            "must be None; model parameters are held at their values). To learn them with "
+                            "particles use backend='smc_online', or fit them first with SVI.")
         super().__init__(model, guide, None, num_particles=num_particles, num_moves=num_moves,
-                         num_leapfrog=num_leapfrog, step_size=step_size, resampling=resampling,
+                         num_leapfrog=num_leapfrog, leapfrog_step_size=leapfrog_step_size, resampling=resampling,
                          max_moves=max_moves, decorrelation=decorrelation,
                          max_plate_nesting=max_plate_nesting, validate=validate)
-        self.target_ess = _fraction(target_ess, "target_ess")
+        self.target_ess = check_fraction(target_ess, "target_ess")
         self.max_steps = check_positive_int(max_steps, "max_steps")
         self.beta = 0.0
         self.betas = [0.0]
@@ -565,7 +559,7 @@ class SMCSampler(_ParticleSampler):
         for _ in range(runs):
             fresh = SMCSampler(self.model, self.guide, num_particles=num_particles, target_ess=self.target_ess,
                                num_moves=self.num_moves, num_leapfrog=self.num_leapfrog,
-                               step_size=self.step_size, resampling=self.resampling, max_steps=self.max_steps,
+                               leapfrog_step_size=self.leapfrog_step_size, resampling=self.resampling, max_steps=self.max_steps,
                                max_moves=self.max_moves, decorrelation=self.decorrelation,
                                max_plate_nesting=self.max_plate_nesting, validate=False)
             with torch.enable_grad():  # the HMC moves need gradients (Fit calls this under no_grad)
@@ -608,7 +602,7 @@ class OpenHorizonSMC(_ParticleSampler):
     :param float ess_threshold: resample when ESS < ``ess_threshold * K``.
     :param int num_moves, num_leapfrog: MALA/HMC transitions per step (default 5 MALA steps: fewer
         let the cloud collapse under the repeated reweighting).
-    :param float step_size: initial leapfrog step size (particle-scaled, adapted).
+    :param float leapfrog_step_size: initial leapfrog step size (particle-scaled, adapted).
     """
 
     name = "smc_online"
@@ -616,12 +610,12 @@ class OpenHorizonSMC(_ParticleSampler):
                  "pyro.plate(subsample_size=B); particles persist across minibatches")
 
     def __init__(self, model, guide=None, optim=None, *, num_particles: int = 100, ess_threshold: float = 0.5,
-                 num_moves: int = 5, num_leapfrog: int = 1, step_size: float = 0.2,
+                 num_moves: int = 5, num_leapfrog: int = 1, leapfrog_step_size: float = 0.2,
                  resampling: str = "systematic", max_plate_nesting: Optional[int] = None, validate: bool = True):
         super().__init__(model, guide, optim, num_particles=num_particles, num_moves=num_moves,
-                         num_leapfrog=num_leapfrog, step_size=step_size, resampling=resampling,
+                         num_leapfrog=num_leapfrog, leapfrog_step_size=leapfrog_step_size, resampling=resampling,
                          max_plate_nesting=max_plate_nesting, validate=validate)
-        self.ess_threshold = _fraction(ess_threshold, "ess_threshold", open_low=False)
+        self.ess_threshold = check_fraction(ess_threshold, "ess_threshold", open_low=False)
         self._log_w = None
 
     requires = Requirements(guide="optional", discrete_latents="refuse", latent_sites="need",

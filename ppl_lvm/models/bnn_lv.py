@@ -67,6 +67,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from . import register_model
+from ..numerics import tiny
 
 __all__ = ["BNNLV", "BNN", "hsic"]
 
@@ -80,7 +81,7 @@ def hsic(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     def gram(v):
         d2 = (v.unsqueeze(-2) - v.unsqueeze(-3)).pow(2).sum(-1)
-        med = d2.detach().flatten(-2).median(-1).values.clamp_min(1e-12)
+        med = d2.detach().flatten(-2).median(-1).values.clamp_min(tiny(d2.dtype))
         return torch.exp(-d2 / med[..., None, None])
 
     K, L = gram(a), gram(b)

@@ -85,6 +85,7 @@ from pyro.nn import PyroModule, PyroParam, pyro_method
 from torch.distributions import constraints
 
 from . import register_model
+from ..numerics import safe_cholesky, tiny
 
 __all__ = ["GPFA", "SharedGPFA", "kernel_matrix", "latent_r2"]
 
@@ -642,7 +643,7 @@ class GPFA(PyroModule):
         Y = data.valid_y()
         q = self.num_latents
         mu = Y.mean(0)
-        var = Y.var(0, unbiased=False).clamp_min(1e-8)
+        var = Y.var(0, unbiased=False).clamp_min(tiny(Y.dtype))
         cov = torch.cov(Y.t(), correction=0) if Y.shape[0] > 1 else torch.diag(var)
         evals, evecs = torch.linalg.eigh(cov)
         evals, evecs = evals.flip(0), evecs.flip(1)
@@ -770,9 +771,7 @@ class GPFA(PyroModule):
         post = (self if self.likelihood == "gaussian" else g)._posterior(data, P, method="dense", need_cov=True)
         loc = post["mean"].transpose(-1, -2).contiguous()  # (N, q, T)
         blocks = post["cov_full"]  # (N, q, T, T)
-        Tm = data.T
-        eye = torch.eye(Tm, dtype=loc.dtype, device=loc.device)
-        scale = torch.linalg.cholesky(blocks + 1e-9 * eye)
+        scale = safe_cholesky(blocks)
         store = pyro.get_param_store()
         for key in (f"{self.name}.x_loc", f"{self.name}.x_scale_tril"):
             if key in store:
@@ -797,7 +796,7 @@ class GPFA(PyroModule):
             opt.zero_grad()
             f = Xa @ W.t()
             lam = torch.exp(f) if self.link == "exp" else torch.nn.functional.softplus(f)
-            loss = (lam - Yv * (f if self.link == "exp" else lam.clamp_min(1e-30).log())).mean()
+            loss = (lam - Yv * (f if self.link == "exp" else lam.clamp_min(tiny(lam.dtype)).log())).mean()
             loss.backward()
             return loss
 
@@ -971,7 +970,7 @@ class GPFA(PyroModule):
             P = self.get_params()
         Yv = data.valid_y()
         moments = (Yv.new_tensor(float(Yv.shape[0])), Yv.sum(0), (Yv * Yv).sum(0))
-        floor = min_var_frac * Yv.var(0, unbiased=False).clamp_min(1e-12)
+        floor = min_var_frac * Yv.var(0, unbiased=False).clamp_min(tiny(Yv.dtype))
         P["R"] = P["R"].clamp_min(floor)
         history = []
         for it in range(max_iter + 1):

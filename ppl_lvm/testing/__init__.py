@@ -3,7 +3,7 @@ posteriors computed elsewhere (posteriordb) with :func:`check_against_reference`
 
 from ppl_lvm.testing.fixtures import (
     FIXTURES,
-    BayesianLinearRegression,
+    ConjugateLinearRegression,
     BinaryLatents,
     ExactFixture,
     LinearGaussianSSM,
@@ -30,7 +30,7 @@ __all__ = [
     "ExactFixture",
     "NormalNormalGlobal",
     "NormalNormalLocal",
-    "BayesianLinearRegression",
+    "ConjugateLinearRegression",
     "LinearGaussianSSM",
     "BinaryLatents",
 ]

@@ -19,7 +19,6 @@ Conventions shared by all fixtures:
 """
 
 import math
-import numbers
 
 import torch
 
@@ -27,11 +26,13 @@ import pyro
 import pyro.distributions as dist
 from pyro.distributions import constraints
 
+from ..validation import check_int, check_positive, check_real
+
 __all__ = [
     "ExactFixture",
     "NormalNormalGlobal",
     "NormalNormalLocal",
-    "BayesianLinearRegression",
+    "ConjugateLinearRegression",
     "LinearGaussianSSM",
     "BinaryLatents",
     "FIXTURES",
@@ -45,36 +46,10 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # ---------------------------------------------------------------------------
 
 
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{name} must be an int, got {type(value).__name__}; pass e.g. {name}={max(minimum, 1)}"
-        )
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
-
-
-def _check_real(name, value, positive=False):
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise TypeError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}; pass a positive scale")
-    return value
-
-
 def _check_subsample_size(subsample_size, size):
     if subsample_size is None:
         return None
-    subsample_size = _check_int("subsample_size", subsample_size, minimum=1)
+    subsample_size = check_int(subsample_size, "subsample_size", minimum=1)
     if subsample_size > size:
         raise ValueError(
             f"subsample_size={subsample_size} exceeds the number of data points {size}; "
@@ -120,7 +95,7 @@ class ExactFixture:
     is_state_space: bool = False
 
     def __init__(self, seed=0, dtype=torch.float64, device=None):
-        self.seed = _check_int("seed", seed, minimum=0)
+        self.seed = check_int(seed, "seed", minimum=0)
         self.dtype = _check_dtype(dtype)
         self.device = torch.device("cpu") if device is None else torch.device(device)
         #: true values of the latent sites used to simulate the data
@@ -206,10 +181,10 @@ class _NormalNormal(ExactFixture):
     ):
         super().__init__(seed=seed, dtype=dtype, device=device)
         num_data = self.default_num_data if num_data is None else num_data
-        self.num_data = _check_int("num_data", num_data)
-        self.prior_loc = _check_real("prior_loc", prior_loc)
-        self.prior_scale = _check_real("prior_scale", prior_scale, positive=True)
-        self.obs_scale = _check_real("obs_scale", obs_scale, positive=True)
+        self.num_data = check_int(num_data, "num_data")
+        self.prior_loc = check_real(prior_loc, "prior_loc")
+        self.prior_scale = check_positive(prior_scale, "prior_scale")
+        self.obs_scale = check_positive(obs_scale, "obs_scale")
         self.subsample_size = _check_subsample_size(subsample_size, self.num_data)
 
         g = self._generator()
@@ -366,8 +341,10 @@ class NormalNormalLocal(_NormalNormal):
 # ---------------------------------------------------------------------------
 
 
-class BayesianLinearRegression(ExactFixture):
-    """Bayesian linear regression with known noise and no bias.
+class ConjugateLinearRegression(ExactFixture):
+    """Bayesian linear regression with known noise and no bias: a conjugate model with an exact
+    posterior (the library's model :class:`ppl_lvm.models.BayesianLinearRegression`, with an
+    intercept and a learned noise scale, is a different thing with a different name).
 
     .. math::
 
@@ -401,10 +378,10 @@ class BayesianLinearRegression(ExactFixture):
         device=None,
     ):
         super().__init__(seed=seed, dtype=dtype, device=device)
-        self.num_data = _check_int("num_data", num_data)
-        self.num_features = _check_int("num_features", num_features)
-        self.prior_scale = _check_real("prior_scale", prior_scale, positive=True)
-        self.noise_scale = _check_real("noise_scale", noise_scale, positive=True)
+        self.num_data = check_int(num_data, "num_data")
+        self.num_features = check_int(num_features, "num_features")
+        self.prior_scale = check_positive(prior_scale, "prior_scale")
+        self.noise_scale = check_positive(noise_scale, "noise_scale")
         self.subsample_size = _check_subsample_size(subsample_size, self.num_data)
 
         g = self._generator()
@@ -499,7 +476,7 @@ class LinearGaussianSSM(ExactFixture):
     :meth:`smc_model` and :meth:`smc_guide` return objects usable with
     :class:`pyro.infer.SMCFilter` (site ``"z"``, state key ``"z"``).
 
-    :param int num_steps: :math:`T`.
+    :param int num_time_steps: :math:`T`.
     :param float transition: :math:`a`.
     :param float init_scale: :math:`s_0`.
     :param float process_scale: :math:`q`.
@@ -512,7 +489,7 @@ class LinearGaussianSSM(ExactFixture):
 
     def __init__(
         self,
-        num_steps=100,
+        num_time_steps=100,
         transition=0.9,
         init_scale=1.0,
         process_scale=0.5,
@@ -522,14 +499,14 @@ class LinearGaussianSSM(ExactFixture):
         device=None,
     ):
         super().__init__(seed=seed, dtype=dtype, device=device)
-        self.num_steps = _check_int("num_steps", num_steps)
-        self.transition = _check_real("transition", transition)
-        self.init_scale = _check_real("init_scale", init_scale, positive=True)
-        self.process_scale = _check_real("process_scale", process_scale, positive=True)
-        self.obs_scale = _check_real("obs_scale", obs_scale, positive=True)
+        self.num_time_steps = check_int(num_time_steps, "num_time_steps")
+        self.transition = check_real(transition, "transition")
+        self.init_scale = check_positive(init_scale, "init_scale")
+        self.process_scale = check_positive(process_scale, "process_scale")
+        self.obs_scale = check_positive(obs_scale, "obs_scale")
 
         g = self._generator()
-        T = self.num_steps
+        T = self.num_time_steps
         eps = self._randn(g, T)
         z = torch.empty(T, dtype=self.dtype, device=self.device)
         z[0] = self.init_scale * eps[0]
@@ -627,11 +604,11 @@ class LinearGaussianSSM(ExactFixture):
 
     def exact_posterior_mean(self):
         mean = self.kalman_smoother()["mean"]
-        return {f"z_{t}": mean[t] for t in range(self.num_steps)}
+        return {f"z_{t}": mean[t] for t in range(self.num_time_steps)}
 
     def exact_posterior_sd(self):
         sd = self.kalman_smoother()["var"].sqrt()
-        return {f"z_{t}": sd[t] for t in range(self.num_steps)}
+        return {f"z_{t}": sd[t] for t in range(self.num_time_steps)}
 
     # -- SMC interface ------------------------------------------------------
     def smc_model(self, learn_transition=False):
@@ -786,10 +763,10 @@ class BinaryLatents(ExactFixture):
         device=None,
     ):
         super().__init__(seed=seed, dtype=dtype, device=device)
-        self.num_data = _check_int("num_data", num_data)
-        self.obs_dim = _check_int("obs_dim", obs_dim)
-        self.obs_scale = _check_real("obs_scale", obs_scale, positive=True)
-        self.weight_scale = _check_real("weight_scale", weight_scale, positive=True)
+        self.num_data = check_int(num_data, "num_data")
+        self.obs_dim = check_int(obs_dim, "obs_dim")
+        self.obs_scale = check_positive(obs_scale, "obs_scale")
+        self.weight_scale = check_positive(weight_scale, "weight_scale")
         try:
             probs = [float(p) for p in prior_probs]
         except (TypeError, ValueError):
@@ -882,7 +859,7 @@ FIXTURES = {
     for cls in (
         NormalNormalGlobal,
         NormalNormalLocal,
-        BayesianLinearRegression,
+        ConjugateLinearRegression,
         LinearGaussianSSM,
         BinaryLatents,
     )
