@@ -204,3 +204,30 @@ def test_sghmc_latent_input_beats_the_homoscedastic_bnn_with_learned_noise(one_t
     se = float(diff.std() / math.sqrt(len(diff)))
     assert float(diff.mean()) > max(0.1, 4 * se), (float(diff.mean()), se)
     assert 0.85 <= scores["bnnlv"][1] <= 0.95, scores["bnnlv"][1]
+
+
+def test_parameters_are_module_parameters_that_move_with_to():
+    """Weights, noise and z parameters are PyroParams of the module (in parameters() and
+    state_dict(), same Pyro names as before) and .to() moves them together with the param store,
+    also after a checkpoint was loaded into the store."""
+    from ppl_lvm import SVI
+
+    x, y = BNNLV.simulate(num_data=30, seed=0)
+    m = BNNLV(1, 1, hidden=(6,), latent_dim=1, name="mv")
+    backend = SVI(m.model, m.guide)
+    backend.run(x, y, num_steps=5, progress=False)
+    names = {n for n, _ in m.named_parameters()}
+    assert {"w0.loc_unconstrained", "sigma_unconstrained", "z.loc_unconstrained"} <= names
+    assert {"mv.w0.loc", "mv.sigma", "mv.z.scale"} <= set(pyro.get_param_store().keys())
+    state = pyro.get_param_store().get_state()
+    m.to(torch.float32)
+    assert pyro.param("mv.w0.loc").dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    # a checkpoint loaded into the store, then a move before any access: the store's values move
+    pyro.get_param_store().set_state(state)
+    loaded = pyro.param("mv.w0.loc").detach().clone()
+    m.to(torch.float32)
+    assert pyro.param("mv.w0.loc").dtype == torch.float32
+    assert torch.equal(pyro.param("mv.w0.loc").detach(), loaded.float())
+    backend2 = SVI(m.model, m.guide)
+    assert math.isfinite(backend2.step(x.float(), y.float()))

@@ -508,3 +508,23 @@ def test_the_mode_start_finds_every_chains_mode_without_minibatches():
     assert ((s._u["z"] - torch.tensor([3.0, -200.0], dtype=torch.float64)).abs()
             < 5 * torch.tensor([0.01, 5.0], dtype=torch.float64)).all()
     assert torch.allclose(s._sq["z"], torch.tensor([1e4, 0.04], dtype=torch.float64).expand(3, 2))
+
+
+def test_the_update_is_a_pure_function_of_its_inputs():
+    """sghmc_update: momentum SGD without noise; the injected noise has variance
+    2 (alpha - beta_hat) eta G, zero once the gradient noise uses the whole friction."""
+    import torch
+    from ppl_lvm.inference.sghmc import sghmc_update
+
+    u, v, g = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -0.5]), torch.tensor([0.2, 0.4])
+    u1, v1 = sghmc_update(u, v, g, step_size=0.1, friction=0.3, preconditioner=2.0, inject_noise=False)
+    assert torch.allclose(v1, 0.7 * v - 0.1 * 2.0 * g) and torch.allclose(u1, u + v1)
+    # beta_hat = eta G V / 2 = 0.1 * 2 * 3 / 2 = 0.3 = alpha: no room left for injected noise
+    u2, v2 = sghmc_update(u, v, g, 0.1, 0.3, 2.0, noise_variance=torch.tensor(3.0))
+    assert torch.allclose(v2, v1)
+    torch.manual_seed(0)
+    draws = torch.stack([sghmc_update(torch.zeros(()), torch.zeros(()), torch.zeros(()), 0.1, 0.3, 2.0)[1]
+                         for _ in range(20000)])
+    # variance 2 * 0.3 * 0.1 * 2 = 0.12; the sample variance of n normals has se var * sqrt(2 / n)
+    assert abs(float(draws.var()) - 0.12) < 4 * 0.12 * (2 / 20000) ** 0.5
+    assert torch.equal(u, torch.tensor([1.0, 2.0]))  # inputs are not modified in place

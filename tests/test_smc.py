@@ -170,7 +170,7 @@ def test_pyro_smcfilter_model_runs_unchanged():
     ours_means, pyro_means = np.array(ours_means), np.array(pyro_means)
     assert np.abs(ours_means - exact).max() < 0.1
     assert np.abs(pyro_means - exact).max() < 0.1
-    assert ours.num_steps == 41 and np.isfinite(float(ours.log_evidence))
+    assert ours.num_time_steps == 41 and np.isfinite(float(ours.log_evidence))
 
 
 # --------------------------------------------------------------------------- smoothing

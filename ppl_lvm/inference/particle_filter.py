@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import pyro
 import torch
@@ -97,6 +97,7 @@ __all__ = [
     "multinomial_resample",
     "effective_sample_size",
     "is_state_space_model",
+    "FilterStepInfo",
 ]
 
 PARTICLES = "_ppl_lvm_smc_particles"
@@ -209,6 +210,14 @@ class _Scorer(Messenger):
             self.latent = lp if self.latent is None else self.latent + lp
 
 
+class FilterStepInfo(NamedTuple):
+    """What one time step of :class:`ParticleFilter` did (``ParticleFilter.last_step``)."""
+
+    log_increment: torch.Tensor  #: :math:`\log \hat p(y_t \mid y_{<t})`
+    ess: torch.Tensor            #: effective sample size of the weights before resampling
+    resampled: torch.Tensor      #: whether the step resampled (0-dim bool)
+
+
 def _zero(like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros(())
 
@@ -284,6 +293,8 @@ class ParticleFilter:
         self._hist: Dict[str, list] = {"ess": [], "resampled": [], "log_increment": []}
         self._moments: Dict[str, List[tuple]] = {}
         self._stored: List[dict] = []
+        #: what the last time step did (:class:`FilterStepInfo`), ``None`` before the first
+        self.last_step: Optional[FilterStepInfo] = None
 
     # ------------------------------------------------------------------ public API
     def init(self, *args, **kwargs) -> None:
@@ -369,6 +380,29 @@ class ParticleFilter:
             return m, g
 
     def _advance(self, method, args, kwargs):
+        """One time step: propose and weigh, record, resample (each its own piece below)."""
+        m, incr = self._weigh(method, args, kwargs)
+        k = self.num_particles
+        if self._log_w is None:
+            self._log_w = torch.full((k,), -math.log(k), dtype=incr.dtype, device=incr.device)
+            self._log_z = incr.new_zeros(())
+        lw = self._log_w + incr
+        log_norm = torch.logsumexp(lw, 0)
+        self._log_z = self._log_z + log_norm
+        lw = lw - log_norm
+        ess = torch.exp(-torch.logsumexp(2 * lw.detach(), 0))
+        self._record(method, args, kwargs, m, lw, ess, log_norm)
+        lw, resampled = self._resample(lw, ess)
+        if self.record:
+            self._hist["resampled"].append(resampled)
+        self._log_w = lw
+        self.num_time_steps += 1
+        self.last_step = FilterStepInfo(log_increment=log_norm.detach(), ess=ess, resampled=resampled)
+
+    def _weigh(self, method, args, kwargs):
+        """Propose :math:`z_t^k` and return ``(model scorer, log incremental weights (K,))``:
+        :math:`\\log \\alpha_t^k = \\log p(z_t^k, y_t \\mid \\text{state}^k) - \\log q(z_t^k \\mid
+        \\text{state}^k)` (the bootstrap's q is the transition, leaving the observation term)."""
         k = self.num_particles
         if self.num_time_steps == 0:  # validate the distributions' arguments on the first step only
             m, g = self._run_programs(method, args, kwargs, self.state, k)
@@ -382,18 +416,13 @@ class ParticleFilter:
             if missing:
                 raise ValueError(f"The guide's {method} samples site(s) {missing} that the model's {method} "
                                  "does not; the proposal must sample exactly the model's latent sites.")
-        # log alpha = log p(z, y | state) - log q(z | state); the bootstrap's q is the transition
         terms = [m.observed] if g is None else [m.latent, m.observed] + ([-g.latent] if g.latent is not None else [])
         ref = m.latent if m.latent is not None else m.observed
-        incr = sum((t for t in terms if t is not None), ref.new_zeros(k))
-        if self._log_w is None:
-            self._log_w = torch.full((k,), -math.log(k), dtype=incr.dtype, device=incr.device)
-            self._log_z = incr.new_zeros(())
-        lw = self._log_w + incr
-        log_norm = torch.logsumexp(lw, 0)
-        self._log_z = self._log_z + log_norm
-        lw = lw - log_norm
-        ess = torch.exp(-torch.logsumexp(2 * lw.detach(), 0))
+        return m, sum((t for t in terms if t is not None), ref.new_zeros(k))
+
+    def _record(self, method, args, kwargs, m, lw, ess, log_norm):
+        """History (ESS, evidence increments, weighted state moments) and stored particles."""
+        k = self.num_particles
         if self.record:
             self._hist["ess"].append(ess)
             self._hist["log_increment"].append(log_norm.detach())
@@ -410,33 +439,33 @@ class ParticleFilter:
                 "sites": {n: v.detach() for n, v in m.values.items()},
                 "log_w": lw.detach(), "method": method, "args": args, "kwargs": kwargs,
             })
-        # resample: on an accelerator the decision stays on the device (no host synchronization);
-        # on the CPU a Python branch skips the work when the ESS is high
-        if self.ess_threshold > 0.0 and lw.device.type == "cpu" and self.ess_threshold < 1.0 \
-                and not bool(ess < self.ess_threshold * k):
-            do = torch.zeros((), dtype=torch.bool)
-        elif self.ess_threshold > 0.0:
-            idx = RESAMPLERS[self.resampling](lw.detach().exp())
-            if self.resampling_gradient == "fisher" and lw.requires_grad:
-                # value -log K, gradient of the ancestors' weights (Scibior & Wood 2021)
-                resampled_lw = lw[idx] - lw[idx].detach() - math.log(k)
-            else:
-                resampled_lw = torch.full_like(lw, -math.log(k))
-            if self.ess_threshold < 1.0:
-                do = ess < self.ess_threshold * k
-                idx = torch.where(do, idx, torch.arange(k, device=idx.device))
-                lw = torch.where(do, resampled_lw, lw)
-            else:
-                do = torch.ones((), dtype=torch.bool, device=lw.device)
-                lw = resampled_lw
-            for key, value in list(self.state.items()):
-                dict.__setitem__(self.state, key, value[idx])
+
+    def _resample(self, lw, ess):
+        """Resample the state when the ESS is below ``ess_threshold * K``; returns the carried
+        log-weights and whether it resampled (a 0-dim bool tensor).  On an accelerator the decision
+        stays on the device (no host synchronization); on the CPU a Python branch skips the work
+        when the ESS is high."""
+        k = self.num_particles
+        if self.ess_threshold <= 0.0:
+            return lw, torch.zeros((), dtype=torch.bool, device=lw.device)
+        if lw.device.type == "cpu" and self.ess_threshold < 1.0 and not bool(ess < self.ess_threshold * k):
+            return lw, torch.zeros((), dtype=torch.bool)
+        idx = RESAMPLERS[self.resampling](lw.detach().exp())
+        if self.resampling_gradient == "fisher" and lw.requires_grad:
+            # value -log K, gradient of the ancestors' weights (Scibior & Wood 2021)
+            resampled_lw = lw[idx] - lw[idx].detach() - math.log(k)
         else:
-            do = torch.zeros((), dtype=torch.bool, device=lw.device)
-        if self.record:
-            self._hist["resampled"].append(do)
-        self._log_w = lw
-        self.num_time_steps += 1
+            resampled_lw = torch.full_like(lw, -math.log(k))
+        if self.ess_threshold < 1.0:
+            do = ess < self.ess_threshold * k
+            idx = torch.where(do, idx, torch.arange(k, device=idx.device))
+            lw = torch.where(do, resampled_lw, lw)
+        else:
+            do = torch.ones((), dtype=torch.bool, device=lw.device)
+            lw = resampled_lw
+        for key, value in list(self.state.items()):
+            dict.__setitem__(self.state, key, value[idx])
+        return lw, do
 
     def _check_finite(self):
         if self._log_z is not None and not bool(torch.isfinite(self._log_z)):

@@ -58,7 +58,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from pyro import poutine
@@ -70,7 +70,7 @@ from .base import Backend
 from .registry import register_backend
 from .requirements import Requirements
 
-__all__ = ["SGHMC", "SGLD", "ConstantStepSize", "PolynomialDecay", "CyclicalStepSize"]
+__all__ = ["SGHMC", "SGLD", "ConstantStepSize", "PolynomialDecay", "CyclicalStepSize", "sghmc_update", "SGHMCStepInfo"]
 
 
 # --------------------------------------------------------------------------- step-size schedules
@@ -145,6 +145,40 @@ class CyclicalStepSize(ConstantStepSize):
     def __repr__(self):
         return (f"CyclicalStepSize({self.step_size:g}, cycle_length={self.cycle_length}, "
                 f"exploration={self.exploration:g})")
+
+
+class SGHMCStepInfo(NamedTuple):
+    """What one SG-HMC step did (``SGHMC.last_step``)."""
+
+    potential: torch.Tensor  #: the potential per chain at the position the step started from
+    step_size: float         #: eta used
+    kept: bool               #: whether the new position was stored as a draw
+
+
+def sghmc_update(position: torch.Tensor, momentum: torch.Tensor, gradient: torch.Tensor, step_size: float,
+                 friction: float, preconditioner=1.0, noise_variance: Optional[torch.Tensor] = None,
+                 inject_noise: bool = True):
+    r"""One SG-HMC transition of one site, a pure function (Chen, Fox & Guestrin 2014, eq. 15,
+    preconditioned as in Li et al. 2016):
+
+    .. math::
+
+        v' = (1 - lpha) v - \eta G 
+abla	ilde U(u) + \mathcal Nig(0, 2 (lpha - \hateta) \eta Gig),
+        \qquad u' = u + v',
+
+    with friction :math:`lpha`, step size :math:`\eta`, preconditioner :math:`G` and
+    :math:`\hateta = \eta G V / 2` (never above :math:`lpha`) for a minibatch gradient noise
+    variance :math:`V` (``noise_variance``; ``None``: :math:`\hateta = 0`).  Without
+    ``inject_noise`` (an exploration phase) it is momentum SGD.  Returns ``(u', v')``.
+    """
+    v = (1.0 - friction) * momentum - step_size * preconditioner * gradient
+    if inject_noise:
+        room = friction if noise_variance is None else \
+            (friction - 0.5 * step_size * preconditioner * noise_variance).clamp_min(0.0)
+        v = v + torch.sqrt(2.0 * step_size * preconditioner * room * torch.ones_like(gradient)) \
+            * torch.randn_like(gradient)
+    return position + v, v
 
 
 def _schedule(step_size):
@@ -337,6 +371,8 @@ class SGHMC(Backend):
         self._noise_count = 0
         self._search = None  # Adam moments of the mode search (step_size='auto')
         self._mode_found = False  # L-BFGS found the mode at step 0 (no Adam search then)
+        #: what the last step did (:class:`SGHMCStepInfo`), ``None`` before the first
+        self.last_step: Optional[SGHMCStepInfo] = None
         self._positions = None  # (count, mean, M2) of the chains' positions in the noise window
         self._auto_step = self.auto_initial_step
         self.noise_ratio_: Optional[float] = None
@@ -506,18 +542,12 @@ class SGHMC(Backend):
         if in_warmup and not explore and self._estimating_noise(t):
             noise, noise_count = self._noise_update(u0, args, kwargs, grads)
         for n, g in grads.items():
-            g = g.detach()
             precond = 1.0 if sq is None else 1.0 / (self.rmsprop_eps + sq[n].sqrt())
-            v = (1.0 - alpha) * v0[n] - eta * precond * g
-            if not explore:
-                # Chen et al.'s correction: the minibatch gradient already carries noise of
-                # variance eta^2 G^2 V per step, so inject 2 (alpha - beta_hat) eta G with
-                # beta_hat = eta G V / 2 (never below zero)
-                room = alpha if noise is None or not self.noise_correction else \
-                    (alpha - 0.5 * eta * precond * noise[n]).clamp_min(0.0)
-                v = v + torch.sqrt(2.0 * eta * precond * room * torch.ones_like(g)) * torch.randn_like(g)
-            new_v[n] = v
-            new_u[n] = u0[n] + v
+            # Chen et al.'s correction: the minibatch gradient already carries noise of variance
+            # eta^2 G^2 V per step, so the injected noise is 2 (alpha - beta_hat) eta G
+            v_noise = noise[n] if noise is not None and self.noise_correction else None
+            new_u[n], new_v[n] = sghmc_update(u0[n], v0[n], g.detach(), eta, alpha, precond, v_noise,
+                                              inject_noise=not explore)
         if not all(bool(torch.isfinite(x).all()) for x in new_u.values()):
             self._divergence("the proposed position is not finite")
 
@@ -533,7 +563,9 @@ class SGHMC(Backend):
             self._u, self._v = new_u, new_v
             if self.groups is not None:
                 self._push_buffer(new_u)
-            if not in_warmup and not explore and (t - self.warmup) % self.thin == 0:
+            kept = not in_warmup and not explore and (t - self.warmup) % self.thin == 0
+            self.last_step = SGHMCStepInfo(U[: self.num_chains].detach(), float(eta), kept)
+            if kept:
                 with torch.no_grad():
                     self._draws.append({n: x.detach().clone() for n, x in self.potential.constrain(new_u).items()})
                 # the potential was evaluated before the move; it is the energy of the previous state

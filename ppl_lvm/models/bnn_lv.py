@@ -62,7 +62,7 @@ from typing import Dict, Optional, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
+from pyro.nn import PyroModule, PyroParam, pyro_method
 from torch import nn
 from torch.distributions import constraints
 
@@ -138,7 +138,7 @@ class BNNLV(PyroModule):
                  prior_scale: float = 1.0, latent_scale: float = 1.0, noise="learned", noise_prior: float = 1.0,
                  amortized: bool = False, encoder_hidden: Sequence[int] = (32,), independence_penalty: float = 0.0,
                  noise_init: float = 0.1, stochastic_layers: str = "all", z_samples: int = 0, name: str = "bnnlv"):
-        super().__init__()
+        super().__init__(name)
         if stochastic_layers not in ("all", "last"):
             raise ValueError(f"stochastic_layers must be 'all' or 'last', got {stochastic_layers!r}")
         if isinstance(z_samples, bool) or not isinstance(z_samples, int) or z_samples < 0:
@@ -183,6 +183,38 @@ class BNNLV(PyroModule):
             self.encoder = nn.Sequential(*layers)
         self._num_data = None
 
+    # ------------------------------------------------------------------ parameters
+    def _param(self, fullname: str, init, constraint=constraints.real) -> torch.Tensor:
+        """The module parameter ``fullname`` (``"{name}.w0.loc"``, ``"{name}.sigma"``, ...).
+
+        Parameters are ``PyroParam`` attributes of this module and of child ``PyroModule``\ s
+        named after the dotted path, so that they are in ``parameters()`` and ``state_dict()``
+        and move with ``.to()``; their Pyro names are the dotted paths.  Each is created on first
+        use, from ``init()``, in the dtype and on the device of the data it first meets.
+        """
+        path = fullname.split(".")[1:]  # drop the module's own name
+        holder = self
+        for part in path[:-1]:
+            if part not in holder._modules:
+                setattr(holder, part, PyroModule())
+            holder = getattr(holder, part)
+        attr = path[-1]
+        if attr not in holder._pyro_params:
+            setattr(holder, attr, PyroParam(init(), constraint=constraint))
+        return getattr(holder, attr)
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.double()``, ``.cuda()``: the module's tensors, and the param store's values
+        of its parameters (which Pyro reads in preference to the module's), move together."""
+        store = pyro.get_param_store()
+        prefix = f"{self._pyro_name}." if self._pyro_name else ""
+        mine = [prefix + n for n, _ in self.named_pyro_params()]
+        current = {n: store[n].detach() for n in mine if n in store}
+        out = super()._apply(fn, *args, **kwargs)
+        for n, value in current.items():
+            store[n] = fn(value)
+        return out
+
     # ------------------------------------------------------------------ helpers
     def _all_weight_sites(self):
         for i, (a, b) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
@@ -207,8 +239,8 @@ class BNNLV(PyroModule):
             if site in stochastic:
                 continue
             fan_in = shape[0] if len(shape) == 2 else 1
-            out[site] = pyro.param(f"{site}.value", lambda: (torch.randn(shape, generator=g, dtype=like.dtype)
-                                                             / math.sqrt(fan_in)).to(like.device))
+            out[site] = self._param(f"{site}.value", lambda: (torch.randn(shape, generator=g, dtype=like.dtype)
+                                                              / math.sqrt(fan_in)).to(like.device))
         return out
 
     def _check(self, x, y):
@@ -245,6 +277,7 @@ class BNNLV(PyroModule):
         return h
 
     # ------------------------------------------------------------------ model and guide
+    @pyro_method
     def model(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, subsample_size: Optional[int] = None):
         self._check(x, y)
         zero = x.new_zeros(())
@@ -254,8 +287,8 @@ class BNNLV(PyroModule):
         if self.noise == "inferred":
             sigma = _drop_plate_dim(pyro.sample(f"{self.name}.sigma", dist.HalfNormal(zero + self.noise_prior)), 0)
         elif self.noise == "learned":
-            sigma = pyro.param(f"{self.name}.sigma", lambda: x.new_tensor(self.noise_init),
-                               constraint=constraints.positive)
+            sigma = self._param(f"{self.name}.sigma", lambda: x.new_tensor(self.noise_init),
+                                constraints.positive)
         else:
             sigma = zero + float(self.noise)
         with pyro.plate(f"{self.name}.data", x.shape[0], subsample_size=subsample_size, dim=-1,
@@ -294,19 +327,20 @@ class BNNLV(PyroModule):
         pyro.factor(f"{self.name}.y_marginal", ll)
         return mean.mean(0)
 
+    @pyro_method
     def guide(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, subsample_size: Optional[int] = None):
         self._check(x, y)
         g = torch.Generator(device="cpu").manual_seed(0)
         for site, shape in self._weight_sites():
             fan_in = shape[0] if len(shape) == 2 else 1
             # small random means break the symmetry between hidden units
-            loc = pyro.param(f"{site}.loc", lambda: (torch.randn(shape, generator=g, dtype=x.dtype)
-                                                     / math.sqrt(fan_in)).to(x.device))
-            scale = pyro.param(f"{site}.scale", lambda: x.new_full(shape, 1e-2), constraint=constraints.positive)
+            loc = self._param(f"{site}.loc", lambda: (torch.randn(shape, generator=g, dtype=x.dtype)
+                                                      / math.sqrt(fan_in)).to(x.device))
+            scale = self._param(f"{site}.scale", lambda: x.new_full(shape, 1e-2), constraints.positive)
             pyro.sample(site, dist.Normal(loc, scale).to_event(len(shape)))
         if self.noise == "inferred":
-            loc = pyro.param(f"{self.name}.sigma.loc", lambda: x.new_tensor(math.log(self.noise_init)))
-            scale = pyro.param(f"{self.name}.sigma.scale", lambda: x.new_tensor(0.1), constraint=constraints.positive)
+            loc = self._param(f"{self.name}.sigma.loc", lambda: x.new_tensor(math.log(self.noise_init)))
+            scale = self._param(f"{self.name}.sigma.scale", lambda: x.new_tensor(0.1), constraints.positive)
             pyro.sample(f"{self.name}.sigma", dist.LogNormal(loc, scale))
         if not self.latent_dim or self.z_samples:
             return
@@ -319,9 +353,9 @@ class BNNLV(PyroModule):
             pyro.module(f"{self.name}.encoder", self.encoder)
         else:
             n = x.shape[0]
-            z_loc = pyro.param(f"{self.name}.z.loc", lambda: x.new_zeros(n, self.latent_dim))
-            z_scale = pyro.param(f"{self.name}.z.scale", lambda: x.new_full((n, self.latent_dim), self.latent_scale),
-                                 constraint=constraints.positive)
+            z_loc = self._param(f"{self.name}.z.loc", lambda: x.new_zeros(n, self.latent_dim))
+            z_scale = self._param(f"{self.name}.z.scale", lambda: x.new_full((n, self.latent_dim), self.latent_scale),
+                                  constraints.positive)
             if z_loc.shape[0] != n:
                 raise ValueError(f"The per-point guide over z was built for {z_loc.shape[0]} data points, "
                                  f"got {n}; use amortized=True to infer z for new data.")
