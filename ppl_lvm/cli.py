@@ -8,7 +8,8 @@ import time
 from typing import Optional, Sequence
 
 
-def _fit_regression(X, y, feature_names, *, num_steps, lr, seed, plot, title, num_samples=2000, guide="mvn"):
+def _fit_regression(X, y, feature_names, *, num_steps, lr, seed, plot, title, num_samples=2000, guide="mvn",
+                    device=None):
     import numpy as np
     import pyro
     import arviz as az
@@ -18,7 +19,9 @@ def _fit_regression(X, y, feature_names, *, num_steps, lr, seed, plot, title, nu
 
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    reg = BayesianLinearRegression(X.shape[1]).to(dtype=X.dtype)
+    if device is not None:  # the rule everywhere: move the data and the modules, the rest follows
+        X, y = X.to(device), y.to(device)
+    reg = BayesianLinearRegression(X.shape[1]).to(dtype=X.dtype, device=X.device)
     if guide == "mvn":  # full-rank Gaussian: keeps the correlations between collinear features
         from pyro.infer.autoguide import AutoMultivariateNormal, init_to_median
 
@@ -37,7 +40,7 @@ def _fit_regression(X, y, feature_names, *, num_steps, lr, seed, plot, title, nu
         idata = idata.assign_coords(coords_names, groups="posterior")
     summary = az.summary(idata, var_names=["w", "b", "sigma"], kind="all", round_to=3)
     loo = az.loo(idata)
-    print(f"{title}: Bayesian linear regression, N={X.shape[0]}, D={X.shape[1]}")
+    print(f"{title}: Bayesian linear regression, N={X.shape[0]}, D={X.shape[1]} (device {X.device})")
     print(f"SVI ({'full-rank' if guide == 'mvn' else 'mean-field'} guide): {num_steps} steps in "
           f"{elapsed:.1f} s, final loss {fit.losses[-1]:.2f}")
     print(summary.to_string())
@@ -71,9 +74,9 @@ def _fit_regression(X, y, feature_names, *, num_steps, lr, seed, plot, title, nu
 def cmd_demo(args) -> int:
     from .datasets import load_diabetes
 
-    data = load_diabetes()
+    data = load_diabetes(device=args.device)
     _fit_regression(data.X, data.y, data.feature_names, num_steps=args.num_steps, lr=args.lr, seed=args.seed,
-                    plot=args.plot, title="scikit-learn diabetes data", guide=args.guide)
+                    plot=args.plot, title="scikit-learn diabetes data", guide=args.guide, device=args.device)
     return 0
 
 
@@ -148,7 +151,7 @@ def cmd_fit(args) -> int:
     y = (y - y.mean()) / (y.std() if y.std() > 0 else 1.0)
     _fit_regression(torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32), features,
                     num_steps=args.num_steps, lr=args.lr, seed=args.seed, plot=args.plot, title=args.csv,
-                    guide=args.guide)
+                    guide=args.guide, device=args.device)
     return 0
 
 
@@ -162,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--plot", default="ppl_lvm_demo.png", help="PNG path for the plot ('' for none)")
     d.add_argument("--guide", choices=["mvn", "meanfield"], default="mvn",
                    help="full-rank Gaussian guide (default) or the model's mean-field guide")
+    d.add_argument("--device", default=None, help="torch device for data and model, e.g. cuda (default: cpu)")
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("backends", help="list the inference backends and what each needs of a model")
     b.set_defaults(func=cmd_backends)
@@ -173,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--plot", default="", help="PNG path for the plot")
     f.add_argument("--guide", choices=["mvn", "meanfield"], default="mvn")
+    f.add_argument("--device", default=None, help="torch device for data and model, e.g. cuda (default: cpu)")
     f.set_defaults(func=cmd_fit)
     return p
 
@@ -182,6 +187,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "num_steps", 1) < 1:
         print("error: --num-steps must be at least 1", file=sys.stderr)
         return 2
+    if getattr(args, "device", None) is not None:
+        from .validation import check_device
+
+        try:
+            check_device(args.device, "--device")
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return args.func(args)
 
 

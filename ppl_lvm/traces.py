@@ -724,7 +724,23 @@ class BatchedLogDensity:
         return out
 
 
-class ParticleEvaluator:
+class _EngineView:
+    """What :class:`ParticleEvaluator` and :class:`PotentialEnergy` share: the engine in
+    ``self.density`` and its plate-or-vmap ``mode``."""
+
+    density: BatchedLogDensity
+
+    @property
+    def mode(self) -> str:
+        """``"plate"``, ``"vmap"`` or ``"auto"`` (not decided yet): see :class:`BatchedLogDensity`."""
+        return self.density.mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self.density.mode = value
+
+
+class ParticleEvaluator(_EngineView):
     """Draw K guide particles in one vectorized plate and score them under the model.
 
     :param model: the model, a callable Pyro program.
@@ -746,15 +762,6 @@ class ParticleEvaluator:
         self.max_plate_nesting = int(max_plate_nesting)
         self.density = BatchedLogDensity(model, model_structure, self.max_plate_nesting + 1, mode,
                                          plate_name=PARTICLE_PLATE)
-
-    @property
-    def mode(self) -> str:
-        """``"plate"``, ``"vmap"`` or ``"auto"`` (not decided yet): see :class:`BatchedLogDensity`."""
-        return self.density.mode
-
-    @mode.setter
-    def mode(self, value: str) -> None:
-        self.density.mode = value
 
     @staticmethod
     def subsamples(guide_trace) -> Dict[str, torch.Tensor]:
@@ -1232,7 +1239,7 @@ def _subsets(rows: int, size: int, k: int, device) -> torch.Tensor:
     return torch.rand(rows, size, device=device).topk(k, -1).indices
 
 
-class PotentialEnergy:
+class PotentialEnergy(_EngineView):
     r"""A model's potential energy on unconstrained space, for :math:`C` chains at once.
 
     Every continuous latent site :math:`x_s` with support :math:`S_s` is written as
@@ -1313,15 +1320,6 @@ class PotentialEnergy:
         return total
 
     # ---------------------------------------------------------------- model evaluation
-    @property
-    def mode(self) -> str:
-        """``"plate"``, ``"vmap"`` or ``"auto"`` (not decided yet): see :class:`BatchedLogDensity`."""
-        return self.density.mode
-
-    @mode.setter
-    def mode(self, value: str) -> None:
-        self.density.mode = value
-
     def layout(self, value: torch.Tensor, name: str) -> torch.Tensor:
         """``(C, *site shape)`` laid out inside the chains' plate (:meth:`BatchedLogDensity.layout`)."""
         return self.density.layout(value, name)

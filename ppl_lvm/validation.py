@@ -18,7 +18,7 @@ from .errors import ModelGuideMismatchError
 from .traces import ProgramStructure, structure_from_trace, trace_program
 
 __all__ = ["positional_names", "check_finite_data", "check_callable", "check_model_guide", "check_int",
-           "check_positive_int", "check_real", "check_positive", "check_fraction"]
+           "check_positive_int", "check_real", "check_positive", "check_fraction", "check_device"]
 
 
 def positional_names(fn) -> list:
@@ -113,6 +113,29 @@ def check_real(value, name: str, *, low: Optional[float] = None, high: Optional[
 def check_positive(value, name: str) -> float:
     """``value`` as a finite float > 0."""
     return check_real(value, name, low=0.0, open_low=True)
+
+
+def check_device(device, name: str = "device") -> Optional[torch.device]:
+    """``device`` as a ``torch.device`` (``None`` passes: the default device).  Asking for CUDA
+    (or MPS) where torch cannot use it is a ``ValueError`` that says why, instead of torch's bare
+    AssertionError deep inside the first tensor operation."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{name}={device!r} is not a device; pass e.g. 'cpu', 'cuda' or 'cuda:0'.") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if "+cpu" in torch.__version__ else "no usable GPU or driver"
+            raise ValueError(f"{name}={device!r} asks for CUDA, but torch.cuda.is_available() is False "
+                             f"(torch {torch.__version__}: {build}). Use device='cpu', or install a CUDA "
+                             "build of torch on a machine with an NVIDIA GPU.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"{name}={device!r} asks for Apple's MPS, which this machine's torch cannot use.")
+    return dev
 
 
 def check_fraction(value, name: str, *, open_low: bool = True) -> float:

@@ -231,3 +231,22 @@ def test_parameters_are_module_parameters_that_move_with_to():
     assert torch.equal(pyro.param("mv.w0.loc").detach(), loaded.float())
     backend2 = SVI(m.model, m.guide)
     assert math.isfinite(backend2.step(x.float(), y.float()))
+
+
+def test_one_output_accepts_a_flat_y_and_the_plot_has_axis_labels():
+    """load_mcycle().y is (N,): with out_dim=1 it is taken as a column (issue 16, item 10)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from ppl_lvm import SVI
+
+    x, y = BNNLV.simulate(num_data=30, seed=0)
+    flat = y.reshape(-1)
+    m = BNNLV(1, 1, hidden=(6,), latent_dim=1, name="flat")
+    fit = SVI(m.model, m.guide).run(x, flat, num_steps=3, progress=False)
+    assert fit.predictive(2)["flat.y"].shape == (2, 30, 1)
+    assert torch.isfinite(m.log_predictive(x, flat, num_samples=5, num_latent=3)).all()
+    with pytest.raises(ValueError, match=r"y must be a tensor of shape \(30, 1\)"):
+        m.model(x, flat[:10])
+    ax = m.plot_predictive(x, x_train=x, y_train=flat, num_samples=5, num_latent=3, xlabel="time", ylabel="accel")
+    assert ax.get_xlabel() == "time" and ax.get_ylabel() == "accel"

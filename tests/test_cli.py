@@ -52,3 +52,22 @@ def test_console_script_is_installed():
 
 def test_bad_num_steps(capsys):
     assert main(["demo", "--num-steps", "0"]) == 2
+
+
+def test_device_option_runs_on_the_cpu_and_refuses_a_missing_gpu(capsys):
+    import pytest
+    import torch
+
+    assert main(["demo", "--num-steps", "50", "--plot", "", "--device", "cpu"]) == 0
+    assert "device cpu" in capsys.readouterr().out
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal is for machines without it")
+    assert main(["demo", "--num-steps", "50", "--plot", "", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "torch.cuda.is_available() is False" in err and "device='cpu'" in err
+    from ppl_lvm.datasets import load_diabetes
+
+    with pytest.raises(ValueError, match="asks for CUDA"):
+        load_diabetes(device="cuda")
+    with pytest.raises(ValueError, match="is not a device"):
+        load_diabetes(device="gpu0")

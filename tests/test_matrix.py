@@ -19,6 +19,7 @@ from ppl_lvm import IncompatibleModelError
 from ppl_lvm.inference import BACKENDS
 from ppl_lvm.inference.requirements import Requirements
 from ppl_lvm.traces import structure_from_trace, trace_program
+from tests.helpers import minibatch_regression, minibatch_regression_data
 from ppl_lvm.models import MODELS
 from ppl_lvm.testing import FIXTURES, LinearGaussianSSM
 
@@ -71,15 +72,7 @@ def _incompatible(backend_name, kind, short):
 
 
 def _minibatch_regression():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(200, dtype=torch.float64, generator=g)
-    y = 1.0 + 2.0 * x + 0.5 * torch.randn(200, dtype=torch.float64, generator=g)
-
-    def model(x, y):
-        a = pyro.sample("a", dist.Normal(torch.zeros((), dtype=x.dtype), 5.0))
-        b = pyro.sample("b", dist.Normal(torch.zeros((), dtype=x.dtype), 5.0))
-        with pyro.plate("data", x.shape[0], subsample_size=20) as idx:
-            pyro.sample("y", dist.Normal(a + b * x[idx], 0.5), obs=y[idx])
+    x, y = minibatch_regression_data()
 
     def guide(x, y):
         for name in ("a", "b"):
@@ -87,7 +80,7 @@ def _minibatch_regression():
             scale = pyro.param(f"{name}_scale", torch.tensor(0.3, dtype=x.dtype), constraint=dist.constraints.positive)
             pyro.sample(name, dist.Normal(loc, scale))
 
-    return model, guide, (x, y)
+    return minibatch_regression, guide, (x, y)
 
 
 def _minibatch_local():

@@ -280,20 +280,10 @@ def test_draws_from_a_guide_that_misses_the_posterior_come_with_the_psis_warning
 def test_vectorized_particles_with_minibatches_and_an_autoguide():
     """A plate the model subsamples and an autoguide does not: the vectorization check used to
     draw the minibatch twice, find different log-densities and refuse the model."""
-    import pyro.distributions as dist
     from pyro.infer.autoguide import AutoNormal
-    from ppl_lvm import SVI
+    from tests.helpers import minibatch_regression as model, minibatch_regression_data
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(200, dtype=torch.float64, generator=g)
-    y = 1.0 + 2.0 * x + 0.5 * torch.randn(200, dtype=torch.float64, generator=g)
-
-    def model(x, y):
-        a = pyro.sample("a", dist.Normal(torch.zeros((), dtype=x.dtype), 5.0))
-        b = pyro.sample("b", dist.Normal(torch.zeros((), dtype=x.dtype), 5.0))
-        with pyro.plate("data", x.shape[0], subsample_size=20) as idx:
-            pyro.sample("y", dist.Normal(a + b * x[idx], 0.5), obs=y[idx])
-
+    x, y = minibatch_regression_data()
     backend = SVI(model, AutoNormal(model), num_particles=8, vectorize_particles=True)
     fit = backend.run(x, y, num_steps=1500, progress=False)
     assert backend.evaluator.resolve_mode((x, y), {}) == "plate"

