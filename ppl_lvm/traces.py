@@ -625,8 +625,9 @@ class BatchedLogDensity:
 
     def __init__(self, model, structure: "ProgramStructure", ndim: int, mode: str = "auto",
                  plate_name: str = "_ppl_lvm_draws"):
-        if mode not in ("auto", "plate", "vmap"):
-            raise ValueError(f"mode must be 'auto', 'plate' or 'vmap', got {mode!r}")
+        from .validation import check_choice
+
+        check_choice(mode, "mode", ("auto", "plate", "vmap"))
         self.model = model
         self.structure = structure
         self.ndim = int(ndim)
@@ -754,8 +755,6 @@ class ParticleEvaluator(_EngineView):
 
     def __init__(self, model, guide, model_structure: ProgramStructure, max_plate_nesting: int,
                  mode: str = "auto"):
-        if mode not in ("auto", "plate", "vmap"):
-            raise ValueError(f"mode must be 'auto', 'plate' or 'vmap', got {mode!r}")
         self.model = model
         self.guide = guide
         self.structure = model_structure
@@ -1273,8 +1272,6 @@ class PotentialEnergy(_EngineView):
     def __init__(self, model, structure: ProgramStructure, max_plate_nesting: int, mode: str = "auto"):
         from torch.distributions import biject_to
 
-        if mode not in ("auto", "plate", "vmap"):
-            raise ValueError(f"mode must be 'auto', 'plate' or 'vmap', got {mode!r}")
         self.model = model
         self.structure = structure
         self.sites = list(structure.latent_sites)

@@ -18,7 +18,8 @@ from .errors import ModelGuideMismatchError
 from .traces import ProgramStructure, structure_from_trace, trace_program
 
 __all__ = ["positional_names", "check_finite_data", "check_callable", "check_model_guide", "check_int",
-           "check_positive_int", "check_real", "check_positive", "check_fraction", "check_device"]
+           "check_positive_int", "check_real", "check_positive", "check_fraction", "check_device",
+           "check_choice"]
 
 
 def positional_names(fn) -> list:
@@ -113,6 +114,14 @@ def check_real(value, name: str, *, low: Optional[float] = None, high: Optional[
 def check_positive(value, name: str) -> float:
     """``value`` as a finite float > 0."""
     return check_real(value, name, low=0.0, open_low=True)
+
+
+def check_choice(value, name: str, choices):
+    """``value`` if it is one of ``choices`` (a ValueError listing them otherwise)."""
+    if isinstance(value, (list, dict, set)) or value not in choices:
+        listed = ", ".join(repr(c) for c in (sorted(choices) if isinstance(choices, dict) else choices))
+        raise ValueError(f"{name} must be one of {listed}, got {value!r}.")
+    return value
 
 
 def check_device(device, name: str = "device") -> Optional[torch.device]:

@@ -58,7 +58,7 @@ from typing import Optional
 import torch
 
 from ..traces import LogWeights, detach_distribution, log_mean_exp, trace_program
-from ..validation import check_positive_int
+from ..validation import check_choice, check_positive_int
 from .guided import GuidedBackend
 from .registry import register_backend
 from .requirements import Requirements
@@ -127,9 +127,7 @@ class IWAE(GuidedBackend):
         super().__init__(model, guide, optim, max_plate_nesting=max_plate_nesting,
                          data_plate=data_plate, validate=validate)
         self.num_particles = check_positive_int(num_particles, "num_particles")
-        if gradient not in GRADIENTS:
-            raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}.")
-        self.gradient = gradient
+        self.gradient = check_choice(gradient, "gradient", GRADIENTS)
         self._resolved_gradient: Optional[str] = None
         self._score_sites: tuple = ()
 

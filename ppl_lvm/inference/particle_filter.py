@@ -83,7 +83,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ..errors import IncompatibleModelError
 from ..traces import log_mean_exp_se, validation_off, log_mean_exp
-from ..validation import check_positive_int
+from ..validation import check_choice, check_positive_int
 from .base import Backend, StepProposal
 from .registry import register_backend
 from .results import EvidenceEstimate
@@ -274,14 +274,10 @@ class ParticleFilter:
             raise ValueError(f"ess_threshold must be in [0, 1] (resample when ESS < threshold * K), "
                              f"got {ess_threshold!r}")
         self.ess_threshold = float(ess_threshold)
-        if resampling not in RESAMPLERS:
-            raise ValueError(f"resampling must be one of {sorted(RESAMPLERS)}, got {resampling!r}")
-        self.resampling = resampling
+        self.resampling = check_choice(resampling, "resampling", RESAMPLERS)
         self.record = bool(record)
         self.store_particles = bool(store_particles)
-        if resampling_gradient not in ("fisher", "drop"):
-            raise ValueError(f"resampling_gradient must be 'fisher' or 'drop', got {resampling_gradient!r}")
-        self.resampling_gradient = resampling_gradient
+        self.resampling_gradient = check_choice(resampling_gradient, "resampling_gradient", ("fisher", "drop"))
         self.reset()
 
     def reset(self) -> None:

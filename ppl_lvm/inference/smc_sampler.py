@@ -77,7 +77,7 @@ from pyro import poutine
 from ..errors import DivergenceError, IncompatibleModelError
 from ..traces import (CHAIN_PLATE, BatchedLogDensity, PotentialEnergy, draw_prior, log_mean_exp,
                       log_mean_exp_se, trace_program, validation_off)
-from ..validation import check_fraction, check_positive, check_positive_int
+from ..validation import check_choice, check_fraction, check_positive, check_positive_int
 from .base import Backend
 from .callbacks import progress_bar_class, progress_default
 from .registry import register_backend
@@ -114,9 +114,7 @@ class _ParticleSampler(Backend):
         self.moves_per_step = []
         self.num_leapfrog = check_positive_int(num_leapfrog, "num_leapfrog")
         self.leapfrog_step_size = check_positive(leapfrog_step_size, "leapfrog_step_size")
-        if resampling not in RESAMPLERS:
-            raise ValueError(f"resampling must be one of {sorted(RESAMPLERS)}, got {resampling!r}")
-        self.resampling = resampling
+        self.resampling = check_choice(resampling, "resampling", RESAMPLERS)
         self.potential: Optional[PotentialEnergy] = None
         self._guide_density: Optional[BatchedLogDensity] = None
         self._u: Optional[Dict[str, torch.Tensor]] = None

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from ..traces import log_mean_exp
-from ..validation import check_positive_int
+from ..validation import check_choice, check_positive_int
 from .guided import GuidedBackend
 from .registry import register_backend
 
@@ -102,18 +102,13 @@ class ChiSquareVIS(GuidedBackend):
         super().__init__(model, guide, optim, max_plate_nesting=max_plate_nesting,
                          data_plate=data_plate, validate=validate)
         self.num_particles = check_positive_int(num_particles, "num_particles")
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
+        check_choice(preset, "preset", PRESETS)
         m_obj, p_obj = PRESETS[preset]
         self.model_objective = model_objective or m_obj
         self.proposal_objective = proposal_objective or p_obj
-        if self.model_objective not in MODEL_OBJECTIVES:
-            raise ValueError(f"model_objective must be one of {MODEL_OBJECTIVES}, got {self.model_objective!r}.")
-        if self.proposal_objective not in PROPOSAL_OBJECTIVES:
-            raise ValueError(
-                f"proposal_objective must be one of {PROPOSAL_OBJECTIVES}, got {self.proposal_objective!r}.")
-        if proposal_gradient not in PROPOSAL_GRADIENTS:
-            raise ValueError(f"proposal_gradient must be one of {PROPOSAL_GRADIENTS}, got {proposal_gradient!r}.")
+        check_choice(self.model_objective, "model_objective", MODEL_OBJECTIVES)
+        check_choice(self.proposal_objective, "proposal_objective", PROPOSAL_OBJECTIVES)
+        check_choice(proposal_gradient, "proposal_gradient", PROPOSAL_GRADIENTS)
         if self.num_particles < 2 and (self.model_objective, self.proposal_objective) != ("elbo", "elbo"):
             raise ValueError("Importance-sampling objectives need num_particles >= 2.")
         self.preset = preset

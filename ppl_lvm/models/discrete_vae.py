@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from . import register_model
-from .vae import _mlp
+from .vae import mlp
 
 __all__ = ["DiscreteVAE"]
 
@@ -84,10 +84,10 @@ class DiscreteVAE(nn.Module):
         self.num_codes = math.prod(grid)
         # the model's parameters: the codebook and the MLP (one module, registered with pyro.module)
         self.decoder = nn.ModuleDict({"codebook": nn.Embedding(codebook, embed_dim),
-                                      "mlp": _mlp((self.num_codes * embed_dim,) + hidden + (obs_dim,), nn.ELU)})
-        self.encoder = _mlp((obs_dim,) + hidden[::-1] + (self.num_codes * codebook,), nn.ELU)
+                                      "mlp": mlp((self.num_codes * embed_dim,) + hidden + (obs_dim,), nn.ELU)})
+        self.encoder = mlp((obs_dim,) + hidden[::-1] + (self.num_codes * codebook,), nn.ELU)
         # VQ-VAE's encoder outputs one embedding per code position
-        self.vq_encoder = _mlp((obs_dim,) + hidden[::-1] + (self.num_codes * embed_dim,), nn.ELU)
+        self.vq_encoder = mlp((obs_dim,) + hidden[::-1] + (self.num_codes * embed_dim,), nn.ELU)
 
     # ------------------------------------------------------------------ checks and pieces
     def _check(self, x):

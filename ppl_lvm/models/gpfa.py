@@ -610,8 +610,8 @@ class GPFA(PyroModule):
         targets = [getattr(self, name + "_unconstrained")]
         store = pyro.get_param_store()
         full = f"{self._pyro_name}.{name}" if self._pyro_name else name  # PyroModule's naming rule
-        if full in store._params:
-            targets.append(store._params[full])
+        if full in store:
+            targets.append(store[full].unconstrained())
         with torch.no_grad():
             for p in targets:
                 p.data = raw.clone()

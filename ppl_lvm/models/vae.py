@@ -29,10 +29,11 @@ from torch import nn
 
 from . import register_model
 
-__all__ = ["VAE"]
+__all__ = ["VAE", "mlp"]
 
 
-def _mlp(sizes, activation=nn.Tanh):
+def mlp(sizes, activation=nn.Tanh):
+    """A fully connected network with ``activation`` between the layers of widths ``sizes``."""
     layers = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
@@ -67,8 +68,8 @@ class VAE(nn.Module):
         if any(not isinstance(h, int) or h < 1 for h in hidden):
             raise ValueError(f"hidden must be a sequence of positive ints, got {hidden!r}")
         self.obs_dim, self.latent_dim, self.name = obs_dim, latent_dim, name
-        self.encoder = _mlp((obs_dim,) + hidden + (2 * latent_dim,))
-        self.decoder = _mlp((latent_dim,) + hidden[::-1] + (obs_dim,))
+        self.encoder = mlp((obs_dim,) + hidden + (2 * latent_dim,))
+        self.decoder = mlp((latent_dim,) + hidden[::-1] + (obs_dim,))
 
     def _check(self, x):
         if not torch.is_tensor(x) or x.dim() != 2 or x.shape[-1] != self.obs_dim:
