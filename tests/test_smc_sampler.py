@@ -185,3 +185,16 @@ def test_arviz_layout_is_one_population_with_smc_diagnostics():
     assert 0 < attrs["particle_ess"] <= 200 and 0 < attrs["move_acceptance"] <= 1
     assert 1 <= attrs["unique_particles"] <= 200 and attrs["num_temperatures"] >= 1
     assert "lp" in idata.sample_stats and idata.log_likelihood["y"].shape[:2] == (1, 200)
+
+
+def test_each_step_reports_what_it_did():
+    fx = ConjugateLinearRegression(num_data=30, num_features=2, seed=0)
+    s = SMCSampler(fx.model, num_particles=100)
+    assert s.last_step is None
+    s.step(*fx.args)
+    info = s.last_step
+    assert info.beta == s.beta and info.moves == s.moves_per_step[-1] and 0 <= info.acceptance <= 1
+    assert info.ess == s.ess[-1] and info.log_evidence_increment == s.log_evidence_
+    s.run(*fx.args)
+    s.step(*fx.args)  # beta = 1: moves only
+    assert s.last_step.log_evidence_increment == 0.0 and math.isnan(s.last_step.ess)

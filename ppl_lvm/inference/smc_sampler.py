@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import ClassVar, Dict, Optional
+from typing import ClassVar, Dict, NamedTuple, Optional
 
 import torch
 from pyro import poutine
@@ -85,7 +85,17 @@ from .results import EvidenceEstimate
 from .requirements import Requirements
 from .particle_filter import RESAMPLERS
 
-__all__ = ["SMCSampler", "OpenHorizonSMC"]
+__all__ = ["SMCSampler", "OpenHorizonSMC", "SMCStepInfo"]
+
+
+class SMCStepInfo(NamedTuple):
+    """What one tempering step of :class:`SMCSampler` did (``SMCSampler.last_step``)."""
+
+    beta: float                    #: the temperature reached
+    log_evidence_increment: float  #: this step's :math:`\log \hat Z_t / \hat Z_{t-1}` (0 once beta = 1)
+    ess: float                     #: the incremental weights' ESS before resampling
+    moves: int                     #: HMC transitions made at this temperature
+    acceptance: float              #: their mean acceptance rate
 
 
 class _ParticleSampler(Backend):
@@ -429,6 +439,8 @@ class SMCSampler(_ParticleSampler):
                          max_moves=max_moves, decorrelation=decorrelation,
                          max_plate_nesting=max_plate_nesting, validate=validate)
         self.target_ess = check_fraction(target_ess, "target_ess")
+        #: what the last step did (:class:`SMCStepInfo`), ``None`` before the first
+        self.last_step: Optional[SMCStepInfo] = None
         self.max_steps = check_positive_int(max_steps, "max_steps")
         self.beta = 0.0
         self.betas = [0.0]
@@ -479,13 +491,21 @@ class SMCSampler(_ParticleSampler):
                 self.beta, self.betas, self.log_evidence_, self.ess = 0.0, [0.0], 0.0, []
             new_beta = self._next_beta(lik)
             lw = (new_beta - self.beta) * torch.where(torch.isfinite(lik), lik, torch.full_like(lik, -math.inf))
-            self.log_evidence_ += float(log_mean_exp(lw, 0))
+            increment = float(log_mean_exp(lw, 0))
+            self.log_evidence_ += increment
             norm = lw - torch.logsumexp(lw, 0)
             self.ess.append(float(torch.exp(-torch.logsumexp(2 * norm, 0))))
             self._u = self._resample(self._u, lw)
             self.beta = new_beta
             self.betas.append(new_beta)
+            step_ess = self.ess[-1]
+        else:
+            increment, step_ess = 0.0, float("nan")
         self._u = self._hmc_moves(self._u, self.beta, args, kwargs)
+        moves = self.moves_per_step[-1]
+        self.last_step = SMCStepInfo(beta=self.beta, log_evidence_increment=increment,
+                                     ess=step_ess, moves=moves,
+                                     acceptance=float(sum(self.acceptance[-moves:]) / moves))
         with torch.no_grad():
             prior, lik = self._split_log_probs(self._u, args, kwargs)
             log_joint = prior + lik - self.potential.log_abs_det_jacobian(self._u, self.potential.constrain(self._u))
