@@ -46,7 +46,7 @@ from pyro.util import get_rng_state, set_rng_state
 from ..errors import DivergenceError
 from ..traces import ParticleEvaluator, ProgramStructure, structure_from_trace, trace_program
 from ..validation import (check_callable, check_finite_data, check_model_guide, check_positive_int,
-                          coerce_data, positional_names)
+                          check_real, coerce_data, positional_names)
 from .callbacks import Checkpoint, EarlyStopping, LogLoss, progress_bar_class, progress_default
 from .registry import BACKENDS, get_backend, list_backends, register_backend
 from .requirements import Requirements, check_program, check_requirements, program_kind
@@ -71,6 +71,34 @@ __all__ = [
 
 def _is_finite(x) -> bool:
     return math.isfinite(float(x))
+
+
+class _IterateAverage:
+    """Running means of parameter iterates (unconstrained), for :meth:`Backend.run`."""
+
+    def __init__(self):
+        self.count = 0
+        self.means: Dict[int, list] = {}  # id -> [parameter, running mean]
+
+    def add(self, params) -> None:
+        self.count += 1
+        with torch.no_grad():
+            for p in params:
+                entry = self.means.get(id(p))
+                if entry is None or entry[0] is not p:
+                    self.means[id(p)] = [p, p.detach().clone(), 1]
+                    continue
+                entry[2] += 1
+                entry[1] += (p.detach() - entry[1]) / entry[2]
+
+    def apply(self) -> list:
+        """Write the means into the parameters; return ``(parameter, last iterate)`` pairs."""
+        saved = []
+        with torch.no_grad():
+            for p, mean, _ in self.means.values():
+                saved.append((p, p.detach().clone()))
+                p.copy_(mean)
+        return saved
 
 
 class StepProposal(NamedTuple):
@@ -147,6 +175,11 @@ class Backend:
         self._loss_floor: Optional[float] = None
         self.num_steps = 0
         self.losses: List[float] = []
+        self._updated_params: list = []
+        #: ``(p, last iterate)`` pairs while the parameters hold an average of iterates
+        self._last_iterate: list = []
+        #: the steps ``[first, last)`` whose iterates the parameters average (None: the last iterate)
+        self.averaged_steps: Optional[tuple] = None
 
     # ------------------------------------------------------------------ validation
     def check_model(self, structure: ProgramStructure) -> None:
@@ -326,6 +359,7 @@ class Backend:
         if bad is not None:
             pyro.infer.util.zero_grads(params)
             self._divergence(bad)
+        self._updated_params = params
         if commit is not None:
             commit()
         if not params:
@@ -334,6 +368,12 @@ class Backend:
             p.grad = g if scale == 1.0 else g * scale
         self.optim(params)
         pyro.infer.util.zero_grads(params)
+
+    #: fraction of the last steps of a run whose iterates are averaged into the returned
+    #: parameters (Polyak & Juditsky 1992); 0: the last iterate.  Guide-based backends: 0.2.
+    average_last: ClassVar[float] = 0.0
+    #: fewest steps worth averaging (a shorter window keeps the last iterate)
+    average_min_steps: ClassVar[int] = 10
 
     #: what a DivergenceError from this backend advises
     divergence_advice: ClassVar[str] = ("Try a smaller learning rate, better-scaled data, float64 data, or a "
@@ -354,16 +394,18 @@ class Backend:
 
     def step(self, *args, **kwargs) -> float:
         """Take one update and return the objective (a loss: lower is better).  numpy arrays
-        among the data are converted to tensors (``torch.as_tensor``)."""
+        among the data are converted to tensors (``torch.as_tensor``).  After a run that averaged
+        its last iterates, the next step continues from the last iterate, not from the average."""
         args, kwargs = self._coerce(args, kwargs)
         self.setup(*args, **kwargs)
+        self._restore_last_iterate()
         loss = float(self._step(*args, **kwargs))
         self.num_steps += 1
         self.losses.append(loss)
         return loss
 
     def run(self, *args, num_steps: Optional[int] = None, progress: Optional[bool] = None,
-            callbacks: Sequence[Callable] = (), **kwargs) -> "Fit":
+            callbacks: Sequence[Callable] = (), average_last: Optional[float] = None, **kwargs) -> "Fit":
         """Run ``num_steps`` updates and return a :class:`Fit`.
 
         :param num_steps: number of calls to :meth:`step` (added to any steps already taken);
@@ -372,6 +414,15 @@ class Backend:
             (a terminal or Jupyter). ``PPL_LVM_PROGRESS=0`` turns it off everywhere.
         :param callbacks: callables ``cb(backend, step, loss) -> bool``; returning ``True``
             stops the run (see :class:`EarlyStopping`, :class:`Checkpoint`).
+        :param average_last: fraction of this run's last steps whose parameter iterates are
+            averaged (Polyak-Ruppert: :math:`\bar\theta = \frac1m \sum_{t > T-m} \theta_t`, Polyak &
+            Juditsky 1992) and written into the parameters at the end, so that the fit is the
+            optimum within Monte Carlo error rather than one noisy iterate near it; default
+            :attr:`average_last` (0.2 for SVI, IWAE and chi^2-VIS, 0 elsewhere); 0 keeps the last
+            iterate.  Losses and the optimizer's path are those of the iterates; a later
+            ``step``/``run`` continues from the last iterate.  Windows under
+            :attr:`average_min_steps` steps, and runs stopped by a callback before the window,
+            keep the last iterate.
         :raises DivergenceError: when the objective or a gradient becomes NaN/inf, or the
             objective falls below any value the model can reach (a runaway fit,
             :meth:`~ppl_lvm.traces.ProgramStructure.loss_floor`); that step's update is not
@@ -380,6 +431,11 @@ class Backend:
         if num_steps is None:
             num_steps = self._default_num_steps()
         num_steps = check_positive_int(num_steps, "num_steps")
+        fraction = self.average_last if average_last is None else check_real(
+            average_last, "average_last", low=0.0, high=1.0, open_high=True)
+        window = int(num_steps * fraction)
+        if window < self.average_min_steps:
+            window = 0
         for cb in callbacks:
             if not callable(cb):
                 raise TypeError(f"each callback must be a callable cb(backend, step, loss) -> bool, "
@@ -392,6 +448,7 @@ class Backend:
         every = max(1, num_steps // 200)
         bar = tqdm(total=num_steps, disable=not show, desc=type(self).__name__, leave=True)
         stop = False
+        average = _IterateAverage() if window else None
         try:
             for i in range(num_steps):
                 try:
@@ -399,6 +456,8 @@ class Backend:
                 except DivergenceError as err:
                     err.fit = self.make_fit(args, kwargs) if self.num_steps else None
                     raise
+                if average is not None and i >= num_steps - window:
+                    average.add(self._updated_params)
                 if i % every == 0 or i == num_steps - 1:
                     bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
                 bar.update(1)
@@ -411,7 +470,18 @@ class Backend:
             bar.close()
         if not stop:
             self._warn_if_still_falling(num_steps)
+        if average is not None and average.count:
+            self._last_iterate = average.apply()
+            self.averaged_steps = (self.num_steps - average.count, self.num_steps)
         return self.make_fit(args, kwargs)
+
+    def _restore_last_iterate(self) -> None:
+        """Put the last iterate back in place of the average before the next update."""
+        if self._last_iterate:
+            with torch.no_grad():
+                for p, value in self._last_iterate:
+                    p.copy_(value)
+        self._last_iterate = []
 
     def _warn_if_still_falling(self, num_steps: int) -> None:
         """Hook run after a run that was not stopped by a callback (no-op by default)."""
@@ -451,6 +521,8 @@ class Backend:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "num_steps": self.num_steps,
             "losses": list(self.losses),
+            "last_iterate": self._last_iterate_by_name(),
+            "averaged_steps": self.averaged_steps,
             "extra": self._extra_state(),
         }
 
@@ -474,10 +546,23 @@ class Backend:
         self.optim.grad_clip.clear()
         self.num_steps = int(state["num_steps"])
         self.losses = list(state["losses"])
+        self.averaged_steps = state.get("averaged_steps")
+        last = state.get("last_iterate") or {}
+        self._last_iterate = [(store[n].unconstrained(), v) for n, v in last.items() if n in store]
         self._load_extra_state(state.get("extra") or {})
         set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def _last_iterate_by_name(self) -> dict:
+        store = pyro.get_param_store()
+        out = {}
+        for p, value in self._last_iterate:
+            try:
+                out[store.param_name(p)] = value.clone()
+            except KeyError:
+                continue
+        return out
 
     def _fit_summary(self) -> str:
         """Extra ``key=value`` text for the fit's repr (samplers: convergence diagnostics)."""

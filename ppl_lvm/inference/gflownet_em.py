@@ -303,6 +303,7 @@ class GFlowNetEM(GuidedBackend):
                  "continuous latents through a guide)")
     proposal_description = "the policy (mixed with uniform choices at evidence_epsilon, times the guide)"
     draws_choices = ()  # its posterior draws are the policy's; there is no resampling option
+    average_last = 0.0  # the policy and the M-step are not averaged
     requires = Requirements(guide="optional", discrete_latents="need")
     _capture_params = False
 

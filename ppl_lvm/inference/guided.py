@@ -62,6 +62,8 @@ class GuidedBackend(Backend):
     answer is q), ``"resampled"`` for IWAE and chi^2-VIS.
     """
 
+    #: a run ends with the mean of its last 20% of iterates (Backend.run's average_last)
+    average_last: ClassVar[float] = 0.2
     #: which draws posterior_samples/to_inferencedata return when not told ("proposal" or "resampled")
     default_draws: ClassVar[str] = "proposal"
     draws_choices: ClassVar[tuple] = ("resampled", "proposal")

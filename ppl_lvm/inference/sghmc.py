@@ -960,8 +960,8 @@ class SGHMC(Backend):
             problems.append(f"split R-hat up to {c['max_rhat']:.3f} (site {c['worst_rhat_site']!r}) > "
                             f"{self.rhat_threshold}")
         if c["min_ess_bulk"] < self.min_ess_per_chain * self.num_chains:
-            problems.append(f"bulk ESS down to {c['min_ess_bulk']:.0f} (site {c['worst_ess_site']!r}) < "
-                            f"{self.min_ess_per_chain:g} per chain")
+            problems.append(f"bulk ESS down to {c['min_ess_bulk']:.0f} (site {c['worst_ess_site']!r}) over "
+                            f"{self.num_chains} chains, under {self.min_ess_per_chain:g} per chain")
         if problems:
             advice = self._correlation_advice()
             warnings.warn(
