@@ -183,10 +183,14 @@ class GuidedBackend(Backend):
         if guide_params:
             _accumulate(guide_params, torch.autograd.grad(-guide_objective, guide_params, allow_unused=True))
 
-    def _posterior_samples(self, num_samples, args, kwargs, draws=None):
+    def _vectorized_guide_draws(self, num_samples, args, kwargs):
+        """``(evaluator, guide trace, {site: (num_samples, *shape)})`` of one vectorized guide run."""
         ev = self.evaluator
         gt = ev.guide_trace(num_samples, args, kwargs)
-        latents = ev.latent_values(gt, num_samples)
+        return ev, gt, ev.latent_values(gt, num_samples)
+
+    def _posterior_samples(self, num_samples, args, kwargs, draws=None):
+        ev, gt, latents = self._vectorized_guide_draws(num_samples, args, kwargs)
         if (draws or self.default_draws) == "proposal":
             return latents
         lw = ev.log_weights(num_samples, args, kwargs, guide_trace=gt)
@@ -286,9 +290,7 @@ class GuidedBackend(Backend):
     def _inference_data_groups(self, num_samples, args, kwargs, draws=None):
         from ..diagnostics import psis_khat
 
-        ev = self.evaluator
-        gt = ev.guide_trace(num_samples, args, kwargs)
-        latents = ev.latent_values(gt, num_samples)
+        ev, gt, latents = self._vectorized_guide_draws(num_samples, args, kwargs)
         model_lp = ev.model_log_probs(gt, num_samples, args, kwargs)  # one model run serves both
         loglik = ev.per_observation_log_likelihood(gt, num_samples, args, kwargs, model_lp=model_lp)
         lw = ev.log_weights(num_samples, args, kwargs, guide_trace=gt, model_lp=model_lp)

@@ -77,6 +77,13 @@ class Fit:
         """Positional data replace the fit's positional data when given; keywords are merged."""
         return self.backend._coerce((tuple(args) if args else self.args), {**self.kwargs, **kwargs})
 
+    def _prepared(self, num_samples, args, kwargs):
+        """``(num_samples, data args, data kwargs)`` with the backend set up for these data."""
+        num_samples = self._num_samples(num_samples)
+        a, k = self._data(args, kwargs)
+        self.backend.setup(*a, **k)
+        return num_samples, a, k
+
     def _num_samples(self, num_samples):
         if num_samples is None:
             return self.backend._default_num_samples()
@@ -104,9 +111,7 @@ class Fit:
         draws, the default of IWAE and chi^2-VIS) or ``"proposal"`` (raw guide draws, SVI's
         default); see :class:`GuidedBackend`.
         """
-        num_samples = self._num_samples(num_samples)
-        a, k = self._data(args, kwargs)
-        self.backend.setup(*a, **k)
+        num_samples, a, k = self._prepared(num_samples, args, kwargs)
         with torch.no_grad():
             samples = self.backend._posterior_samples(num_samples, a, k, **self._draws_option(draws))
         if sites is not None:
@@ -175,9 +180,7 @@ class Fit:
         """
         from ..diagnostics import groups_to_inferencedata
 
-        num_samples = self._num_samples(num_samples)
-        a, k = self._data(args, kwargs)
-        self.backend.setup(*a, **k)
+        num_samples, a, k = self._prepared(num_samples, args, kwargs)
         with torch.no_grad():
             groups = self.backend._inference_data_groups(num_samples, a, k, **self._draws_option(draws))
         return groups_to_inferencedata(groups, attrs={"inference_library": "ppl_lvm",
