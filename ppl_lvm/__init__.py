@@ -63,13 +63,13 @@ __all__ = [
     "__version__",
 ]
 
-_RUN_OPTIONS = ("num_steps", "progress", "callbacks")
+_RUN_OPTIONS = ("num_steps", "progress", "callbacks", "average_last")
 
 
 def fit(model, guide, *args, backend="svi", **options) -> Fit:
     """Fit ``model`` with ``guide`` on data ``args`` using a backend looked up by name.
 
-    Options that ``Backend.run`` takes (``num_steps``, ``progress``, ``callbacks``) go to the
+    Options that ``Backend.run`` takes (``num_steps``, ``progress``, ``callbacks``, ``average_last``) go to the
     run; options of the backend's constructor (e.g. ``optim``, ``loss``, ``num_particles``) to
     the backend; any other keyword that the model's signature accepts (e.g. ``subsample_size``)
     to the model, as do the entries of ``data_kwargs={...}``.  A keyword that is none of these

@@ -87,7 +87,7 @@ def test_bad_data_shapes():
     with pytest.raises(ValueError, match="shape"):
         m.model(torch.zeros(5, 3), torch.zeros(5, 1))
     with pytest.raises(ValueError, match="reshape"):
-        m.model(torch.zeros(5, 2), torch.zeros(5))
+        m.model(torch.zeros(5, 2), torch.zeros(5, 2))
 
 
 @pytest.mark.slow

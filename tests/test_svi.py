@@ -366,3 +366,12 @@ def test_averaging_is_the_mean_of_the_window_and_the_next_step_continues_from_th
     assert float(pyro.param("loc").detach()) == continued
     with pytest.raises(ValueError, match="average_last"):
         plain.run(y, num_steps=10, average_last=1.0)
+
+
+def test_fit_routes_average_last_to_the_run():
+    import ppl_lvm
+
+    model, guide, y, _, _ = _normal_mean_problem()
+    assert ppl_lvm.fit(model, guide, y, num_steps=100).backend.averaged_steps == (80, 100)
+    pyro.clear_param_store()
+    assert ppl_lvm.fit(model, guide, y, num_steps=100, average_last=0).backend.averaged_steps is None

@@ -511,8 +511,12 @@ class SMCSampler(_ParticleSampler):
             log_joint = prior + lik - self.potential.log_abs_det_jacobian(self._u, self.potential.constrain(self._u))
         return float(-log_joint.mean())
 
-    def run(self, *args, num_steps: Optional[int] = None, progress: Optional[bool] = None, callbacks=(), **kwargs):
+    def run(self, *args, num_steps: Optional[int] = None, progress: Optional[bool] = None, callbacks=(),
+            average_last: Optional[float] = None, **kwargs):
         """Run tempering steps (until beta = 1 when ``num_steps`` is None) and return a Fit."""
+        if average_last:
+            raise TypeError("The tempered SMC sampler learns no parameters, so there are no iterates to "
+                            "average: leave average_last out.")
         if num_steps is not None:
             return super().run(*args, num_steps=num_steps, progress=progress, callbacks=callbacks, **kwargs)
 
