@@ -366,6 +366,22 @@ def test_averaging_is_the_mean_of_the_window_and_the_next_step_continues_from_th
     assert float(pyro.param("loc").detach()) == continued
     with pytest.raises(ValueError, match="average_last"):
         plain.run(y, num_steps=10, average_last=1.0)
+    # a diverging step after an averaged run leaves the average (and the kept last iterate) in place
+    bad = y.clone()  # poisoned in place below, after the pre-flight check has passed
+    pyro.clear_param_store()
+    pyro.set_rng_seed(1)
+    averaged = SVI(model, guide, optim=pyro.optim.Adam({"lr": 0.02}))
+    averaged.run(bad, num_steps=100, average_last=0.2)
+    before = float(pyro.param("loc").detach())
+    kept = [v.clone() for _, v in averaged._last_iterate]
+    bad.fill_(float("inf"))
+    from ppl_lvm import DivergenceError
+
+    with pytest.raises(DivergenceError):
+        averaged.step(bad)
+    assert float(pyro.param("loc").detach()) == before and averaged.averaged_steps == (80, 100)
+    assert len(kept) == len(averaged._last_iterate)
+    assert all(torch.equal(a, v) for a, (_, v) in zip(kept, averaged._last_iterate))
 
 
 def test_fit_routes_average_last_to_the_run():

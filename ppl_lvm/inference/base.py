@@ -398,8 +398,12 @@ class Backend:
         its last iterates, the next step continues from the last iterate, not from the average."""
         args, kwargs = self._coerce(args, kwargs)
         self.setup(*args, **kwargs)
-        self._restore_last_iterate()
-        loss = float(self._step(*args, **kwargs))
+        averaged = self._restore_last_iterate()
+        try:
+            loss = float(self._step(*args, **kwargs))
+        except DivergenceError:  # the step was not taken: the parameters go back to the average
+            self._last_iterate = self._swap_in(averaged)
+            raise
         self.num_steps += 1
         self.losses.append(loss)
         return loss
@@ -475,13 +479,22 @@ class Backend:
             self.averaged_steps = (self.num_steps - average.count, self.num_steps)
         return self.make_fit(args, kwargs)
 
-    def _restore_last_iterate(self) -> None:
-        """Put the last iterate back in place of the average before the next update."""
-        if self._last_iterate:
-            with torch.no_grad():
-                for p, value in self._last_iterate:
-                    p.copy_(value)
+    def _restore_last_iterate(self) -> list:
+        """Put the last iterate back in place of the average before the next update; returns the
+        ``(parameter, average)`` pairs it replaced."""
+        averaged = self._swap_in(self._last_iterate)
         self._last_iterate = []
+        return averaged
+
+    @staticmethod
+    def _swap_in(pairs) -> list:
+        """Write ``(parameter, value)`` pairs into the parameters; return what they held."""
+        out = []
+        with torch.no_grad():
+            for p, value in pairs:
+                out.append((p, p.detach().clone()))
+                p.copy_(value)
+        return out
 
     def _warn_if_still_falling(self, num_steps: int) -> None:
         """Hook run after a run that was not stopped by a callback (no-op by default)."""
