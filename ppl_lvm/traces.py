@@ -58,6 +58,7 @@ __all__ = [
     "BatchedLogDensity",
     "ParticleEvaluator",
     "PotentialEnergy",
+    "draw_guide",
     "draw_prior",
     "pad_left",
     "log_mean_exp_se",
@@ -567,6 +568,16 @@ def draw_prior(model, structure: "ProgramStructure", num_draws: int, ndim: int, 
             tr = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(*args, **kwargs)
             draws.append({n: tr.nodes[n]["value"] for n in names})
     return {n: torch.stack([d[n] for d in draws]).detach() for n in names}
+
+
+def draw_guide(model, guide, structure: "ProgramStructure", num_draws: int, args, kwargs) -> Dict[str, torch.Tensor]:
+    """``num_draws`` joint draws of the latent sites from the guide, ``{site: (num_draws, *site
+    shape)}``, detached: one vectorized guide run (:class:`ParticleEvaluator`), the starting
+    chains or particles of a sampler that was given a guide."""
+    ev = ParticleEvaluator(model, guide, structure, structure.max_plate_nesting)
+    with torch.no_grad():
+        vals = ev.latent_values(ev.guide_trace(num_draws, args, kwargs), num_draws)
+    return {n: v.detach() for n, v in vals.items()}
 
 
 def _prior_draws_in_plate(model, structure, names, k, ndim, args, kwargs):

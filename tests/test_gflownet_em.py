@@ -229,6 +229,10 @@ def test_m_step_gate_waits_for_the_e_step(one_thread):
                     m_step_warmup=5)
     be.run(x, num_steps=20, progress=False)
     assert be.m_steps == 15
+    info = be.last_step  # the last step's named record agrees with the counters it committed
+    assert info.m_step_taken and np.isfinite(info.m_step_objective)
+    assert info.m_step_objective == be.m_step_history[-1] and info.running_loss == be._loss_avg
+    assert np.isfinite(info.e_step_loss) and info.local_search_acceptance is None
     assert AnnealedThreshold(10.0, 0.1, 100)(50) == pytest.approx(1.0)
 
 

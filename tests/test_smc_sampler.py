@@ -160,6 +160,9 @@ def test_open_horizon_learns_the_deterministic_part():
     assert 0.2 * phi_sd < float(phi.std()) < 5 * phi_sd
     assert fit.losses[-50:].mean() < fit.losses[:10].mean()
     assert fit.posterior_samples(30)["phi"].shape == (30,)
+    info = s.last_step  # the last minibatch step's named record
+    assert info.ess <= 200 and info.acceptance == pytest.approx(np.mean(s.acceptance[-s.num_moves:]))
+    assert np.isfinite(info.log_likelihood) and isinstance(info.resampled, bool)
 
 
 def test_open_horizon_refuses_local_latents_in_the_minibatch():

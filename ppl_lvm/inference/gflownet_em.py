@@ -71,7 +71,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pyro
@@ -89,7 +89,17 @@ from .registry import register_backend
 from .results import iid_chains
 from .requirements import Requirements, program_kind
 
-__all__ = ["GFlowNetEM", "MLPPolicy", "AnnealedThreshold"]
+__all__ = ["GFlowNetEM", "MLPPolicy", "AnnealedThreshold", "GFlowNetStepInfo"]
+
+
+class GFlowNetStepInfo(NamedTuple):
+    """What one GFlowNet-EM step did (``GFlowNetEM.last_step``)."""
+
+    e_step_loss: float        #: the policy's (sub-)trajectory-balance loss on this step's batch
+    running_loss: float       #: its exponential running average (what the M-step threshold reads)
+    m_step_taken: bool        #: whether the model parameters were updated on this step
+    m_step_objective: float   #: the M-step objective per data unit (NaN when no M-step was taken)
+    local_search_acceptance: Optional[float]  #: the local-search acceptance rate (None without it)
 
 _MODULE_NAME = "gflownet_em_policy"
 
@@ -374,6 +384,8 @@ class GFlowNetEM(GuidedBackend):
         self.m_steps = 0
         #: per step: whether an M-step was taken, and its objective (log joint per data point)
         self.m_step_history: List[float] = []
+        #: what the last step did (:class:`GFlowNetStepInfo`), ``None`` before the first
+        self.last_step: Optional[GFlowNetStepInfo] = None
 
     # ------------------------------------------------------------------ checks
     def check_model(self, structure):
@@ -800,6 +812,8 @@ class GFlowNetEM(GuidedBackend):
                 self.m_steps += 1
             if acceptance is not None:
                 self.local_search_acceptance = acceptance
+            self.last_step = GFlowNetStepInfo(e_step_loss=e_val, running_loss=loss_avg, m_step_taken=take_m,
+                                              m_step_objective=m_record, local_search_acceptance=acceptance)
         return StepProposal(float(loss.detach()), policy_params + grads_for, commit)
 
     def _e_step_loss(self, h, actions, target):

@@ -75,7 +75,7 @@ import torch
 from pyro import poutine
 
 from ..errors import DivergenceError, IncompatibleModelError
-from ..traces import (CHAIN_PLATE, BatchedLogDensity, PotentialEnergy, draw_prior, log_mean_exp,
+from ..traces import (CHAIN_PLATE, BatchedLogDensity, PotentialEnergy, draw_guide, draw_prior, log_mean_exp,
                       log_mean_exp_se, trace_program, validation_off)
 from ..validation import check_choice, check_fraction, check_positive, check_positive_int
 from .base import Backend
@@ -85,7 +85,7 @@ from .results import EvidenceEstimate
 from .requirements import Requirements
 from .particle_filter import RESAMPLERS
 
-__all__ = ["SMCSampler", "OpenHorizonSMC", "SMCStepInfo"]
+__all__ = ["SMCSampler", "OpenHorizonSMC", "SMCStepInfo", "OnlineSMCStepInfo"]
 
 
 class SMCStepInfo(NamedTuple):
@@ -96,6 +96,15 @@ class SMCStepInfo(NamedTuple):
     ess: float                     #: the incremental weights' ESS before resampling
     moves: int                     #: HMC transitions made at this temperature
     acceptance: float              #: their mean acceptance rate
+
+
+class OnlineSMCStepInfo(NamedTuple):
+    """What one minibatch step of :class:`OpenHorizonSMC` did (``OpenHorizonSMC.last_step``)."""
+
+    log_likelihood: float   #: the minibatch's log predictive :math:`\log \sum_k W_k p(y_b \mid z_k)`
+    ess: float              #: the reweighted particles' ESS before resampling
+    resampled: bool         #: whether the ESS fell below ``ess_threshold * num_particles``
+    acceptance: float       #: the mean acceptance rate of this step's HMC moves
 
 
 class _ParticleSampler(Backend):
@@ -161,12 +170,8 @@ class _ParticleSampler(Backend):
         one is given), ``{site: (K, *shape)}`` on unconstrained space."""
         K, structure, pe = self.num_particles, self.structure, self.potential
         if self.guide is not None:
-            from ..traces import ParticleEvaluator
-
-            ev = ParticleEvaluator(self.model, self.guide, structure, structure.max_plate_nesting)
-            with torch.no_grad():
-                vals = ev.latent_values(ev.guide_trace(K, args, kwargs), K)
-            return {n: t.detach() for n, t in pe.unconstrain(vals).items()}
+            return {n: t.detach() for n, t in
+                    pe.unconstrain(draw_guide(self.model, self.guide, structure, K, args, kwargs)).items()}
         return {n: t.detach() for n, t in pe.unconstrain(draw_prior(self.model, structure, K, pe.ndim, args,
                                                                     kwargs)).items()}
 
@@ -639,6 +644,8 @@ class OpenHorizonSMC(_ParticleSampler):
                          max_plate_nesting=max_plate_nesting, validate=validate)
         self.ess_threshold = check_fraction(ess_threshold, "ess_threshold", open_low=False)
         self._log_w = None
+        #: what the last step did (:class:`OnlineSMCStepInfo`), ``None`` before the first
+        self.last_step: Optional[OnlineSMCStepInfo] = None
 
     requires = Requirements(guide="optional", discrete_latents="refuse", latent_sites="need",
                             latents_in_subsampled_plate=False, dependent_supports=False,
@@ -687,6 +694,7 @@ class OpenHorizonSMC(_ParticleSampler):
             self._divergence("the minibatch log-likelihood is not finite for some particle")
         prev = log_w0 if log_w0 is not None else lik.new_full((K,), -math.log(K))  # normalized
         log_w = prev + lik.detach()
+        minibatch_log_lik = float(torch.logsumexp(log_w, 0))
         loss = -scale * float(torch.logsumexp(log_w, 0))
         W = torch.softmax(log_w, 0)
         params = [s["value"].unconstrained() for s in capture.trace.nodes.values() if s["type"] == "param"]
@@ -708,8 +716,13 @@ class OpenHorizonSMC(_ParticleSampler):
 
         self._update_parameters(pairs, commit=commit)
         # move on the minibatch posterior p(z) p(y_b | z)^(N/B), the same minibatch
+        before = len(self.acceptance)
         self._u = self._hmc_moves(self._u, 1.0, args, kwargs, mass="gradient") if not fixed else \
             self._moves_on_minibatch(args, kwargs, fixed)
+        rates = self.acceptance[before:]
+        self.last_step = OnlineSMCStepInfo(log_likelihood=minibatch_log_lik, ess=ess,
+                                           resampled=u_next is not u0,
+                                           acceptance=sum(rates) / len(rates) if rates else float("nan"))
         return loss
 
     def _moves_on_minibatch(self, args, kwargs, fixed):
