@@ -41,3 +41,7 @@ __all__ += ["DiscreteVAE"]
 from .gpfa import GPFA, SharedGPFA  # noqa: E402
 
 __all__ += ["GPFA", "SharedGPFA"]
+
+from .gp_mixture import MultiTaskGPMixture, select_num_clusters  # noqa: E402
+
+__all__ += ["MultiTaskGPMixture", "select_num_clusters"]
