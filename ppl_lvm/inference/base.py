@@ -410,7 +410,7 @@ class Backend:
 
     def run(self, *args, num_steps: Optional[int] = None, progress: Optional[bool] = None,
             callbacks: Sequence[Callable] = (), average_last: Optional[float] = None, **kwargs) -> "Fit":
-        """Run ``num_steps`` updates and return a :class:`Fit`.
+        r"""Run ``num_steps`` updates and return a :class:`Fit`.
 
         :param num_steps: number of calls to :meth:`step` (added to any steps already taken);
             default 1000 for the optimisation backends, warmup plus kept draws for samplers.

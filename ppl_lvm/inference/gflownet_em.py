@@ -497,6 +497,18 @@ class GFlowNetEM(GuidedBackend):
             return
         missing = sorted(set(cont) - set(sampled))
         extra = sorted(set(sampled) - set(cont))
+        discrete_extra = sorted(set(extra) & set(structure.discrete_latents))
+        if not missing and discrete_extra and discrete_extra == extra:
+            # a guide written for the other backends (over every latent site): its continuous
+            # part is used, its discrete sites are hidden (the policy builds those)
+            import warnings
+
+            warnings.warn(
+                f"GFlowNetEM builds the discrete sites {discrete_extra} with its policy; the guide's "
+                f"draws of them are not used (only its continuous sites {sorted(cont)} are).",
+                UserWarning, stacklevel=4)
+            self.continuous_guide = poutine.block(self.continuous_guide, hide=discrete_extra)
+            extra = []
         if missing or extra:
             raise ValueError(
                 f"The guide must sample exactly the model's continuous latent sites {sorted(cont)}; "

@@ -185,7 +185,7 @@ class BNNLV(PyroModule):
 
     # ------------------------------------------------------------------ parameters
     def _param(self, fullname: str, init, constraint=constraints.real) -> torch.Tensor:
-        """The module parameter ``fullname`` (``"{name}.w0.loc"``, ``"{name}.sigma"``, ...).
+        r"""The module parameter ``fullname`` (``"{name}.w0.loc"``, ``"{name}.sigma"``, ...).
 
         Parameters are ``PyroParam`` attributes of this module and of child ``PyroModule``\ s
         named after the dotted path, so that they are in ``parameters()`` and ``state_dict()``

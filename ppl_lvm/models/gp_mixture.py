@@ -434,13 +434,18 @@ class MultiTaskGPMixture(PyroModule):
         outputs, a constant), a number, a callable ``t -> m(t)``, or a sequence of :math:`K`
         of those (one per cluster).
     :param bool enumerate_assignments: in :meth:`model`, mark ``"z"`` for parallel enumeration
-        (SVI with ``loss="enum"``); ``False`` leaves it a sampled discrete site (gflownet_em).
+        (SVI with ``loss="enum"`` sums it out exactly); ``False`` leaves it a sampled discrete
+        site (for ``gflownet_em``, or a guide that samples it).
+    :param bool guide_assignments: :meth:`guide` also samples ``"z"`` from a per-task
+        categorical :math:`q(Z_i) = \mathrm{Cat}(\tau_i)` (score-function gradients under
+        ``svi``/``iwae``/``chi2_vis``; ``gflownet_em`` uses only the guide's ``"mu"``).  Default:
+        ``not enumerate_assignments``.
     :param str name: the prefix of this module's parameters in Pyro's param store.
     """
 
     def __init__(self, num_clusters: int, kernel_cluster=None, kernel_task=None, shared_hp_clusters: bool = True,
                  shared_hp_tasks: bool = True, prior_mean="data", enumerate_assignments: bool = True,
-                 name: str = "gp_mixture"):
+                 guide_assignments: Optional[bool] = None, name: str = "gp_mixture"):
         super().__init__(name)
         import gpytorch
 
@@ -452,6 +457,13 @@ class MultiTaskGPMixture(PyroModule):
         self.shared_hp_clusters = shared_hp_clusters
         self.shared_hp_tasks = shared_hp_tasks
         self.enumerate_assignments = enumerate_assignments
+        guide_assignments = (not enumerate_assignments) if guide_assignments is None else guide_assignments
+        if not isinstance(guide_assignments, bool):
+            raise TypeError(f"guide_assignments must be True, False or None, got {guide_assignments!r}.")
+        if guide_assignments and enumerate_assignments:
+            raise ValueError("guide_assignments=True samples z in the guide, which enumeration would sum out; "
+                             "use enumerate_assignments=False with it.")
+        self.guide_assignments = guide_assignments
         self.kernel_cluster_spec = kernel_cluster or gpytorch.kernels.RBFKernel
         self.kernel_task_spec = kernel_task or gpytorch.kernels.RBFKernel
         _make_kernel(self.kernel_cluster_spec, torch.Size())  # fail early on a bad kernel
@@ -554,7 +566,7 @@ class MultiTaskGPMixture(PyroModule):
         return torch.stack(rows)
 
     def _cluster_cov(self, grid):
-        """Prior covariances of the mean processes on ``grid``: ``(P, P)`` with shared cluster
+        r"""Prior covariances of the mean processes on ``grid``: ``(P, P)`` with shared cluster
         hyperparameters, else ``(K, P, P)``.  A relative jitter of :math:`\sqrt{\epsilon}`
         (float64: 1.5e-8 of the variance) is part of the prior: an RBF Gram matrix on a fine grid
         is singular to working precision without it."""
@@ -978,6 +990,13 @@ class MultiTaskGPMixture(PyroModule):
         loc = pyro.param(f"{name}.mu_loc", lambda: start[0].clone())
         tril = pyro.param(f"{name}.mu_scale_tril", lambda: start[1].clone(), constraint=constraints.lower_cholesky)
         pyro.sample("mu", dist.MultivariateNormal(loc, scale_tril=tril).to_event(1))
+        if self.guide_assignments:
+            M = data.num_tasks
+            fitted = self.tau is not None and self.tau.shape == (M, K)
+            logits = pyro.param(f"{name}.z_logits", lambda: (self.tau.clamp_min(1e-3).log() if fitted else
+                                                               data.y.new_zeros(M, K)))
+            with pyro.plate("tasks", M, dim=-1):
+                pyro.sample("z", dist.Categorical(logits=logits))
 
     # ------------------------------------------------------------------ simulation
     @staticmethod
@@ -1097,4 +1116,4 @@ def _matrix_case():
                                            grid=torch.linspace(0, 10, 12, dtype=torch.float32), seed=0,
                                            dtype=torch.float32)
     data = as_tasks(tasks, dtype=torch.float32)
-    return MultiTaskGPMixture(2, name="matrix_gp_mixture"), data.tensors()
+    return MultiTaskGPMixture(2, enumerate_assignments=False, name="matrix_gp_mixture"), data.tensors()
