@@ -639,6 +639,22 @@ class MultiTaskGPMixture(PyroModule):
         kl = 0.5 * (Binv.diagonal(dim1=-2, dim2=-1).sum(-1) + u.pow(2).sum(-1) - P + logdet_B)
         return m_hat, C_hat, log_z, kl
 
+    def _whitened_posterior(self, grid, stats):
+        """The optimal :math:`q(\mu_k)` in the prior's whitened coordinates: ``(a (K, P), S (K,
+        P, P))`` with :math:`\hat m_k = m_k + L a_k`, :math:`\hat C_k = L S S^\top L^\top`
+        (:math:`a = B^{-1} L^\top v`, :math:`S S^\top = B^{-1}`)."""
+        C = self._cluster_cov(grid)
+        m = self._prior_mean_values(grid)
+        P = grid.numel()
+        Lc = safe_cholesky(C)
+        A, s = stats["A"], stats["s"]
+        B = torch.eye(P, dtype=grid.dtype, device=grid.device) + Lc.transpose(-1, -2) @ A @ Lc
+        LB = torch.linalg.cholesky(0.5 * (B + B.transpose(-1, -2)))
+        v = s - (A @ m.unsqueeze(-1)).squeeze(-1)
+        a = torch.cholesky_solve((Lc.transpose(-1, -2) @ v.unsqueeze(-1)), LB).squeeze(-1)
+        Binv = torch.cholesky_inverse(LB)
+        return a, safe_cholesky(0.5 * (Binv + Binv.transpose(-1, -2)))
+
     def _expected_loglik(self, data: TaskData, idx, stats, m_hat, C_hat):
         r""":math:`E_{q(\mu_k)} \log \mathcal N(y_i; \mu_k(t_i), \Psi_i)` ``(M, K)``."""
         y, mask = data.y, data.mask
@@ -681,17 +697,23 @@ class MultiTaskGPMixture(PyroModule):
         return torch.softmax(logits, -1)
 
     # ------------------------------------------------------------------ fitting
-    def _kmeans_init(self, data: TaskData, seed: int) -> torch.Tensor:
+    def _kmeans_init(self, data: TaskData, seed: int, grid: Optional[torch.Tensor] = None):
+        """k-means (50 starts) on the curves linearly interpolated to 20 common inputs: the
+        one-hot memberships ``(M, K)``, and with ``grid`` also the clusters' mean curves on it."""
         from sklearn.cluster import KMeans
 
         t, y, mask = (v.detach().cpu().numpy() for v in (data.t, data.y, data.mask))
         lo, hi = t[mask].min(), t[mask].max()
-        common = np.linspace(lo, hi, 20)
+        common = np.linspace(lo, hi, 20) if grid is None else grid.detach().cpu().numpy()
         X = np.stack([np.interp(common, t[i][mask[i]], y[i][mask[i]]) for i in range(t.shape[0])])
-        labels = KMeans(self.num_clusters, n_init=50, random_state=seed).fit_predict(X)
-        tau = torch.zeros(t.shape[0], self.num_clusters, dtype=data.y.dtype, device=data.y.device)
+        K = self.num_clusters
+        labels = KMeans(K, n_init=50, random_state=seed).fit_predict(X) if K > 1 else np.zeros(len(X), int)
+        tau = torch.zeros(t.shape[0], K, dtype=data.y.dtype, device=data.y.device)
         tau[torch.arange(t.shape[0]), torch.as_tensor(labels, device=tau.device)] = 1.0
-        return tau
+        if grid is None:
+            return tau
+        centres = np.stack([X[labels == k].mean(0) for k in range(K)])
+        return tau, torch.as_tensor(centres, dtype=data.y.dtype, device=data.y.device)
 
     def _lbfgs(self, objective, params, max_iter):
         opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
@@ -966,30 +988,33 @@ class MultiTaskGPMixture(PyroModule):
             pyro.sample("y", PaddedMultivariateNormal(loc_obs, L_psi, data.mask), obs=data.y)
 
     def guide(self, t, y, mask=None):
-        r"""A full-rank Gaussian per cluster over its mean process on the union grid
-        (initialized at the VEM hyper-posterior when the model was fitted on these data, else at
-        the prior); the assignments are left to enumeration or to gflownet_em."""
+        r"""A full-rank Gaussian per cluster over its mean process on the union grid, in the
+        prior's whitened coordinates (as GPyTorch's whitened variational strategy):
+        :math:`\mu_k = m_k + L_k (a_k + S_k \epsilon)`, :math:`C_k = L_k L_k^\top`, so
+        :math:`q(\mu_k) = \mathcal N(m_k + L_k a_k, L_k S_k S_k^\top L_k^\top)` stays inside the
+        prior's support however ill-conditioned :math:`C_k` is (an RBF kernel on a fine grid).
+        Initialized at the optimal :math:`q(\mu)` of the VE-step for the fitted memberships (or,
+        before a fit, for k-means memberships: distinct clusters break the symmetry that a start
+        at the prior would keep).  ``"z"`` is left to enumeration or to gflownet_em unless
+        ``guide_assignments``."""
         data = self._program_data(t, y, mask)
         self._ensure_hp(data)
-        grid, _ = _grid(data.t, data.mask)
+        grid, idx = _grid(data.t, data.mask)
         K, P = self.num_clusters, grid.numel()
-
-        def init():
-            with torch.no_grad():
-                if self.tau is not None and self.train_data is not None and self.tau.shape[0] == data.num_tasks:
-                    g, m_hat, C_hat = self.hyper_posterior()
-                    if g.shape == grid.shape and bool(torch.equal(g, grid)):
-                        return m_hat, safe_cholesky(C_hat)
-                m = self._prior_mean_values(grid)
-                return m, safe_cholesky(self._cluster_cov(grid)).expand(m.shape + m.shape[-1:])
-        start = None
         name = self._pyro_name
         store = pyro.get_param_store()
-        if f"{name}.mu_loc" not in store or store[f"{name}.mu_loc"].shape != (K, P):
-            start = init()
-        loc = pyro.param(f"{name}.mu_loc", lambda: start[0].clone())
-        tril = pyro.param(f"{name}.mu_scale_tril", lambda: start[1].clone(), constraint=constraints.lower_cholesky)
-        pyro.sample("mu", dist.MultivariateNormal(loc, scale_tril=tril).to_event(1))
+        start = None
+        if f"{name}.mu_whitened_loc" not in store or store[f"{name}.mu_whitened_loc"].shape != (K, P):
+            with torch.no_grad():
+                fitted = self.tau is not None and self.tau.shape == (data.num_tasks, K)
+                tau = self.tau if fitted else self._kmeans_init(data, 0)
+                start = self._whitened_posterior(grid, self._statistics(data, grid, idx, tau))
+        a = pyro.param(f"{name}.mu_whitened_loc", lambda: start[0].clone())
+        S = pyro.param(f"{name}.mu_whitened_scale_tril", lambda: start[1].clone(),
+                       constraint=constraints.lower_cholesky)
+        L = safe_cholesky(self._cluster_cov(grid)).expand(K, P, P)
+        loc = self._prior_mean_values(grid) + (L @ a.unsqueeze(-1)).squeeze(-1)
+        pyro.sample("mu", dist.MultivariateNormal(loc, scale_tril=L @ S).to_event(1))
         if self.guide_assignments:
             M = data.num_tasks
             fitted = self.tau is not None and self.tau.shape == (M, K)
@@ -997,6 +1022,34 @@ class MultiTaskGPMixture(PyroModule):
                                                                data.y.new_zeros(M, K)))
             with pyro.plate("tasks", M, dim=-1):
                 pyro.sample("z", dist.Categorical(logits=logits))
+
+    def guide_mean_processes(self, t, y, mask=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(grid, mean (K, P))``: the guide's current mean of each cluster's mean process (after
+        fitting the Pyro program with a backend), on the union grid of the data."""
+        data = self._program_data(t, y, mask)
+        grid, _ = _grid(data.t, data.mask)
+        store = pyro.get_param_store()
+        key = f"{self._pyro_name}.mu_whitened_loc"
+        if key not in store:
+            raise RuntimeError("The guide has not run yet: fit the model/guide pair with a backend first.")
+        with torch.no_grad():
+            L = safe_cholesky(self._cluster_cov(grid))
+            return grid, self._prior_mean_values(grid) + (L @ store[key].unsqueeze(-1)).squeeze(-1)
+
+    def memberships(self, t, y, mask=None, mu=None) -> torch.Tensor:
+        r"""``(M, K)``: :math:`p(Z_i = k \mid y_i, \mu) \propto \pi_k \mathcal N(y_i;
+        \mu_k(t_i), \Psi_i)` for mean processes ``mu`` ``(K, P)`` on the data's union grid
+        (default: the guide's mean, :meth:`guide_mean_processes`)."""
+        data = self._program_data(t, y, mask)
+        grid, idx = _grid(data.t, data.mask)
+        if mu is None:
+            mu = self.guide_mean_processes(t, y, mask)[1]
+        if mu.shape != (self.num_clusters, grid.numel()):
+            raise ValueError(f"mu must have shape ({self.num_clusters}, {grid.numel()}), got {tuple(mu.shape)}.")
+        with torch.no_grad():
+            L = safe_cholesky(self._task_cov(data.t, data.mask))
+            lp = PaddedMultivariateNormal(mu[:, idx], L, data.mask).log_prob(data.y)  # (K, M)
+            return torch.softmax(lp + torch.log_softmax(self.hp.logits_pi, -1)[:, None], 0).transpose(0, 1)
 
     # ------------------------------------------------------------------ simulation
     @staticmethod
