@@ -112,12 +112,14 @@ def groups_to_inferencedata(groups: Dict[str, Dict[str, object]], attrs: Optiona
 
     groups = dict(groups)
     stats_attrs = groups.pop("_sample_stats_attrs", None)  # group-level facts (e.g. the IS pool's ESS)
+    dims = groups.pop("_dims", None)  # named dimensions past (chain, draw), e.g. {"z": ["time"]}
     clean = {g: {k: _to_numpy(v) for k, v in d.items()} for g, d in groups.items() if d}
     params = inspect.signature(az.from_dict).parameters
+    extra = {"dims": dims} if dims and "dims" in params else {}
     if "posterior" in params:  # arviz < 1.0
-        idata = az.from_dict(**clean)
+        idata = az.from_dict(**clean, **extra)
     else:  # arviz >= 1.0 takes one mapping of groups
-        idata = az.from_dict(clean)
+        idata = az.from_dict(clean, **extra)
     if stats_attrs and hasattr(idata, "sample_stats"):
         idata.sample_stats.attrs.update({k: (float(v) if isinstance(v, (int, float)) else str(v))
                                          for k, v in stats_attrs.items()})

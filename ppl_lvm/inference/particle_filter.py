@@ -218,6 +218,19 @@ class FilterStepInfo(NamedTuple):
     resampled: torch.Tensor      #: whether the step resampled (0-dim bool)
 
 
+def _plain_attributes(obj) -> dict:
+    """The plain Python scalars (``int``, ``float``, ``bool``, ``str``) among ``obj``'s
+    attributes: what a state-space object may keep on ``self`` between steps (Pyro's
+    ``SimpleHarmonicModel`` counts its steps in ``self.t`` to name its sites)."""
+    d = getattr(obj, "__dict__", None) or {}
+    return {k: v for k, v in d.items() if type(v) in (int, float, bool, str)}
+
+
+def _restore_attributes(obj, snapshot: dict) -> None:
+    for k, v in snapshot.items():
+        setattr(obj, k, v)
+
+
 def _zero(like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros(())
 
@@ -377,6 +390,7 @@ class ParticleFilter:
 
     def _advance(self, method, args, kwargs):
         """One time step: propose and weigh, record, resample (each its own piece below)."""
+        attrs = (_plain_attributes(self.model), _plain_attributes(self.guide)) if self.store_particles else None
         m, incr = self._weigh(method, args, kwargs)
         k = self.num_particles
         if self._log_w is None:
@@ -387,7 +401,7 @@ class ParticleFilter:
         self._log_z = self._log_z + log_norm
         lw = lw - log_norm
         ess = torch.exp(-torch.logsumexp(2 * lw.detach(), 0))
-        self._record(method, args, kwargs, m, lw, ess, log_norm)
+        self._record(method, args, kwargs, m, lw, ess, log_norm, attrs)
         lw, resampled = self._resample(lw, ess)
         if self.record:
             self._hist["resampled"].append(resampled)
@@ -416,7 +430,7 @@ class ParticleFilter:
         ref = m.latent if m.latent is not None else m.observed
         return m, sum((t for t in terms if t is not None), ref.new_zeros(k))
 
-    def _record(self, method, args, kwargs, m, lw, ess, log_norm):
+    def _record(self, method, args, kwargs, m, lw, ess, log_norm, attrs=None):
         """History (ESS, evidence increments, weighted state moments) and stored particles."""
         k = self.num_particles
         if self.record:
@@ -434,6 +448,7 @@ class ParticleFilter:
                 "state": {key: v.detach() for key, v in self.state.items()},
                 "sites": {n: v.detach() for n, v in m.values.items()},
                 "log_w": lw.detach(), "method": method, "args": args, "kwargs": kwargs,
+                "attrs": attrs,  # the objects' plain attributes as this step found them
             })
 
     def _resample(self, lw, ess):
@@ -480,10 +495,12 @@ class ParticleFilter:
         r"""Draw smoothed trajectories by backward simulation (needs ``store_particles=True``).
 
         The transition density of step :math:`t` is evaluated by calling ``model.step`` again,
-        after the filter has finished, with the arguments step :math:`t` received: the model's
-        ``step`` must depend only on ``state`` and its arguments.  A model that keeps a counter
-        on ``self`` (allowed by Pyro's contract for filtering) must pass the time as an argument
-        instead, or its smoothed trajectories are wrong.
+        after the filter has finished, with the arguments step :math:`t` received and with the
+        model's plain attributes (``int``/``float``/``bool``/``str``: a step counter such as
+        Pyro's ``SimpleHarmonicModel.t``) set back to what step :math:`t` found; they are
+        restored to their final values afterwards.  Anything else the model keeps on ``self``
+        between steps (tensors, lists) is not replayed: ``step`` must otherwise depend only on
+        ``state`` and its arguments.
 
         Returns ``{state key: (M, T, ...)}`` and ``{"site/<name>": (M, T, ...)}`` for the latent
         sites: :math:`M` draws from :math:`p(z_{0:T} \mid y_{0:T})`, with T the number of
@@ -495,6 +512,14 @@ class ParticleFilter:
             raise RuntimeError("Backward simulation needs the particles of every step: build the filter with "
                                "store_particles=True and run it first.")
         M, K, stored = num_trajectories, self.num_particles, self._stored
+        final = (_plain_attributes(self.model), _plain_attributes(self.guide))
+        try:
+            return self._backward_simulation(M, K, stored)
+        finally:
+            _restore_attributes(self.model, final[0])
+            _restore_attributes(self.guide, final[1])
+
+    def _backward_simulation(self, M, K, stored):
         T = len(stored)
         last = stored[-1]
         j = torch.distributions.Categorical(logits=last["log_w"]).sample((M,))
@@ -509,6 +534,8 @@ class ParticleFilter:
             for key, v in cur["state"].items():
                 dict.__setitem__(rep_state, key, v.repeat((M,) + (1,) * (v.dim() - 1)))
             cond = {n: v.repeat_interleave(K, dim=0) for n, v in sites[t + 1].items()}
+            if nxt.get("attrs") is not None:
+                _restore_attributes(self.model, nxt["attrs"][0])
             scorer, _ = self._run_programs(nxt["method"], nxt["args"], nxt["kwargs"], rep_state, M * K,
                                            replay_values=cond)
             trans = scorer.latent.reshape(M, K)
@@ -516,9 +543,26 @@ class ParticleFilter:
             states[t] = {key: v[j] for key, v in cur["state"].items()}
             sites[t] = {n: v[j] for n, v in cur["sites"].items()}
         out = {key: torch.stack([s[key] for s in states], 1) for key in states[-1]}
-        for n in sites[-1]:
+        # sites sampled at every step under one name (a model that names its sites per step,
+        # "z_1", "z_2", ..., carries its trajectory in the state keys only)
+        for n in [n for n in sites[-1] if all(n in s for s in sites)]:
             out[f"site/{n}"] = torch.stack([s[n] for s in sites], 1)
         return out
+
+    def filtering_draws(self, num_samples: int) -> Dict[str, torch.Tensor]:
+        r"""Draws from each step's filtering distribution :math:`p(z_t \mid y_{0:t})`,
+        ``{state key: (num_samples, T, ...)}`` (needs ``store_particles=True``): at every step
+        ``num_samples`` particles drawn by their weights, independently across steps (these are
+        marginals, not trajectories: :meth:`smooth` gives those)."""
+        num_samples = check_positive_int(num_samples, "num_samples")
+        if not self.store_particles or not self._stored:
+            raise RuntimeError("Filtering draws need the particles of every step: build the filter with "
+                               "store_particles=True and run it first.")
+        per_step = []
+        for st in self._stored:
+            j = torch.distributions.Categorical(logits=st["log_w"]).sample((num_samples,))
+            per_step.append({key: v[j] for key, v in st["state"].items()})
+        return {key: torch.stack([d[key] for d in per_step], 1) for key in per_step[-1]}
 
 
 # --------------------------------------------------------------------------- backend
@@ -637,3 +681,48 @@ class SMCFilterBackend(Backend):
         with torch.no_grad():
             pf.filter(observations, init_args, init_kwargs)
         return pf.smooth(num_samples)
+
+    def _inference_data_groups(self, num_samples, args, kwargs):
+        r"""A fresh filter run (with the fitted parameters) in ArviZ's groups, time as a named
+        dimension ``"time"`` (0 = ``init``):
+
+        * ``posterior``: ``num_samples`` smoothed trajectories of every state key (backward
+          simulation), and ``<key>_filtered``: draws of each step's filtering distribution
+          :math:`p(z_t \mid y_{0:t})` (independent across steps);
+        * ``sample_stats``: the run's per-step ``filter_ess`` (before resampling),
+          ``resampled`` and ``log_evidence_increment`` :math:`\log \hat p(y_t \mid y_{<t})`,
+          the same for every draw of the run; ``attrs`` hold the run's ``log_evidence``;
+        * ``observed_data``: the observations (a tensor, time in dim 0).
+
+        There is no ``log_likelihood`` group: leave-one-out over the time steps of a
+        state-space model is not what ``az.loo`` assumes."""
+        observations, init_args, init_kwargs = self._unpack(args, kwargs)
+        pf = self._make_filter(store_particles=True, record=True)
+        with torch.no_grad():
+            log_z = pf.filter(observations, init_args, init_kwargs)
+            smoothed = pf.smooth(num_samples)
+            filtered = pf.filtering_draws(num_samples)
+        hist = pf.history()
+        M = num_samples
+        post, dims = {}, {}
+        for key, v in smoothed.items():
+            if key.startswith("site/"):
+                continue
+            post[key] = v.unsqueeze(0)
+            dims[key] = ["time"] + [f"{key}_dim_{i}" for i in range(v.dim() - 2)]
+        for key, v in filtered.items():
+            name = f"{key}_filtered"
+            post[name] = v.unsqueeze(0)
+            dims[name] = ["time"] + [f"{key}_dim_{i}" for i in range(v.dim() - 2)]
+        T = next(iter(smoothed.values())).shape[1]
+        stats = {}
+        for name, key in (("filter_ess", "ess"), ("resampled", "resampled"), ("log_evidence_increment", "log_increment")):
+            h = hist[key].reshape(T).to(torch.float64)
+            stats[name] = h.expand(1, M, T)
+            dims[name] = ["time"]
+        groups = {"posterior": post, "sample_stats": stats, "_dims": dims,
+                  "_sample_stats_attrs": {"log_evidence": float(log_z), "num_particles": self.num_particles}}
+        if torch.is_tensor(observations):
+            groups["observed_data"] = {"observations": observations}
+            dims["observations"] = ["observed_time"] + [f"observations_dim_{i}" for i in range(observations.dim() - 1)]
+        return groups
