@@ -38,9 +38,9 @@ def fit_and_score(model, x, y, xt, yt, steps, seed, inference):
         fit = SGHMC(model.model, step_size=1e-3, friction=0.1, num_chains=4, warmup=steps // 2,
                     num_samples=steps // 4, thin=2, preconditioner="rmsprop", init="prior").run(x, y)
         draws = fit.posterior_samples()
-        samples = {k: v[::5] for k, v in draws.items() if not k.endswith(".z")}
+        samples = {k: v[::5] for k, v in draws.items() if k != "z"}
         if model.latent_dim:  # dependence between the inputs and the inferred latent inputs
-            z = draws[f"{model.name}.z"][::20]  # (S, N, L)
+            z = draws["z"][::20]  # (S, N, L)
             dep = float(hsic(x.expand(z.shape[:-1] + (x.shape[-1],)), z).mean())
     elapsed = time.perf_counter() - t0
     lpd = float(model.log_predictive(xt, yt, num_samples=200, num_latent=50, samples=samples).mean())

@@ -247,9 +247,10 @@ def test_vbic_chooses_the_true_number_of_clusters():
     hits = []
     for rep in range(10):
         tasks, _ = MultiTaskGPMixture.simulate(num_tasks=50, num_points=30, num_clusters=3, seed=100 + rep)
-        table, _ = select_num_clusters(tasks, candidates=range(1, 6), num_steps=30)
-        hits.append(int(table.loc[table.vbic.idxmax(), "K"]) == 3)
-    assert sum(hits) >= 6, hits
+        table, _ = select_num_clusters(tasks, candidates=range(1, 6), num_steps=20)
+        hits.append(int(table.loc[table.vbic.idxmax(), "K"]))
+    print("V-BIC choices over 10 data sets:", hits)
+    assert sum(k == 3 for k in hits) >= 6, hits
 
 
 # --------------------------------------------------------------------------- the Pyro program

@@ -218,14 +218,14 @@ class BNNLV(PyroModule):
     # ------------------------------------------------------------------ helpers
     def _all_weight_sites(self):
         for i, (a, b) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
-            yield f"{self.name}.w{i}", (a, b)
-            yield f"{self.name}.b{i}", (b,)
+            yield f"w{i}", (a, b)
+            yield f"b{i}", (b,)
 
     def _weight_sites(self):
         """The weights with a prior (sample sites): all, or the output layer's for a partial BNN."""
         last = len(self.sizes) - 2
         for site, shape in self._all_weight_sites():
-            if self.stochastic_layers == "all" or site.endswith((f".w{last}", f".b{last}")):
+            if self.stochastic_layers == "all" or site in (f"w{last}", f"b{last}"):
                 yield site, shape
 
     def _point_weights(self, like):
@@ -239,7 +239,7 @@ class BNNLV(PyroModule):
             if site in stochastic:
                 continue
             fan_in = shape[0] if len(shape) == 2 else 1
-            out[site] = self._param(f"{site}.value", lambda: (torch.randn(shape, generator=g, dtype=like.dtype)
+            out[site] = self._param(f"{self.name}.{site}.value", lambda: (torch.randn(shape, generator=g, dtype=like.dtype)
                                                               / math.sqrt(fan_in)).to(like.device))
         return out
 
@@ -274,8 +274,8 @@ class BNNLV(PyroModule):
         if self.latent_dim:
             h = torch.cat([h.expand(z.shape[:-1] + (x.shape[-1],)), z], -1) if z is not None else h
         for i in range(len(self.sizes) - 1):
-            w = _drop_plate_dim(weights[f"{self.name}.w{i}"], 2)
-            b = _drop_plate_dim(weights[f"{self.name}.b{i}"], 1)
+            w = _drop_plate_dim(weights[f"w{i}"], 2)
+            b = _drop_plate_dim(weights[f"b{i}"], 1)
             h = h @ w + b.unsqueeze(-2)
             if i < len(self.sizes) - 2:
                 h = torch.tanh(h)
@@ -290,13 +290,13 @@ class BNNLV(PyroModule):
         for site, shape in self._weight_sites():
             weights[site] = pyro.sample(site, dist.Normal(zero, self.prior_scale).expand(shape).to_event(len(shape)))
         if self.noise == "inferred":
-            sigma = _drop_plate_dim(pyro.sample(f"{self.name}.sigma", dist.HalfNormal(zero + self.noise_prior)), 0)
+            sigma = _drop_plate_dim(pyro.sample("sigma", dist.HalfNormal(zero + self.noise_prior)), 0)
         elif self.noise == "learned":
             sigma = self._param(f"{self.name}.sigma", lambda: x.new_tensor(self.noise_init),
                                 constraints.positive)
         else:
             sigma = zero + float(self.noise)
-        with pyro.plate(f"{self.name}.data", x.shape[0], subsample_size=subsample_size, dim=-1,
+        with pyro.plate("data", x.shape[0], subsample_size=subsample_size, dim=-1,
                         device=x.device) as ind:
             z = None
             x_b = x.index_select(0, ind)
@@ -304,17 +304,17 @@ class BNNLV(PyroModule):
                 return self._marginal_likelihood(x_b, None if y is None else y.index_select(0, ind),
                                                  weights, sigma)
             if self.latent_dim:
-                z = pyro.sample(f"{self.name}.z", dist.Normal(zero, self.latent_scale)
+                z = pyro.sample("z", dist.Normal(zero, self.latent_scale)
                                 .expand([self.latent_dim]).to_event(1))
             mean = self.forward_net(x_b, weights, z)
-            pyro.sample(f"{self.name}.y", dist.Normal(mean, sigma.unsqueeze(-1).unsqueeze(-1)).to_event(1),
+            pyro.sample("y", dist.Normal(mean, sigma.unsqueeze(-1).unsqueeze(-1)).to_event(1),
                         obs=None if y is None else y.index_select(0, ind))
         if self.independence_penalty and z is not None and y is not None and x_b.shape[0] > 2:
             # the prior makes z independent of x; penalize dependence in the posterior (mitigation)
             dep = hsic(x_b.expand(z.shape[:-1] + (x_b.shape[-1],)), z)
             if dep.dim() > 0:  # batch dims of particles/chains sit left of the data plate's dim
                 dep = dep.unsqueeze(-1)
-            pyro.factor(f"{self.name}.independence", -self.independence_penalty * x.shape[0] * dep)
+            pyro.factor("independence", -self.independence_penalty * x.shape[0] * dep)
         return mean
 
     def _marginal_likelihood(self, x_b, y_b, weights, sigma):
@@ -329,7 +329,7 @@ class BNNLV(PyroModule):
         mean = self.forward_net(x_b, weights, z)  # (M, *batch, B, out): M broadcasts on the left
         lp = dist.Normal(mean, sigma.unsqueeze(-1).unsqueeze(-1)).log_prob(y_b).sum(-1)
         ll = torch.logsumexp(lp, 0) - math.log(M)
-        pyro.factor(f"{self.name}.y_marginal", ll)
+        pyro.factor("y_marginal", ll)
         return mean.mean(0)
 
     @pyro_method
@@ -339,14 +339,14 @@ class BNNLV(PyroModule):
         for site, shape in self._weight_sites():
             fan_in = shape[0] if len(shape) == 2 else 1
             # small random means break the symmetry between hidden units
-            loc = self._param(f"{site}.loc", lambda: (torch.randn(shape, generator=g, dtype=x.dtype)
+            loc = self._param(f"{self.name}.{site}.loc", lambda: (torch.randn(shape, generator=g, dtype=x.dtype)
                                                       / math.sqrt(fan_in)).to(x.device))
-            scale = self._param(f"{site}.scale", lambda: x.new_full(shape, 1e-2), constraints.positive)
+            scale = self._param(f"{self.name}.{site}.scale", lambda: x.new_full(shape, 1e-2), constraints.positive)
             pyro.sample(site, dist.Normal(loc, scale).to_event(len(shape)))
         if self.noise == "inferred":
             loc = self._param(f"{self.name}.sigma.loc", lambda: x.new_tensor(math.log(self.noise_init)))
             scale = self._param(f"{self.name}.sigma.scale", lambda: x.new_tensor(0.1), constraints.positive)
-            pyro.sample(f"{self.name}.sigma", dist.LogNormal(loc, scale))
+            pyro.sample("sigma", dist.LogNormal(loc, scale))
         if not self.latent_dim or self.z_samples:
             return
         if self.amortized:
@@ -364,7 +364,7 @@ class BNNLV(PyroModule):
             if z_loc.shape[0] != n:
                 raise ValueError(f"The per-point guide over z was built for {z_loc.shape[0]} data points, "
                                  f"got {n}; use amortized=True to infer z for new data.")
-        with pyro.plate(f"{self.name}.data", x.shape[0], subsample_size=subsample_size, dim=-1,
+        with pyro.plate("data", x.shape[0], subsample_size=subsample_size, dim=-1,
                         device=x.device) as ind:
             if self.amortized:
                 h = self.encoder(torch.cat([x.index_select(0, ind), y.index_select(0, ind)], -1))
@@ -372,22 +372,22 @@ class BNNLV(PyroModule):
                 scale = nn.functional.softplus(h[..., self.latent_dim:]) + 1e-3
             else:
                 loc, scale = z_loc.index_select(0, ind), z_scale.index_select(0, ind)
-            pyro.sample(f"{self.name}.z", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     # ------------------------------------------------------------------ prediction
     def _guide_weight_draws(self, num_samples, like):
         out = {}
         store = pyro.get_param_store()
         for site, shape in self._weight_sites():
-            if f"{site}.loc" not in store:
+            if f"{self.name}.{site}.loc" not in store:
                 raise RuntimeError(f"No fitted guide parameters for {site!r}: fit the guide first or pass "
                                    "posterior samples (e.g. from SG-HMC) to predict().")
-            loc, scale = pyro.param(f"{site}.loc").detach(), pyro.param(f"{site}.scale").detach()
+            loc, scale = pyro.param(f"{self.name}.{site}.loc").detach(), pyro.param(f"{self.name}.{site}.scale").detach()
             out[site] = loc + scale * torch.randn((num_samples,) + tuple(shape), dtype=loc.dtype, device=loc.device)
         if self.noise == "inferred":
             loc = pyro.param(f"{self.name}.sigma.loc").detach()
             scale = pyro.param(f"{self.name}.sigma.scale").detach()
-            out[f"{self.name}.sigma"] = (loc + scale * torch.randn(num_samples, dtype=loc.dtype, device=loc.device)).exp()
+            out["sigma"] = (loc + scale * torch.randn(num_samples, dtype=loc.dtype, device=loc.device)).exp()
         return out
 
     def _function_draws(self, x, num_samples, num_latent, samples, budget=2 ** 24):
@@ -445,7 +445,7 @@ class BNNLV(PyroModule):
 
     def _sigma(self, samples, S, like):
         if self.noise == "inferred":
-            return samples[f"{self.name}.sigma"].reshape(S)
+            return samples["sigma"].reshape(S)
         if self.noise == "learned":
             return pyro.param(f"{self.name}.sigma").detach().expand(S)
         return like.new_full((S,), float(self.noise))
