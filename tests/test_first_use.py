@@ -83,3 +83,58 @@ def test_a_checkpoint_from_another_optimizer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="optimizer Adam.*SGD"):
         b.load(tmp_path / "ck.pt")
     ppl_lvm.SVI(fx.model, fx.guide, optim=pyro.optim.Adam({"lr": 0.01})).load(tmp_path / "ck.pt")
+
+
+def test_vae_has_plot_helpers():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ppl_lvm.models import VAE
+
+    x, _ = VAE.simulate(num_data=20, obs_dim=16, latent_dim=2, seed=0)
+    vae = VAE(16, latent_dim=2, hidden=(8,), name="plot_vae")
+    axes = vae.plot_reconstructions(x, num=4)          # 16 pixels: shown as 4 x 4 images
+    assert len(axes) == 2 and len(axes[0]) == 4
+    assert vae.plot_reconstructions(x, num=3, image_shape=(2, 8)) is not None
+    with pytest.raises(ValueError, match="image_shape"):
+        vae.plot_reconstructions(x, image_shape=(3, 3))
+    ax = vae.plot_latent(x, labels=np.arange(20) % 3)
+    assert ax.get_xlabel().startswith("z[0]")
+    assert vae.encode(x).shape == (20, 2)
+    plt.close("all")
+
+
+def test_one_name_for_a_fitted_objects_log_evidence():
+    """ParticleFilter.log_evidence_ and SMCSampler.log_evidence_ (the running estimate);
+    Fit.log_evidence() the estimate with its standard error; the old filter name warns."""
+    from ppl_lvm import ParticleFilter, SMCSampler
+    from ppl_lvm.testing import ConjugateLinearRegression, LinearGaussianSSM
+
+    fx = LinearGaussianSSM(num_time_steps=10, seed=0)
+    pf = ParticleFilter(fx.smc_model(), None, 200)
+    lz = pf.filter(fx.x[1:], init_kwargs={"initial": fx.x[0]})
+    assert torch.equal(lz, pf.log_evidence_)
+    with pytest.warns(FutureWarning, match="log_evidence_"):
+        assert torch.equal(pf.log_evidence, pf.log_evidence_)
+    reg = ConjugateLinearRegression(num_data=20, num_features=2, seed=0)
+    s = SMCSampler(reg.model, num_particles=100)
+    fit = s.run(*reg.args)
+    assert isinstance(s.log_evidence_, float)
+    assert fit.log_evidence().log_evidence == s.log_evidence_
+
+
+def test_library_models_name_their_sites_plainly():
+    """One site-name convention: sample sites are plain names (parameters carry the module's
+    name as a prefix, so two instances do not share them)."""
+    from ppl_lvm.models import BNNLV
+    from ppl_lvm.traces import trace_program
+
+    x = torch.randn(10, 1, dtype=torch.float64)
+    y = torch.randn(10, 1, dtype=torch.float64)
+    m = BNNLV(1, 1, hidden=(4,), name="sites")
+    tr = trace_program(m.model, (x, y), {})
+    sites = {n for n, s in tr.nodes.items() if s["type"] == "sample" and not n.startswith("_")}
+    assert {"w0", "b0", "w1", "b1", "z", "y"} <= sites and not any(n.startswith("sites.") for n in sites)
+    gtr = pyro.poutine.trace(m.guide).get_trace(x, y)
+    params = {n for n, s in gtr.nodes.items() if s["type"] == "param"}
+    assert params and all(n.startswith("sites.") for n in params)

@@ -72,7 +72,7 @@ def test_evidence_exact_for_a_single_step_without_resampling_bias():
     for _ in range(400):
         pf = ParticleFilter(fx.smc_model(), None, 50, ess_threshold=0.5)
         pf.init(initial=fx.x[0])
-        zs.append(float(pf.log_evidence.exp()))
+        zs.append(float(pf.log_evidence_.exp()))
     zs = np.array(zs)
     assert abs(zs.mean() - exact) < 3 * zs.std() / math.sqrt(len(zs))
 
@@ -171,7 +171,7 @@ def test_pyro_smcfilter_model_runs_unchanged():
     ours_means, pyro_means = np.array(ours_means), np.array(pyro_means)
     assert np.abs(ours_means - exact).max() < 0.1
     assert np.abs(pyro_means - exact).max() < 0.1
-    assert ours.num_time_steps == 41 and np.isfinite(float(ours.log_evidence))
+    assert ours.num_time_steps == 41 and np.isfinite(float(ours.log_evidence_))
 
 
 # --------------------------------------------------------------------------- smoothing

@@ -28,7 +28,7 @@ Jasra 2012).  Resampling is triggered when :math:`\mathrm{ESS} = 1/\sum_k (W_t^k
 (no host synchronization per step).  Schemes: systematic (default), stratified,
 multinomial (Douc, Cappé & Moulines 2005).
 
-**Gradients and learned parameters.**  :attr:`ParticleFilter.log_evidence` is differentiable
+**Gradients and learned parameters.**  :attr:`ParticleFilter.log_evidence_` is differentiable
 in the parameters of the model and the proposal: particles are reparameterized draws and the
 resampling indices are constants.  What happens to a particle's weight at a resampling step
 is the choice (``resampling_gradient``):
@@ -242,7 +242,7 @@ class ParticleFilter:
     Drop-in for :class:`pyro.infer.SMCFilter`: ``init(*args)``, ``step(*args)``,
     ``get_empirical()`` and ``state`` behave the same, and in addition
 
-    * :attr:`log_evidence` holds :math:`\log\hat Z` of the steps so far (a tensor, differentiable
+    * :attr:`log_evidence_` holds :math:`\log\hat Z` of the steps so far (a tensor, differentiable
       in the model's and guide's parameters);
     * :meth:`history` returns per step the ESS before resampling, whether it resampled, the
       evidence increment, and the filtering mean and variance of every ``state`` entry;
@@ -321,7 +321,7 @@ class ParticleFilter:
         """``init(*init_args, **init_kwargs)`` then ``step(y)`` for each ``y`` in ``observations``.
 
         ``observations``: a tensor (time in dim 0) or a sequence of per-step arguments (a tuple
-        per step is unpacked as positional arguments).  Returns :attr:`log_evidence`.
+        per step is unpacked as positional arguments).  Returns :attr:`log_evidence_`.
         """
         self.init(*init_args, **(init_kwargs or {}))
         for y in observations:
@@ -330,11 +330,24 @@ class ParticleFilter:
             else:
                 self.step(y)
         self._check_finite()
-        return self.log_evidence
+        return self.log_evidence_
 
     @property
     def log_evidence(self) -> torch.Tensor:
-        r""":math:`\log \hat Z` of the steps so far (0-dim tensor)."""
+        """Deprecated name of :attr:`log_evidence_` (one name for a fitted object's running
+        estimate, as ``SMCSampler.log_evidence_``; ``Fit.log_evidence()`` is the estimate with
+        its standard error)."""
+        import warnings
+
+        warnings.warn("ParticleFilter.log_evidence is deprecated: use ParticleFilter.log_evidence_ (the running "
+                      "estimate, as SMCSampler.log_evidence_), or Fit.log_evidence() for an estimate with its "
+                      "standard error.", FutureWarning, stacklevel=2)
+        return self.log_evidence_
+
+    @property
+    def log_evidence_(self) -> torch.Tensor:
+        r""":math:`\log \hat Z` of the steps so far (0-dim tensor, differentiable in the model's
+        and proposal's parameters)."""
         if self._log_z is None:
             raise RuntimeError("The filter has not been run: call init(...) first.")
         self._check_finite()

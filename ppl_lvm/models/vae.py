@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
+import numpy as np
 import pyro
 import pyro.distributions as dist
+import torch
 from torch import nn
 
 from . import register_model
@@ -111,6 +112,61 @@ class VAE(nn.Module):
         ref = next(self.decoder.parameters())
         z = torch.randn(num_samples, self.latent_dim, dtype=ref.dtype, device=ref.device)
         return torch.sigmoid(self.decoder(z))
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's mean code of each row of ``x``: ``(N, L)``."""
+        self._check(x)
+        return self.encoder(x)[..., : self.latent_dim]
+
+    def plot_reconstructions(self, x: torch.Tensor, num: int = 8, image_shape=None, axes=None):
+        """Rows of ``x`` (top) above their reconstructions (bottom): images when ``image_shape``
+        (e.g. ``(8, 8)`` for the digits; a square side is guessed when ``obs_dim`` is a square),
+        else bar charts of the pixel values.  Returns the axes ``(2, num)``."""
+        import matplotlib.pyplot as plt
+
+        self._check(x)
+        num = min(int(num), x.shape[0])
+        if num < 1:
+            raise ValueError("num must be at least 1 (and x must have rows).")
+        if image_shape is None:
+            side = int(round(self.obs_dim ** 0.5))
+            image_shape = (side, side) if side * side == self.obs_dim else None
+        elif int(np.prod(image_shape)) != self.obs_dim:
+            raise ValueError(f"image_shape {tuple(image_shape)} does not hold obs_dim={self.obs_dim} pixels.")
+        rec = self.reconstruct(x[:num]).cpu()
+        if axes is None:
+            _, axes = plt.subplots(2, num, figsize=(1.3 * num, 2.8), squeeze=False)
+        for j in range(num):
+            for row, img in ((0, x[j].cpu()), (1, rec[j])):
+                ax = axes[row][j]
+                if image_shape is not None:
+                    ax.imshow(img.reshape(image_shape).numpy(), cmap="gray_r", vmin=0, vmax=1)
+                else:
+                    ax.bar(np.arange(self.obs_dim), img.numpy(), width=1.0)
+                    ax.set_ylim(0, 1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+        axes[0][0].set_ylabel("data")
+        axes[1][0].set_ylabel("reconstruction")
+        return axes
+
+    def plot_latent(self, x: torch.Tensor, labels=None, dims=(0, 1), ax=None):
+        """Scatter of the encoder's mean codes in two latent dimensions ``dims``, coloured by
+        ``labels`` (e.g. digit classes) when given.  Returns the axes."""
+        import matplotlib.pyplot as plt
+
+        if self.latent_dim < 2:
+            raise ValueError("plot_latent needs latent_dim >= 2; plot a histogram of encode(x) instead.")
+        i, j = dims
+        z = self.encode(x).cpu().numpy()
+        ax = ax or plt.subplots(figsize=(4.5, 4))[1]
+        sc = ax.scatter(z[:, i], z[:, j], c=None if labels is None else np.asarray(labels), s=8, cmap="tab10")
+        if labels is not None:
+            ax.figure.colorbar(sc, ax=ax, label="label")
+        ax.set_xlabel(f"z[{i}] (encoder mean)")
+        ax.set_ylabel(f"z[{j}] (encoder mean)")
+        return ax
 
     @staticmethod
     def simulate(num_data: int = 100, obs_dim: int = 16, latent_dim: int = 2, seed: int = 0):
