@@ -41,3 +41,7 @@ __all__ += ["DiscreteVAE"]
 from .gpfa import GPFA, SharedGPFA  # noqa: E402
 
 __all__ += ["GPFA", "SharedGPFA"]
+
+from .ibp import IBPGibbsFit, IndianBuffet, RestrictedBernoulliRows, SparseIBPFactorization  # noqa: E402
+
+__all__ += ["IBPGibbsFit", "IndianBuffet", "RestrictedBernoulliRows", "SparseIBPFactorization"]
