@@ -330,3 +330,62 @@ def test_bad_prior_arguments_are_refused():
     counts, _ = SparseIBPFactorization.simulate(num_rows=5, num_items=4, num_features=2, seed=0)
     with pytest.raises(ValueError, match="warmup"):
         SparseIBPFactorization(2).fit_gibbs(counts, num_steps=5, warmup=5)
+
+
+# --------------------------------------------------------------------------- the stick moves
+def _batch_means_se(x, num_batches=20):
+    b = np.asarray(x).reshape(num_batches, -1).mean(1)
+    return b.std(ddof=1) / math.sqrt(num_batches)
+
+
+@pytest.mark.parametrize("prior, exact", [
+    # K = 1: the stick's posterior given Z is conjugate
+    ("ibp", lambda m, N: (2.0 + m, N - m + 1.0)),                      # nu ~ Beta(alpha, 1)
+    ("3ibp", lambda m, N: (1 - 0.25 + m, 1.0 + 0.25 + N - m)),         # V_1 ~ Beta(1 - s, c + s)
+    ("restricted-3ibp", lambda m, N: (1 - 0.25, 1.0 + 0.25)),          # p(z | pi) free of pi: the prior
+])
+def test_stick_metropolis_moves_target_the_exact_conditional(prior, exact):
+    torch.manual_seed(8)
+    m_ = SparseIBPFactorization(1, prior=prior, alpha=2.0)
+    N, used = 30, 9
+    Z = torch.zeros(N, 1, dtype=torch.float64)
+    Z[:used] = 1.0
+    if prior == "ibp":
+        sticks, mask = torch.tensor([0.5], dtype=torch.float64), None
+    else:
+        sticks, mask = torch.tensor([[0.5]], dtype=torch.float64), torch.ones(1, 1, dtype=torch.bool)
+    draws = []
+    for _ in range(4000):
+        sticks, _ = m_._update_sticks(sticks, mask, Z, 1.0, 1)
+        draws.append(float(m_._gibbs_probs(sticks)[0]))
+    draws = np.asarray(draws[1000:])
+    a, b = exact(used, N)
+    mean = a / (a + b)
+    se = _batch_means_se(draws)
+    assert abs(draws.mean() - mean) < 4 * se, (draws.mean(), mean, se)
+
+
+def test_float32_counts_keep_float32_everywhere():
+    counts, _ = SparseIBPFactorization.simulate(num_rows=15, num_items=6, num_features=2, seed=4, dtype=torch.float32)
+    m = SparseIBPFactorization(3, prior="restricted-3ibp")
+    tr = pyro.poutine.trace(m.model).get_trace(counts)
+    assert all(s["value"].dtype == torch.float32 for s in tr.nodes.values()
+               if s["type"] == "sample" and s["value"].is_floating_point())
+    fit = m.fit_gibbs(counts, num_steps=10, warmup=5, seed=0, progress=False)
+    assert fit.loadings[0].dtype == torch.float32 and np.all(np.isfinite(fit.log_likelihood_trace))
+    idata = fit.to_inferencedata()
+    assert idata.posterior["probs"].shape == (1, 5, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prior", ["ibp", "restricted-3ibp"])
+def test_gibbs_recovery_with_the_other_priors(prior):
+    counts, truth = SparseIBPFactorization.simulate(num_rows=100, num_items=40, num_features=4, seed=0)
+    m = SparseIBPFactorization(8, prior=prior, alpha=1.0, weight_shape=2.0, weight_rate=0.5)
+    fit = m.fit_gibbs(counts, num_steps=400, warmup=200, seed=1, progress=False)
+    post = fit.feature_count_posterior()
+    assert abs(max(post, key=post.get) - 4) <= 1, post
+    phi = fit.loadings_mean()[fit.active_features()]
+    cos = torch.nn.functional.normalize(truth["loadings"], dim=1) @ torch.nn.functional.normalize(phi, dim=1).T
+    r, c = linear_sum_assignment(-cos.numpy())
+    assert len(r) == 4 and np.all(cos.numpy()[r, c] >= 0.8), cos

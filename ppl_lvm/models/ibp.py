@@ -447,10 +447,12 @@ def _drop_plate_dim(value, event_dims):
     return value
 
 
-def _progress(total, desc):
+def _progress(total, desc, progress=None):
+    """A tqdm bar: ``progress=None`` follows the library default (on when interactive, off with
+    ``PPL_LVM_PROGRESS=0``), ``True``/``False`` force it."""
     from ..inference.callbacks import progress_bar_class, progress_default
 
-    if not progress_default():
+    if not (progress_default() if progress is None else bool(progress)):
         return None
     return progress_bar_class()(total=total, desc=desc, leave=False)
 
@@ -805,7 +807,9 @@ class SparseIBPFactorization(PyroModule):
                     if not bool(col.any()):
                         continue
                     prop = sticks.clone()
-                    u = torch.logit(sticks[:, l]) + step_size * torch.randn(self.K, dtype=Z.dtype, device=Z.device)
+                    # a joint move (restricted prior) of n coordinates: step / sqrt(n)
+                    step = step_size if self.num_active is None else step_size / math.sqrt(float(col.sum()))
+                    u = torch.logit(sticks[:, l]) + step * torch.randn(self.K, dtype=Z.dtype, device=Z.device)
                     prop[:, l] = torch.where(col, torch.sigmoid(u).clamp(fl, 1 - fl), sticks[:, l])
                     cur = (target(sticks) + self._stick_log_prior(sticks, mask).sum(-1)
                            + torch.log(sticks[:, l] * (1 - sticks[:, l])) * col)
@@ -897,7 +901,25 @@ class SparseIBPFactorization(PyroModule):
            conditional given :math:`w, \phi, \pi` and the row's other features (the Poisson
            likelihood with the allocation summed out, the IBP or restricted-IBP prior odds);
         5. the stick variables by random-walk Metropolis on their logits (``stick_moves`` passes,
-           ``stick_step_size``), the target being the stick prior times :math:`p(Z \mid \pi)`.
+           initial ``stick_step_size``, adapted toward an acceptance of 0.35 during warmup only),
+           the target being the stick prior times :math:`p(Z \mid \pi)`; one variable at a time
+           (ordered sticks), one round's variables of all slots at once (rounds: accepted slot by
+           slot, or jointly under the restricted prior, whose normalizer couples them).
+
+        Between 4 and 5, ``swap_pairs`` (default K) swap moves: for a random pair of features
+        :math:`(k, l)`, every row proposes to exchange :math:`(z_{nk}, w_{nk})` with
+        :math:`(z_{nl}, w_{nl})` (an involution, accepted with the Metropolis ratio of the
+        likelihood and the prior odds), and as many merge/split moves: a row on both features
+        proposes to drop :math:`l` and give :math:`k` the weight :math:`w_{nk} + w_{nl}`, a row on
+        :math:`k` only proposes to split its weight :math:`u w_{nk}, (1-u) w_{nk}`,
+        :math:`u \sim U(0, 1)`, between the two (reversible jump; Jacobian :math:`w_{nk} + w_{nl}`;
+        the weight of an unused feature is a prior draw, as everywhere in the sampler).  Both
+        merge split copies of one feature, the single-site sampler's slow state (docs/ibp.md has
+        the measurements).  Then, during warmup only, ``swap_pairs`` relabeling moves exchange
+        two features' columns whole (likelihood unchanged; accepted by the prior odds), so that a
+        popular feature can reach a column of high prior probability (the ordered sticks tie the
+        two); after warmup the labels stay put, so that the kept draws' per-feature summaries
+        (usage, mean loadings) do not mix features.
 
         The concentration, discount, mass and :math:`\rho` are fixed.  Returns an
         :class:`IBPGibbsFit` (also kept as ``self.gibbs_``), with the kept draws.  A NaN in the
@@ -947,7 +969,8 @@ class SparseIBPFactorization(PyroModule):
         G = torch.distributions.Gamma(torch.full((K, D), a_p, **kw), torch.full((K, D), b_p, **kw)).sample()
         keep = {"zw": [], "loadings": [], "z": [], "probs": [], "num_active": []}
         trace_ll, stick_acc = [], []
-        bar = _progress(num_steps, "IBP Gibbs") if (progress is None or progress) else None
+        bar = _progress(num_steps, "IBP Gibbs", progress)
+        stick_step = stick_step_size
         start = time.perf_counter()
         rows_idx = torch.arange(N, device=device)
 
@@ -1020,9 +1043,63 @@ class SparseIBPFactorization(PyroModule):
                         W[:, k] = torch.where(acc_sw, wl, wk)
                         W[:, l] = torch.where(acc_sw, wk, wl)
                         rate_nz = torch.where(acc_sw[nz[0]], new_rate, rate_nz)
+                # 4c. merge / split moves of one row between features k and l (reversible jump on
+                # the weights): (1, 1) -> (1, 0) with w_k + w_l, or (1, 0) -> (1, 1) splitting w_k
+                for _ in range(swap_pairs):
+                    k, l = torch.randperm(K, device=device)[:2].tolist()
+                    both = (Z[:, k] > 0) & (Z[:, l] > 0)
+                    only_k = (Z[:, k] > 0) & (Z[:, l] == 0)
+                    if not bool((both | only_k).any()):
+                        continue
+                    u = torch.rand(N, **kw).clamp(fl, 1 - fl)
+                    wk, wl = W[:, k], W[:, l]
+                    s_m = wk + wl
+                    coef = torch.where(both, wl, -(1 - u) * wk)  # rate change: coef * (phi_k - phi_l)
+                    delta = coef[nz[0]] * (Phi[k, nz[1]] - Phi[l, nz[1]])
+                    new_rate = rate_nz + delta
+                    term = torch.where(new_rate > 0, vals * (torch.log(new_rate.clamp_min(tiny(dtype)))
+                                                             - torch.log(rate_nz.clamp_min(tiny(dtype)))),
+                                       torch.full_like(new_rate, -math.inf))
+                    dll = torch.zeros(N, **kw).index_add_(0, nz[0], term) - coef * (phi_tot[k] - phi_tot[l])
+
+                    def log_pw(x):
+                        return (a_w - 1) * torch.log(x.clamp_min(tiny(dtype))) - b_w * x
+
+                    # prior log odds of z_nl = 1 given the row's other features
+                    J_now = Z.sum(1).long()
+                    lo_l = self._z_log_odds_prior(probs[l], J_now - Z[:, l].long())
+                    log_merge = dll - lo_l + log_pw(s_m) - log_pw(wk) - log_pw(wl) - torch.log(s_m)
+                    log_split = dll + lo_l + log_pw(u * wk) + log_pw((1 - u) * wk) - log_pw(wk) + torch.log(wk)
+                    log_a = torch.where(both, log_merge, torch.where(only_k, log_split, torch.full_like(dll, -math.inf)))
+                    acc_m = torch.log(torch.rand(N, **kw)) < log_a
+                    if bool(acc_m.any()):
+                        w_aux = torch.distributions.Gamma(torch.full((N,), a_w, **kw), torch.full((N,), b_w, **kw)).sample()
+                        new_wk = torch.where(both, s_m, u * wk)
+                        new_wl = torch.where(both, w_aux, (1 - u) * wk).clamp_min(tiny(dtype))
+                        new_zl = torch.where(both, torch.zeros_like(wk), torch.ones_like(wk))
+                        W[:, k] = torch.where(acc_m, new_wk, wk)
+                        W[:, l] = torch.where(acc_m, new_wl, wl)
+                        Z[:, l] = torch.where(acc_m, new_zl, Z[:, l])
+                        rate_nz = torch.where(acc_m[nz[0]], new_rate, rate_nz)
+                # 4d. relabeling: features k and l exchange their columns (z, w, loadings) whole;
+                # the likelihood is unchanged, the prior odds decide (the ordered sticks tie a
+                # column's prior probability to its position)
+                m_k = Z.sum(0)
+                lg = torch.logit(probs.clamp(fl, 1 - fl))
+                for _ in range(swap_pairs if it < warmup else 0):  # warmup only: kept draws keep their labels
+                    k, l = torch.randperm(K, device=device)[:2].tolist()
+                    log_a = (m_k[l] - m_k[k]) * (lg[k] - lg[l])
+                    if bool(torch.log(torch.rand((), **kw)) < log_a):
+                        perm = torch.arange(K, device=device)
+                        perm[k], perm[l] = l, k
+                        Z, W, Bm, G, Phi = Z[:, perm], W[:, perm], Bm[perm], G[perm], Phi[perm]
+                        m_k = m_k[perm]
+                        phi_tot = phi_tot[perm]
                 # 5. sticks
-                sticks, acc = self._update_sticks(sticks, mask, Z, stick_step_size, stick_moves)
+                sticks, acc = self._update_sticks(sticks, mask, Z, stick_step, stick_moves)
                 stick_acc.append(acc)
+                if it < warmup:  # adapt the step toward acceptance 0.35 during warmup only
+                    stick_step *= math.exp((acc - 0.35) / math.sqrt(it + 1.0))
                 # log-likelihood of the counts at this state
                 ll_tot = float((vals * torch.log(rate_nz.clamp_min(tiny(dtype))) - torch.lgamma(vals + 1)).sum()
                                - ((Z * W).sum(0) * Phi.sum(1)).sum())
@@ -1145,6 +1222,18 @@ class IBPGibbsFit:
             acc = lp if acc is None else torch.logaddexp(acc, lp)
         total = float((acc - math.log(self.num_samples)).sum())
         return total / float(x.sum()) if per_token else total
+
+    def to_inferencedata(self):
+        """ArviZ ``InferenceData`` of the kept draws, one chain: posterior ``num_active`` and
+        ``probs`` (the feature probabilities, ``probs_dim_0`` = feature), sample_stats
+        ``log_likelihood_counts`` (the counts' Poisson log-likelihood at each kept draw)."""
+        import arviz as az
+
+        self._need()
+        kept = self.log_likelihood_trace[self.warmup::self.thin][: self.num_samples]
+        return az.from_dict(posterior={"num_active": self.num_active[None].astype(np.float64),
+                                       "probs": torch.stack(self.probs).cpu().numpy()[None]},
+                            sample_stats={"log_likelihood_counts": np.asarray(kept)[None]})
 
     # ---- plots
     def plot_features(self, ax=None, max_rows: int = 200):
