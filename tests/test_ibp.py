@@ -389,3 +389,9 @@ def test_gibbs_recovery_with_the_other_priors(prior):
     cos = torch.nn.functional.normalize(truth["loadings"], dim=1) @ torch.nn.functional.normalize(phi, dim=1).T
     r, c = linear_sum_assignment(-cos.numpy())
     assert len(r) == 4 and np.all(cos.numpy()[r, c] >= 0.8), cos
+
+
+def test_a_binding_truncation_is_flagged():
+    counts, _ = SparseIBPFactorization.simulate(num_rows=40, num_items=12, num_features=3, seed=5)
+    with pytest.warns(UserWarning, match="truncation binds"):
+        SparseIBPFactorization(1, prior="3ibp").fit_gibbs(counts, num_steps=20, seed=0, progress=False)

@@ -1119,6 +1119,7 @@ class SparseIBPFactorization(PyroModule):
             if bar is not None:
                 bar.close()
         self.gibbs_ = finish()
+        self.gibbs_._warn_if_unreliable()
         return self.gibbs_
 
 
@@ -1142,6 +1143,27 @@ class IBPGibbsFit:
     @property
     def num_samples(self) -> int:
         return len(self.z)
+
+    def _warn_if_unreliable(self):
+        """Warn when the truncation binds (every column used in most kept draws) or the counts'
+        log-likelihood still rises over the kept draws (the mean of their last fifth exceeds that
+        of their first fifth by more than 4 standard errors of the difference)."""
+        import warnings
+
+        K = self.model.K
+        if self.num_samples and float((self.num_active >= K).mean()) > 0.5:
+            warnings.warn(f"IBP Gibbs: all {K} features are active in {float((self.num_active >= K).mean()):.0%} "
+                          "of the kept draws: the truncation binds and the posterior of the number of features "
+                          "is cut at num_features_max. Raise num_features_max.", UserWarning, stacklevel=3)
+        kept = self.log_likelihood_trace[self.warmup:]
+        n = len(kept) // 5
+        if n >= 5:
+            a, b = kept[:n], kept[-n:]
+            se = math.sqrt(a.var(ddof=1) / n + b.var(ddof=1) / n)
+            if b.mean() - a.mean() > 4 * se:
+                warnings.warn(f"IBP Gibbs: the log-likelihood of the counts still rises over the kept draws "
+                              f"({a.mean():.1f} -> {b.mean():.1f}); the chain has not converged: run more "
+                              "num_steps or a longer warmup.", UserWarning, stacklevel=3)
 
     def _need(self):
         if not self.num_samples:
