@@ -19,7 +19,6 @@ Run by hand::
 """
 
 import argparse
-import math
 import time
 
 import numpy as np
@@ -75,8 +74,8 @@ def main():
     rows.append((f"sklearn NMF (KL, mu), {k_nmf} comps", ll, float(len(active)), float((H[active] == 0).mean()), el))
 
     print()
-    print(f"| method | held-out log-lik / token | active features | zero loadings | fit time (s) |")
-    print(f"| --- | --- | --- | --- | --- |")
+    print("| method | held-out log-lik / token | active features | zero loadings | fit time (s) |")
+    print("| --- | --- | --- | --- | --- |")
     for label, ll, act, zf, el in rows:
         print(f"| {label} | {ll:.3f} | {act:.1f} | {zf:.3f} | {el:.1f} |")
     print(f"\n(K = {args.truncation}, {args.num_steps} Gibbs sweeps, half warmup; NMF max_iter=500, "

@@ -14,6 +14,7 @@ from scipy.special import digamma
 
 from ppl_lvm.models.ibp import (IndianBuffet, RestrictedBernoulliRows, SparseIBPFactorization,
                                 expected_num_features, poisson_binomial_log_pmf)
+from tests.helpers import cuda_params
 
 REFERENCE = {(2.0, 1.0, 0.0): 8.998, (2.0, 1.5, 0.0): 11.686, (2.0, 1.5, 0.3): 20.979, (3.0, 0.5, 0.5): 34.694}
 
@@ -395,3 +396,20 @@ def test_a_binding_truncation_is_flagged():
     counts, _ = SparseIBPFactorization.simulate(num_rows=40, num_items=12, num_features=3, seed=5)
     with pytest.warns(UserWarning, match="truncation binds"):
         SparseIBPFactorization(1, prior="3ibp").fit_gibbs(counts, num_steps=20, seed=0, progress=False)
+
+
+@pytest.mark.parametrize("device", cuda_params())
+def test_everything_follows_the_data_device(device):
+    counts, _ = SparseIBPFactorization.simulate(num_rows=12, num_items=5, num_features=2, seed=6)
+    counts = counts.to(device)
+    m = SparseIBPFactorization(3, prior="restricted-3ibp").to(device)
+    tr = pyro.poutine.trace(m.guide).get_trace(counts)
+    tr_m = pyro.poutine.trace(pyro.poutine.replay(m.model, trace=tr)).get_trace(counts)
+    assert all(s["value"].device.type == device for s in tr_m.nodes.values() if s["type"] == "sample"
+               and torch.is_tensor(s["value"]))
+    assert torch.isfinite(tr_m.log_prob_sum())
+    fit = m.fit_gibbs(counts, num_steps=6, warmup=3, seed=0, progress=False)
+    assert fit.loadings[0].device.type == device and fit.z[0].device.type == device
+    ib = IndianBuffet(2.0, 4, 6, concentration=1.5, discount=0.3, num_active=dist.Poisson(torch.tensor(2.0, device=device)),
+                      device=device)
+    assert ib.sample((2,)).device.type == device

@@ -80,8 +80,6 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
-import os
 import time
 from typing import Dict, Optional, Sequence
 
@@ -972,7 +970,6 @@ class SparseIBPFactorization(PyroModule):
         bar = _progress(num_steps, "IBP Gibbs", progress)
         stick_step = stick_step_size
         start = time.perf_counter()
-        rows_idx = torch.arange(N, device=device)
 
         def finish():
             return IBPGibbsFit(self, counts, keep, trace_ll, stick_acc, time.perf_counter() - start, warmup, thin)
