@@ -809,10 +809,14 @@ class SparseIBPFactorization(PyroModule):
                     step = step_size if self.num_active is None else step_size / math.sqrt(float(col.sum()))
                     u = torch.logit(sticks[:, l]) + step * torch.randn(self.K, dtype=Z.dtype, device=Z.device)
                     prop[:, l] = torch.where(col, torch.sigmoid(u).clamp(fl, 1 - fl), sticks[:, l])
-                    cur = (target(sticks) + self._stick_log_prior(sticks, mask).sum(-1)
+                    # per slot: stick prior + Jacobian of the logit move (+ p(Z | pi) per feature,
+                    # unrestricted); the restricted p(Z | pi) is one joint term, added once below
+                    cur = (self._stick_log_prior(sticks, mask).sum(-1)
                            + torch.log(sticks[:, l] * (1 - sticks[:, l])) * col)
-                    new = (target(prop) + self._stick_log_prior(prop, mask).sum(-1)
+                    new = (self._stick_log_prior(prop, mask).sum(-1)
                            + torch.log(prop[:, l] * (1 - prop[:, l])) * col)
+                    if self.num_active is None:
+                        cur, new = cur + target(sticks), new + target(prop)
                     if self.num_active is None:  # independent across features: accept each
                         ok = (torch.log(torch.rand(self.K, dtype=Z.dtype, device=Z.device)) < new - cur) & col
                         sticks = torch.where(ok.unsqueeze(-1) & (torch.arange(sticks.shape[-1], device=Z.device) == l),
@@ -820,7 +824,8 @@ class SparseIBPFactorization(PyroModule):
                         accepted += int(ok.sum())
                         total += int(col.sum())
                     else:  # the Poisson-binomial normalizer couples the features: one joint move
-                        if torch.log(torch.rand((), dtype=Z.dtype, device=Z.device)) < (new - cur).sum():
+                        log_a = (new - cur).sum() + (target(prop) - target(sticks)).sum()
+                        if torch.log(torch.rand((), dtype=Z.dtype, device=Z.device)) < log_a:
                             sticks = prop
                             accepted += 1
                         total += 1
@@ -869,6 +874,143 @@ class SparseIBPFactorization(PyroModule):
         rate_nz = ((z * weights)[nz[0]] * loadings[:, nz[1]].T).sum(-1)
         J = z.sum(1).long()
         return self._z_log_odds(counts[nz], nz, rate_nz, z, weights, loadings, loadings.sum(1), J, probs, int(feature))[0]
+
+    def _gibbs_sweep(self, st: dict, dat: dict, it: int, relabel: bool, adapt: bool):
+        """One sweep of :meth:`fit_gibbs` (steps 1-5 of its docstring) on the state ``st`` (``Z``,
+        ``W``, ``Bm``, ``G``, ``sticks``, ``stick_step``; updated in place) for the data ``dat``.
+        Returns the stick acceptance, the rates at the non-zero counts and the loadings."""
+        Z, W, Bm, G, sticks, stick_step = st["Z"], st["W"], st["Bm"], st["G"], st["sticks"], st["stick_step"]
+        nz, vals, tok_r, tok_c = dat["nz"], dat["vals"], dat["tok_r"], dat["tok_c"]
+        mask, log_f, swap_pairs, stick_moves = dat["mask"], dat["log_f"], dat["swap_pairs"], dat["stick_moves"]
+        N, K = Z.shape
+        D = Bm.shape[1]
+        dtype, device = Z.dtype, Z.device
+        kw = dict(dtype=dtype, device=device)
+        fl = eps(dtype)
+        a_w, b_w, a_p, b_p, rho = (self.weight_shape, self.weight_rate, self.loading_shape, self.loading_rate,
+                                   self.loading_density)
+        Phi = Bm * G
+        # 1. allocation of tokens
+        if tok_r.numel():
+            p_tok = (Z * W)[tok_r] * Phi[:, tok_c].T
+            k_tok = torch.multinomial(p_tok.clamp_min(0), 1).squeeze(-1)
+            Xnk = torch.zeros(N, K, **kw).index_put_((tok_r, k_tok), torch.ones_like(k_tok, dtype=dtype),
+                                                     accumulate=True)
+            Xkd = torch.zeros(K, D, **kw).index_put_((k_tok, tok_c), torch.ones_like(k_tok, dtype=dtype),
+                                                     accumulate=True)
+        else:
+            Xnk, Xkd = torch.zeros(N, K, **kw), torch.zeros(K, D, **kw)
+        # 2. weights
+        W_post = torch.distributions.Gamma(a_w + Xnk, b_w + Phi.sum(1).expand(N, K)).sample()
+        W_prior = torch.distributions.Gamma(torch.full((N, K), a_w, **kw), torch.full((N, K), b_w, **kw)).sample()
+        W = torch.where(Z > 0, W_post, W_prior).clamp_min(tiny(dtype))
+        # 3. loadings
+        S = (Z * W).sum(0)
+        log_on = math.log(rho) + a_p * (math.log(b_p) - torch.log(b_p + S))
+        p_on = torch.sigmoid(log_on - math.log1p(-rho)).unsqueeze(-1).expand(K, D)
+        Bm = torch.where(Xkd > 0, torch.ones_like(Xkd), torch.bernoulli(p_on))
+        G_post = torch.distributions.Gamma(a_p + Xkd, (b_p + S).unsqueeze(-1).expand(K, D)).sample()
+        G_prior = torch.distributions.Gamma(torch.full((K, D), a_p, **kw), torch.full((K, D), b_p, **kw)).sample()
+        G = torch.where(Bm > 0, G_post, G_prior).clamp_min(tiny(dtype))
+        Phi = Bm * G
+        # 4. Z, feature by feature, all rows at once
+        probs = self._gibbs_probs(sticks)
+        if self.num_active is not None:
+            self._set_count_delta(probs, log_f)
+        rate_nz = ((Z * W)[nz[0]] * Phi[:, nz[1]].T).sum(-1)
+        phi_tot = Phi.sum(1)
+        J = Z.sum(1).long()
+        for k in range(K):
+            logit, r0, contrib = self._z_log_odds(vals, nz, rate_nz, Z, W, Phi, phi_tot, J, probs, k)
+            zk = Z[:, k]
+            J_minus = J - zk.long()
+            new = torch.bernoulli(torch.sigmoid(logit))
+            new = torch.where(torch.isnan(logit), zk, new)
+            rate_nz = r0 + new[nz[0]] * contrib
+            J = J_minus + new.long()
+            Z[:, k] = new
+        # 4b. swap moves: row n exchanges its membership and weight between features k, l
+        for _ in range(swap_pairs):
+            k, l = torch.randperm(K, device=device)[:2].tolist()
+            a = Z[:, k] * W[:, k]
+            b = Z[:, l] * W[:, l]
+            coef = b - a  # the rate changes by coef_n * (phi_k - phi_l)
+            delta = coef[nz[0]] * (Phi[k, nz[1]] - Phi[l, nz[1]])
+            new_rate = rate_nz + delta
+            ok_rate = new_rate > 0
+            term = torch.where(ok_rate, vals * (torch.log(new_rate.clamp_min(tiny(dtype)))
+                                                - torch.log(rate_nz.clamp_min(tiny(dtype)))),
+                               torch.full_like(new_rate, -math.inf))
+            dll = torch.zeros(N, **kw).index_add_(0, nz[0], term) - coef * (phi_tot[k] - phi_tot[l])
+            pk, pl = probs[k].clamp(fl, 1 - fl), probs[l].clamp(fl, 1 - fl)
+            dprior = (Z[:, l] - Z[:, k]) * (torch.logit(pk) - torch.logit(pl))
+            acc_sw = torch.log(torch.rand(N, **kw)) < dll + dprior
+            acc_sw &= (Z[:, k] != Z[:, l]) | (W[:, k] != W[:, l])
+            if bool(acc_sw.any()):
+                zk, zl, wk, wl = Z[:, k].clone(), Z[:, l].clone(), W[:, k].clone(), W[:, l].clone()
+                Z[:, k] = torch.where(acc_sw, zl, zk)
+                Z[:, l] = torch.where(acc_sw, zk, zl)
+                W[:, k] = torch.where(acc_sw, wl, wk)
+                W[:, l] = torch.where(acc_sw, wk, wl)
+                rate_nz = torch.where(acc_sw[nz[0]], new_rate, rate_nz)
+        # 4c. merge / split moves of one row between features k and l (reversible jump on
+        # the weights): (1, 1) -> (1, 0) with w_k + w_l, or (1, 0) -> (1, 1) splitting w_k
+        for _ in range(swap_pairs):
+            k, l = torch.randperm(K, device=device)[:2].tolist()
+            both = (Z[:, k] > 0) & (Z[:, l] > 0)
+            only_k = (Z[:, k] > 0) & (Z[:, l] == 0)
+            if not bool((both | only_k).any()):
+                continue
+            u = torch.rand(N, **kw).clamp(fl, 1 - fl)
+            wk, wl = W[:, k], W[:, l]
+            s_m = wk + wl
+            coef = torch.where(both, wl, -(1 - u) * wk)  # rate change: coef * (phi_k - phi_l)
+            delta = coef[nz[0]] * (Phi[k, nz[1]] - Phi[l, nz[1]])
+            new_rate = rate_nz + delta
+            term = torch.where(new_rate > 0, vals * (torch.log(new_rate.clamp_min(tiny(dtype)))
+                                                     - torch.log(rate_nz.clamp_min(tiny(dtype)))),
+                               torch.full_like(new_rate, -math.inf))
+            dll = torch.zeros(N, **kw).index_add_(0, nz[0], term) - coef * (phi_tot[k] - phi_tot[l])
+
+            def log_pw(x):
+                return (a_w - 1) * torch.log(x.clamp_min(tiny(dtype))) - b_w * x
+
+            # prior log odds of z_nl = 1 given the row's other features
+            J_now = Z.sum(1).long()
+            lo_l = self._z_log_odds_prior(probs[l], J_now - Z[:, l].long())
+            log_merge = dll - lo_l + log_pw(s_m) - log_pw(wk) - log_pw(wl) - torch.log(s_m)
+            log_split = dll + lo_l + log_pw(u * wk) + log_pw((1 - u) * wk) - log_pw(wk) + torch.log(wk)
+            log_a = torch.where(both, log_merge, torch.where(only_k, log_split, torch.full_like(dll, -math.inf)))
+            acc_m = torch.log(torch.rand(N, **kw)) < log_a
+            if bool(acc_m.any()):
+                w_aux = torch.distributions.Gamma(torch.full((N,), a_w, **kw), torch.full((N,), b_w, **kw)).sample()
+                new_wk = torch.where(both, s_m, u * wk)
+                new_wl = torch.where(both, w_aux, (1 - u) * wk).clamp_min(tiny(dtype))
+                new_zl = torch.where(both, torch.zeros_like(wk), torch.ones_like(wk))
+                W[:, k] = torch.where(acc_m, new_wk, wk)
+                W[:, l] = torch.where(acc_m, new_wl, wl)
+                Z[:, l] = torch.where(acc_m, new_zl, Z[:, l])
+                rate_nz = torch.where(acc_m[nz[0]], new_rate, rate_nz)
+        # 4d. relabeling: features k and l exchange their columns (z, w, loadings) whole;
+        # the likelihood is unchanged, the prior odds decide (the ordered sticks tie a
+        # column's prior probability to its position)
+        m_k = Z.sum(0)
+        lg = torch.logit(probs.clamp(fl, 1 - fl))
+        for _ in range(swap_pairs if relabel else 0):  # warmup only: kept draws keep their labels
+            k, l = torch.randperm(K, device=device)[:2].tolist()
+            log_a = (m_k[l] - m_k[k]) * (lg[k] - lg[l])
+            if bool(torch.log(torch.rand((), **kw)) < log_a):
+                perm = torch.arange(K, device=device)
+                perm[k], perm[l] = l, k
+                Z, W, Bm, G, Phi = Z[:, perm], W[:, perm], Bm[perm], G[perm], Phi[perm]
+                m_k = m_k[perm]
+                phi_tot = phi_tot[perm]
+        # 5. sticks
+        sticks, acc = self._update_sticks(sticks, mask, Z, stick_step, stick_moves)
+        if adapt:  # adapt the step toward acceptance 0.35 during warmup only
+            stick_step *= math.exp((acc - 0.35) / math.sqrt(it + 1.0))
+        st.update(Z=Z, W=W, Bm=Bm, G=G, sticks=sticks, stick_step=stick_step)
+        return acc, rate_nz, Phi
 
     def _prepare_counts(self, counts):
         nz = counts.nonzero(as_tuple=True)
@@ -942,8 +1084,7 @@ class SparseIBPFactorization(PyroModule):
         kw = dict(dtype=dtype, device=device)
         if seed is not None:
             torch.manual_seed(int(seed))
-        a_w, b_w, a_p, b_p, rho = (self.weight_shape, self.weight_rate, self.loading_shape, self.loading_rate,
-                                   self.loading_density)
+        a_w, b_w, a_p, b_p = self.weight_shape, self.weight_rate, self.loading_shape, self.loading_rate
         nz, vals, tok_r, tok_c = self._prepare_counts(counts)
         fl = eps(dtype)
         # restricted prior: delta of log f~(j) - log PB(j; pi), recomputed after each stick move
@@ -968,7 +1109,10 @@ class SparseIBPFactorization(PyroModule):
         keep = {"zw": [], "loadings": [], "z": [], "probs": [], "num_active": []}
         trace_ll, stick_acc = [], []
         bar = _progress(num_steps, "IBP Gibbs", progress)
-        stick_step = stick_step_size
+        st = dict(Z=Z, W=W, Bm=Bm, G=G, sticks=sticks, stick_step=stick_step_size)
+        dat = dict(nz=nz, vals=vals, tok_r=tok_r, tok_c=tok_c, mask=mask,
+                   log_f=log_f if self.num_active is not None else None, swap_pairs=swap_pairs,
+                   stick_moves=stick_moves)
         start = time.perf_counter()
 
         def finish():
@@ -976,127 +1120,9 @@ class SparseIBPFactorization(PyroModule):
 
         try:
             for it in range(num_steps):
-                Phi = Bm * G
-                # 1. allocation of tokens
-                if tok_r.numel():
-                    p_tok = (Z * W)[tok_r] * Phi[:, tok_c].T
-                    k_tok = torch.multinomial(p_tok.clamp_min(0), 1).squeeze(-1)
-                    Xnk = torch.zeros(N, K, **kw).index_put_((tok_r, k_tok), torch.ones_like(k_tok, dtype=dtype),
-                                                             accumulate=True)
-                    Xkd = torch.zeros(K, D, **kw).index_put_((k_tok, tok_c), torch.ones_like(k_tok, dtype=dtype),
-                                                             accumulate=True)
-                else:
-                    Xnk, Xkd = torch.zeros(N, K, **kw), torch.zeros(K, D, **kw)
-                # 2. weights
-                W_post = torch.distributions.Gamma(a_w + Xnk, b_w + Phi.sum(1).expand(N, K)).sample()
-                W_prior = torch.distributions.Gamma(torch.full((N, K), a_w, **kw), torch.full((N, K), b_w, **kw)).sample()
-                W = torch.where(Z > 0, W_post, W_prior).clamp_min(tiny(dtype))
-                # 3. loadings
-                S = (Z * W).sum(0)
-                log_on = math.log(rho) + a_p * (math.log(b_p) - torch.log(b_p + S))
-                p_on = torch.sigmoid(log_on - math.log1p(-rho)).unsqueeze(-1).expand(K, D)
-                Bm = torch.where(Xkd > 0, torch.ones_like(Xkd), torch.bernoulli(p_on))
-                G_post = torch.distributions.Gamma(a_p + Xkd, (b_p + S).unsqueeze(-1).expand(K, D)).sample()
-                G_prior = torch.distributions.Gamma(torch.full((K, D), a_p, **kw), torch.full((K, D), b_p, **kw)).sample()
-                G = torch.where(Bm > 0, G_post, G_prior).clamp_min(tiny(dtype))
-                Phi = Bm * G
-                # 4. Z, feature by feature, all rows at once
-                probs = self._gibbs_probs(sticks)
-                if self.num_active is not None:
-                    self._set_count_delta(probs, log_f)
-                rate_nz = ((Z * W)[nz[0]] * Phi[:, nz[1]].T).sum(-1)
-                phi_tot = Phi.sum(1)
-                J = Z.sum(1).long()
-                for k in range(K):
-                    logit, r0, contrib = self._z_log_odds(vals, nz, rate_nz, Z, W, Phi, phi_tot, J, probs, k)
-                    zk = Z[:, k]
-                    J_minus = J - zk.long()
-                    new = torch.bernoulli(torch.sigmoid(logit))
-                    new = torch.where(torch.isnan(logit), zk, new)
-                    rate_nz = r0 + new[nz[0]] * contrib
-                    J = J_minus + new.long()
-                    Z[:, k] = new
-                # 4b. swap moves: row n exchanges its membership and weight between features k, l
-                for _ in range(swap_pairs):
-                    k, l = torch.randperm(K, device=device)[:2].tolist()
-                    a = Z[:, k] * W[:, k]
-                    b = Z[:, l] * W[:, l]
-                    coef = b - a  # the rate changes by coef_n * (phi_k - phi_l)
-                    delta = coef[nz[0]] * (Phi[k, nz[1]] - Phi[l, nz[1]])
-                    new_rate = rate_nz + delta
-                    ok_rate = new_rate > 0
-                    term = torch.where(ok_rate, vals * (torch.log(new_rate.clamp_min(tiny(dtype)))
-                                                        - torch.log(rate_nz.clamp_min(tiny(dtype)))),
-                                       torch.full_like(new_rate, -math.inf))
-                    dll = torch.zeros(N, **kw).index_add_(0, nz[0], term) - coef * (phi_tot[k] - phi_tot[l])
-                    pk, pl = probs[k].clamp(fl, 1 - fl), probs[l].clamp(fl, 1 - fl)
-                    dprior = (Z[:, l] - Z[:, k]) * (torch.logit(pk) - torch.logit(pl))
-                    acc_sw = torch.log(torch.rand(N, **kw)) < dll + dprior
-                    acc_sw &= (Z[:, k] != Z[:, l]) | (W[:, k] != W[:, l])
-                    if bool(acc_sw.any()):
-                        zk, zl, wk, wl = Z[:, k].clone(), Z[:, l].clone(), W[:, k].clone(), W[:, l].clone()
-                        Z[:, k] = torch.where(acc_sw, zl, zk)
-                        Z[:, l] = torch.where(acc_sw, zk, zl)
-                        W[:, k] = torch.where(acc_sw, wl, wk)
-                        W[:, l] = torch.where(acc_sw, wk, wl)
-                        rate_nz = torch.where(acc_sw[nz[0]], new_rate, rate_nz)
-                # 4c. merge / split moves of one row between features k and l (reversible jump on
-                # the weights): (1, 1) -> (1, 0) with w_k + w_l, or (1, 0) -> (1, 1) splitting w_k
-                for _ in range(swap_pairs):
-                    k, l = torch.randperm(K, device=device)[:2].tolist()
-                    both = (Z[:, k] > 0) & (Z[:, l] > 0)
-                    only_k = (Z[:, k] > 0) & (Z[:, l] == 0)
-                    if not bool((both | only_k).any()):
-                        continue
-                    u = torch.rand(N, **kw).clamp(fl, 1 - fl)
-                    wk, wl = W[:, k], W[:, l]
-                    s_m = wk + wl
-                    coef = torch.where(both, wl, -(1 - u) * wk)  # rate change: coef * (phi_k - phi_l)
-                    delta = coef[nz[0]] * (Phi[k, nz[1]] - Phi[l, nz[1]])
-                    new_rate = rate_nz + delta
-                    term = torch.where(new_rate > 0, vals * (torch.log(new_rate.clamp_min(tiny(dtype)))
-                                                             - torch.log(rate_nz.clamp_min(tiny(dtype)))),
-                                       torch.full_like(new_rate, -math.inf))
-                    dll = torch.zeros(N, **kw).index_add_(0, nz[0], term) - coef * (phi_tot[k] - phi_tot[l])
-
-                    def log_pw(x):
-                        return (a_w - 1) * torch.log(x.clamp_min(tiny(dtype))) - b_w * x
-
-                    # prior log odds of z_nl = 1 given the row's other features
-                    J_now = Z.sum(1).long()
-                    lo_l = self._z_log_odds_prior(probs[l], J_now - Z[:, l].long())
-                    log_merge = dll - lo_l + log_pw(s_m) - log_pw(wk) - log_pw(wl) - torch.log(s_m)
-                    log_split = dll + lo_l + log_pw(u * wk) + log_pw((1 - u) * wk) - log_pw(wk) + torch.log(wk)
-                    log_a = torch.where(both, log_merge, torch.where(only_k, log_split, torch.full_like(dll, -math.inf)))
-                    acc_m = torch.log(torch.rand(N, **kw)) < log_a
-                    if bool(acc_m.any()):
-                        w_aux = torch.distributions.Gamma(torch.full((N,), a_w, **kw), torch.full((N,), b_w, **kw)).sample()
-                        new_wk = torch.where(both, s_m, u * wk)
-                        new_wl = torch.where(both, w_aux, (1 - u) * wk).clamp_min(tiny(dtype))
-                        new_zl = torch.where(both, torch.zeros_like(wk), torch.ones_like(wk))
-                        W[:, k] = torch.where(acc_m, new_wk, wk)
-                        W[:, l] = torch.where(acc_m, new_wl, wl)
-                        Z[:, l] = torch.where(acc_m, new_zl, Z[:, l])
-                        rate_nz = torch.where(acc_m[nz[0]], new_rate, rate_nz)
-                # 4d. relabeling: features k and l exchange their columns (z, w, loadings) whole;
-                # the likelihood is unchanged, the prior odds decide (the ordered sticks tie a
-                # column's prior probability to its position)
-                m_k = Z.sum(0)
-                lg = torch.logit(probs.clamp(fl, 1 - fl))
-                for _ in range(swap_pairs if it < warmup else 0):  # warmup only: kept draws keep their labels
-                    k, l = torch.randperm(K, device=device)[:2].tolist()
-                    log_a = (m_k[l] - m_k[k]) * (lg[k] - lg[l])
-                    if bool(torch.log(torch.rand((), **kw)) < log_a):
-                        perm = torch.arange(K, device=device)
-                        perm[k], perm[l] = l, k
-                        Z, W, Bm, G, Phi = Z[:, perm], W[:, perm], Bm[perm], G[perm], Phi[perm]
-                        m_k = m_k[perm]
-                        phi_tot = phi_tot[perm]
-                # 5. sticks
-                sticks, acc = self._update_sticks(sticks, mask, Z, stick_step, stick_moves)
+                acc, rate_nz, Phi = self._gibbs_sweep(st, dat, it, relabel=it < warmup, adapt=it < warmup)
+                Z, W, sticks = st["Z"], st["W"], st["sticks"]
                 stick_acc.append(acc)
-                if it < warmup:  # adapt the step toward acceptance 0.35 during warmup only
-                    stick_step *= math.exp((acc - 0.35) / math.sqrt(it + 1.0))
                 # log-likelihood of the counts at this state
                 ll_tot = float((vals * torch.log(rate_nz.clamp_min(tiny(dtype))) - torch.lgamma(vals + 1)).sum()
                                - ((Z * W).sum(0) * Phi.sum(1)).sum())
