@@ -492,7 +492,10 @@ class SparseIBPFactorization(PyroModule):
     (``binary_guide="relaxed"``, for plain ``pyro.infer.SVI``: hard 0/1 values forward, the
     relaxed sample's gradient backward, the relaxed density in :math:`\log q`, a biased but
     low-variance estimator whose importance weights are not those of the discrete model).  :meth:`continuous_guide`: the same guide
-    without the binary sites, for ``gflownet_em``, whose policy builds ``z`` and ``phi_on``.
+    without the binary sites, for ``gflownet_em``, whose policy builds ``z``.  GFlowNet-EM
+    refuses a model with both local (``z``) and global (``phi_on``) discrete sites
+    (``IncompatibleModelError``): use ``point_estimates=("loadings",)`` with it (the loadings then
+    are parameters learned in its M-step), as ``tests/test_ibp.py`` does.
 
     **Fast route.** :meth:`fit_gibbs` (Gibbs sampling with the multinomial augmentation),
     recommended for real matrices.
