@@ -48,7 +48,7 @@ FEW_STEPS = {"smc_filter": 60, "smc": 40, "smc_online": 60}
 #: facts about the cases, stated by hand (test_case_facts_match_the_traced_programs checks them
 #: against the traced programs): which have discrete latent sites, which subsample a plate, which
 #: of those have latents inside the subsampled plate, which have global latents with subsampling
-DISCRETE_CASES = {"binary", "discrete_vae", "gp_mixture"}
+DISCRETE_CASES = {"binary", "discrete_vae", "gp_mixture", "ibp"}
 SUBSAMPLED_CASES = {"minibatch_regression", "minibatch_local"}
 LOCAL_IN_SUBSAMPLED_CASES = {"minibatch_local"}
 GLOBAL_WITH_SUBSAMPLING_CASES = {"minibatch_regression"}

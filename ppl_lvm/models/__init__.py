@@ -45,3 +45,7 @@ __all__ += ["GPFA", "SharedGPFA"]
 from .gp_mixture import MultiTaskGPMixture, select_num_clusters  # noqa: E402
 
 __all__ += ["MultiTaskGPMixture", "select_num_clusters"]
+
+from .ibp import IBPGibbsFit, IndianBuffet, RestrictedBernoulliRows, SparseIBPFactorization  # noqa: E402
+
+__all__ += ["IBPGibbsFit", "IndianBuffet", "RestrictedBernoulliRows", "SparseIBPFactorization"]
