@@ -41,3 +41,7 @@ __all__ += ["DiscreteVAE"]
 from .gpfa import GPFA, SharedGPFA  # noqa: E402
 
 __all__ += ["GPFA", "SharedGPFA"]
+
+from .latent_sde import KLAnnealing, LatentSDE  # noqa: E402
+
+__all__ += ["LatentSDE", "KLAnnealing"]
