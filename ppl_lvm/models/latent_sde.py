@@ -750,7 +750,9 @@ class LatentSDE(PyroModule):
     @pyro_method
     def guide(self, ts: torch.Tensor, ys: torch.Tensor, mask: Optional[torch.Tensor] = None, bm=None):
         """Posterior: ``z0`` from the context at ``ts[0]``, then the posterior SDE's path
-        (``bm``: a torchsde Brownian motion of size (draws, noise dims), e.g. to reproduce a path)."""
+        (``bm``: a torchsde Brownian motion of size (draws, noise dims), e.g. to reproduce a path;
+        with ``path_kl="logqp"`` torchsde integrates the log-ratio as one more diagonal-noise
+        state, so the size is (draws, latent_dim + 1))."""
         ts, ys, mask = self._check(ts, ys, mask)
         p = self._fbm_params(self._params("guide"), ts)
         dt = self._solver_dt(ts)

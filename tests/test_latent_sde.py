@@ -1,0 +1,312 @@
+"""Latent SDEs: the Pyro ELBO equals Li et al.'s latent-SDE ELBO, the path KL against closed
+forms, the fBM approximation against its closed forms, bad input, and recovery checks."""
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torchsde
+
+from ppl_lvm.models.latent_sde import (KLAnnealing, LatentSDE, fbm_b_closed_form, fbm_b_quadrature, fbm_gammas,
+                                       fbm_variance, fbm_weights, markov_fbm_variance, simulate_ou, union_grid)
+
+D64 = torch.float64
+
+
+def _tiny(**kw):
+    opts = dict(latent_dim=1, context_dim=4, hidden_dim=8, drift="ou", diffusion="constant", decoder="identity",
+                dt=0.1)
+    opts.update(kw)
+    torch.manual_seed(0)
+    return LatentSDE(1, **opts).to(D64)
+
+
+def _bm(ts, n, d, seed):
+    return torchsde.BrownianInterval(t0=float(ts[0]), t1=float(ts[-1]), size=(n, d), dtype=D64, entropy=seed)
+
+
+# ----------------------------------------------------------------------------- the ELBO
+def test_pyro_elbo_equals_the_latent_sde_elbo():
+    """model.log_prob - guide.log_prob on one guide draw equals, term by term computed here by
+    hand, E log p(y|z) + log p(z0) - log q(z0) - int |u|^2/2 dt with the same z0 and Brownian path."""
+    pyro.clear_param_store()
+    ts, ys, _ = simulate_ou(3, 6, t_end=1.0, seed=1)
+    m = _tiny()
+    bm = _bm(ts, 3, 2, seed=5)  # logqp: torchsde integrates the log-ratio as one more noise state
+    pyro.set_rng_seed(3)
+    g = pyro.poutine.trace(m.guide).get_trace(ts, ys, bm=bm)
+    tr = pyro.poutine.trace(pyro.poutine.replay(m.model, trace=g)).get_trace(ts, ys, bm=bm)
+    elbo = float(tr.log_prob_sum() - g.log_prob_sum())
+
+    # by hand: the same networks and parameters, torchsde directly
+    z0 = g.nodes["z0"]["value"]
+    with torch.no_grad():
+        ctx = m._context(ts, ys, None)
+        h = m.qz0_net(ctx[0])
+        qloc, qscale = h[:, :1], torch.nn.functional.softplus(h[:, 1:]) + torch.finfo(D64).tiny ** 0.25
+        theta, mu, sigma = m.theta, m.mu, m.sigma
+
+        class SDE(torch.nn.Module):
+            noise_type, sde_type = "diagonal", "ito"
+
+            def f(self, t, y):
+                i = min(int(torch.searchsorted(ts, t.reshape(1), right=True)), len(ts) - 1)
+                return m.posterior_net(torch.cat([y, ctx[i]], -1))
+
+            def h(self, t, y):
+                return theta * (mu - y)
+
+            def g(self, t, y):
+                return sigma.expand(y.shape)
+
+        zs, logr = torchsde.sdeint(SDE(), z0, ts, bm=_bm(ts, 3, 2, seed=5), dt=0.1, method="euler", logqp=True)
+        loglik = dist.Normal(zs.transpose(0, 1), m.obs_scale).log_prob(ys).sum()
+        kl_z0 = (dist.Normal(qloc, qscale).log_prob(z0) - dist.Normal(m.pz0_loc, m.pz0_scale).log_prob(z0)).sum()
+        by_hand = float(loglik - kl_z0 - logr.sum())
+    assert abs(elbo - by_hand) < 1e-9 * max(1.0, abs(by_hand))
+    # and Pyro's Trace_ELBO reports exactly its negative on the same draw
+    pyro.set_rng_seed(3)
+    loss = pyro.infer.Trace_ELBO(max_plate_nesting=1).differentiable_loss(m.model, m.guide, ts, ys,
+                                                                     bm=_bm(ts, 3, 2, seed=5))
+    assert abs(float(loss) + elbo) < 1e-9 * max(1.0, abs(elbo))
+
+
+def test_kl_weight_scales_the_path_term_and_annealing_schedule():
+    pyro.clear_param_store()
+    ts, ys, _ = simulate_ou(2, 5, t_end=1.0, seed=2)
+    m = _tiny()
+    g = pyro.poutine.trace(m.guide).get_trace(ts, ys, bm=_bm(ts, 2, 2, 9))
+    kl = float(g.nodes["z_path"]["value"][..., -1, 1].sum())
+    assert kl > 0
+    for beta in (1.0, 0.25):
+        m.kl_weight = beta
+        tr = pyro.poutine.trace(pyro.poutine.replay(m.model, trace=g)).get_trace(ts, ys)
+        tr.compute_log_prob()
+        assert float(tr.nodes["path_kl"]["log_prob_sum"]) == pytest.approx(-beta * kl, rel=1e-12)
+    cb = KLAnnealing(m, num_steps=4)
+    assert m.kl_weight == 0.0
+    for step in range(6):
+        cb(None, step, 0.0)
+    assert m.kl_weight == 1.0 and cb.weight(2) == 0.5
+
+
+# ----------------------------------------------------------------------------- the path KL
+def _offset_model(delta, sigma, path_kl):
+    """Prior drift c, posterior drift c + delta (constant), diffusion sigma: u = delta / sigma."""
+    m = _tiny(drift="neural", path_kl=path_kl, method="euler", dt=0.05)
+    with torch.no_grad():
+        for net in (m.prior_net, m.posterior_net):
+            for p in net.parameters():
+                p.zero_()
+        m.prior_net[-1].bias.fill_(0.3)
+        m.posterior_net[-1].bias.fill_(0.3 + delta)
+        m.sigma_unconstrained.fill_(math.log(sigma))
+    return m
+
+
+def test_logqp_kl_matches_the_closed_form_for_a_constant_drift_offset():
+    """KL(Q || P) over [0, T] = T (delta / sigma)^2 / 2 exactly (u is constant)."""
+    pyro.clear_param_store()
+    delta, sigma, T = 0.8, 0.5, 2.0
+    ts = torch.linspace(0, T, 11, dtype=D64)
+    ys = torch.zeros(4, 11, 1, dtype=D64)
+    m = _offset_model(delta, sigma, "logqp")
+    g = pyro.poutine.trace(m.guide).get_trace(ts, ys)
+    kl = g.nodes["z_path"]["value"][..., -1, 1]
+    assert torch.allclose(kl, torch.full_like(kl, T * (delta / sigma) ** 2 / 2), rtol=1e-10)
+
+
+def test_girsanov_log_ratio_is_an_importance_weight():
+    """path_kl='girsanov' carries l = int u dW + int u^2/2 dt = log dQ/dP: with u = delta/sigma,
+    l ~ N(T u^2 / 2, T u^2), so its Monte Carlo mean is the KL and E_Q[exp(-l)] = 1
+    (tolerances: 4 standard errors of the estimators, computed from the closed-form variances)."""
+    pyro.clear_param_store()
+    delta, sigma, T, n = 0.4, 0.5, 2.0, 4000
+    u2 = (delta / sigma) ** 2
+    ts = torch.linspace(0, T, 11, dtype=D64)
+    ys = torch.zeros(n, 11, 1, dtype=D64)
+    m = _offset_model(delta, sigma, "girsanov")
+    pyro.set_rng_seed(0)
+    with torch.no_grad():
+        g = pyro.poutine.trace(m.guide).get_trace(ts, ys)
+    ell = g.nodes["z_path"]["value"][..., -1, 1]
+    mean_se = math.sqrt(T * u2 / n)
+    assert abs(float(ell.mean()) - T * u2 / 2) < 4 * mean_se
+    assert abs(float(ell.var()) - T * u2) < 4 * T * u2 * math.sqrt(2 / (n - 1))
+    w = torch.exp(-ell)
+    w_se = math.sqrt(math.expm1(T * u2) / n)  # Var exp(-l) = exp(T u^2) - 1
+    assert abs(float(w.mean()) - 1.0) < 4 * w_se
+
+
+# ----------------------------------------------------------------------------- adjoint
+def test_adjoint_gradients_converge_to_the_direct_ones_including_the_encoder():
+    """sdeint_adjoint with adjoint_params = networks + constrained parameters + the context:
+    its gradients (the encoder's included, same Brownian path) differ from the direct solve's
+    only by the O(dt) error of solving the adjoint SDE backwards with Euler, so the gap must
+    shrink as dt halves (measured: about 1e-3 relative at dt = 0.025)."""
+    ts, ys, _ = simulate_ou(3, 6, t_end=1.0, seed=3)
+
+    def grads(adjoint, dt):
+        pyro.clear_param_store()
+        m = _tiny(drift="neural", diffusion="constant", adjoint=adjoint, dt=dt)
+        pyro.set_rng_seed(0)
+        loss = pyro.infer.Trace_ELBO(max_plate_nesting=1).differentiable_loss(m.model, m.guide, ts, ys,
+                                                                              bm=_bm(ts, 3, 2, seed=11))
+        params = list(m.encoder.parameters()) + list(m.prior_net.parameters()) + [m.sigma_unconstrained]
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]), len(list(m.encoder.parameters()))
+
+    gaps = []
+    for dt in (0.025, 0.0125):  # dt = 0.02 makes torchsde's adjoint backward pass hang (docs/latent_sde.md)
+        direct, n_enc = grads(False, dt)
+        adj, _ = grads(True, dt)
+        gaps.append(float((adj - direct).norm() / direct.norm()))
+    assert gaps[0] < 1e-2 and gaps[1] < 0.75 * gaps[0], gaps
+    assert float(direct.abs().max()) > 0
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("case, match", [
+    ("unsorted", "sorted"), ("duplicate", "duplicated"), ("nan", "NaN"), ("shape", "shape"),
+    ("dt", "smallest observation spacing"), ("mask", "mask"), ("dtype", r"\.to\("), ("ts2d", "1-d"),
+])
+def test_bad_input_is_refused_before_any_work(case, match):
+    ts, ys, _ = simulate_ou(2, 5, t_end=1.0)
+    m = _tiny(dt=0.1)
+    mask = None
+    if case == "unsorted":
+        ts = ts.flip(0)
+    elif case == "duplicate":
+        ts = ts.clone()
+        ts[2] = ts[1]
+    elif case == "nan":
+        ys = ys.clone()
+        ys[0, 1, 0] = float("nan")
+    elif case == "shape":
+        ys = ys[:, :4]
+    elif case == "dt":
+        m = _tiny(dt=0.3)
+    elif case == "mask":
+        mask = torch.ones(2, 4, dtype=torch.bool)
+    elif case == "dtype":
+        ts, ys = ts.float(), ys.float()
+    elif case == "ts2d":
+        ts = ts.expand(2, 5)
+    with pytest.raises(ValueError, match=match):
+        m.guide(ts, ys, mask)
+    with pytest.raises(ValueError, match=match):
+        m.model(ts, ys, mask)
+
+
+def test_nan_at_masked_entries_is_allowed():
+    ts, ys, _ = simulate_ou(2, 5, t_end=1.0)
+    ys = ys.clone()
+    ys[0, 1, 0] = float("nan")
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 1] = False
+    m = _tiny()
+    loss = pyro.infer.Trace_ELBO().loss(m.model, m.guide, ts, ys, mask)
+    assert math.isfinite(loss)
+
+
+def test_bad_constructor_options():
+    with pytest.raises(ValueError, match="likelihood"):
+        LatentSDE(1, likelihood="poisson")
+    with pytest.raises(ValueError, match="general noise"):
+        LatentSDE(1, noise="fractional", method="srk")
+    with pytest.raises(ValueError, match="identity"):
+        LatentSDE(2, latent_dim=1, decoder="identity")
+    with pytest.raises(TypeError, match="positive integer"):
+        LatentSDE(1, latent_dim=1.5)
+    with pytest.raises(ValueError, match="hurst"):
+        LatentSDE(1, noise="fractional", hurst=1.2)
+
+
+def test_fractional_stability_condition():
+    ts, ys, _ = simulate_ou(2, 5, t_end=1.0)
+    m = _tiny(noise="fractional", dt=0.05, gamma_max=20.0, diffusion="constant")
+    with pytest.raises(ValueError, match="gamma_max \\* dt < 0.5"):
+        m.guide(ts, ys)
+    ok = _tiny(noise="fractional", dt=0.02, gamma_max=20.0)
+    assert math.isfinite(pyro.infer.Trace_ELBO().loss(ok.model, ok.guide, ts, ys))
+
+
+def test_union_grid_and_masked_likelihood():
+    t1 = torch.tensor([0.0, 0.5, 1.0], dtype=D64)
+    t2 = torch.tensor([0.25, 1.0], dtype=D64)
+    v1, v2 = torch.randn(3, 1, dtype=D64), torch.randn(2, 1, dtype=D64)
+    ts, ys, mask = union_grid([t1, t2], [v1, v2])
+    assert ts.tolist() == [0.0, 0.25, 0.5, 1.0]
+    assert mask.tolist() == [[True, False, True, True], [False, True, False, True]]
+    assert torch.equal(ys[0, mask[0]], v1) and torch.equal(ys[1, mask[1]], v2)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        union_grid([t1.flip(0)], [v1])
+    # the masked likelihood counts exactly the observed entries
+    m = _tiny(dt=0.1)
+    g = pyro.poutine.trace(m.guide).get_trace(ts, ys, mask)
+    tr = pyro.poutine.trace(pyro.poutine.replay(m.model, trace=g)).get_trace(ts, ys, mask)
+    tr.compute_log_prob()
+    path = g.nodes["z_path"]["value"][..., :1]
+    by_hand = (dist.Normal(path, m.obs_scale).log_prob(ys) * mask[..., None]).sum()
+    assert float(tr.nodes["y"]["log_prob_sum"]) == pytest.approx(float(by_hand), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- fractional noise
+@pytest.mark.parametrize("hurst", [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95])
+def test_fbm_b_quadrature_equals_the_incomplete_gamma_closed_form(hurst):
+    g = fbm_gammas(5, 20.0)
+    bq = fbm_b_quadrature(torch.tensor(hurst, dtype=D64), g, 6.0).numpy()
+    assert np.max(np.abs(bq - fbm_b_closed_form(hurst, g, 6.0))) < 1e-6
+
+
+def test_fbm_b_quadrature_is_differentiable_in_hurst():
+    g = fbm_gammas(5, 20.0)
+    H = torch.tensor(0.3, dtype=D64, requires_grad=True)
+    (grad,) = torch.autograd.grad(fbm_b_quadrature(H, g, 6.0).sum(), H)
+    eps = 1e-6
+    fd = (fbm_b_closed_form(0.3 + eps, g, 6.0).sum() - fbm_b_closed_form(0.3 - eps, g, 6.0).sum()) / (2 * eps)
+    assert float(grad) == pytest.approx(fd, rel=1e-5)
+
+
+@pytest.mark.parametrize("hurst", [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+def test_markov_fbm_variance_ratio(hurst):
+    """Var(B_hat_H(t)) / Var(B_H(t)) in [0.9, 1.05] for t in [0.5, T], K = 5, gamma_max = 20, T = 6."""
+    g = fbm_gammas(5, 20.0)
+    om = fbm_weights(hurst, g, 6.0)
+    t = torch.linspace(0.5, 6.0, 12, dtype=D64)
+    ratio = markov_fbm_variance(om, g, t) / torch.tensor([fbm_variance(hurst, float(s)) for s in t], dtype=D64)
+    assert float(ratio.min()) >= 0.9 and float(ratio.max()) <= 1.05, ratio
+
+
+def test_one_ou_process_with_rate_zero_is_brownian_motion():
+    """K = 1, gamma = 0, H = 1/2: omega = 1 and the fractional prior's paths equal the Brownian
+    prior's paths driven by the same Brownian motion."""
+    assert torch.allclose(fbm_weights(0.5, torch.zeros(1, dtype=D64), 6.0), torch.ones(1, dtype=D64), atol=1e-12)
+    ts = torch.linspace(0, 2.0, 9, dtype=D64)
+    paths = []
+    for noise in ("brownian", "fractional"):
+        pyro.clear_param_store()
+        m = _tiny(noise=noise, num_ou=1, gammas=[0.0], hurst=0.5, learn_hurst=False, dt=0.01, drift="neural")
+        pyro.set_rng_seed(0)
+        tr = pyro.poutine.trace(m.model).get_trace(ts, None, bm=_bm(ts, 1, 1, seed=4))
+        paths.append(tr.nodes["z_path"]["value"][..., :1])
+    assert torch.allclose(paths[0], paths[1], atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- predictions
+def test_predict_sample_and_plot_shapes():
+    import matplotlib
+    matplotlib.use("Agg")
+    ts, ys, _ = simulate_ou(2, 6, t_end=1.0)
+    for noise in ("brownian", "fractional"):
+        m = _tiny(noise=noise, dt=0.02)
+        fut = torch.tensor([0.3, 1.1, 1.5], dtype=D64)
+        out = m.predict(ts, ys, fut, num_samples=7)
+        assert out["latent"].shape == (7, 2, 3, 1) and out["y"].shape == (7, 2, 3, 1)
+        assert out["quantiles"].shape == (3, 2, 3, 1)
+        s = m.sample(ts, num_samples=5)
+        assert s["y"].shape == (5, 6, 1)
+        ax = m.plot(ts, ys, ts_future=fut, num_samples=5)
+        assert hasattr(ax, "plot")
