@@ -159,7 +159,7 @@ def test_adjoint_gradients_converge_to_the_direct_ones_including_the_encoder():
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]), len(list(m.encoder.parameters()))
 
     gaps = []
-    for dt in (0.025, 0.0125):  # dt = 0.02 makes torchsde's adjoint backward pass hang (docs/latent_sde.md)
+    for dt in (0.025, 0.0125):
         direct, n_enc = grads(False, dt)
         adj, _ = grads(True, dt)
         gaps.append(float((adj - direct).norm() / direct.norm()))

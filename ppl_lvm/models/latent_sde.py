@@ -437,7 +437,8 @@ class LatentSDE(PyroModule):
         i.e. ``noise="fractional"`` or ``path_kl="girsanov"``: euler).
     :param dt: solver step (``None``: half the smallest spacing of the grid, and for fractional
         noise at most :math:`0.49/\gamma_{\max}`).  Larger than the smallest observation spacing
-        is refused.
+        is refused.  It is shortened by at most a few percent so that the solver's last step is
+        not a rounding sliver (see :func:`_sliver_free_dt`: torchsde hangs on one).
     :param bool adjoint: solve with ``torchsde.sdeint_adjoint`` (memory constant in the number of
         steps), passing every parameter the SDE depends on and the context as ``adjoint_params``.
     :param str path_kl: ``"logqp"`` or ``"girsanov"`` (module docstring).
@@ -633,7 +634,7 @@ class LatentSDE(PyroModule):
                                  f"(product {self.gamma_max * dt:g}). Use dt < {0.5 / self.gamma_max:g} or a "
                                  "smaller gamma_max.")
             dt = 0.49 / self.gamma_max
-        return dt
+        return _sliver_free_dt(ts, dt, per_gap=self.adjoint)
 
     def _fbm_params(self, p, ts):
         if self.noise != "fractional":
@@ -885,6 +886,31 @@ class _FracGirsanov(nn.Module):
         z, Y = y[..., :L], y[..., L:L + L * K]
         inner._last_u = inner.post_drift(t, z, Y)
         return inner.g(t, y)
+
+
+def _sliver_free_dt(ts, dt: float, per_gap: bool = False) -> float:
+    r"""The largest step :math:`\le` ``dt`` (within 40%) whose last step before ``ts[-1]`` (and,
+    with ``per_gap``, before every observation time: the adjoint solves each interval on its
+    own) is not a sliver: torchsde's fixed-step loop steps ``t + dt`` until it reaches the end,
+    and a last step of ~1e-15 left by rounding makes its ``BrownianInterval`` rebuild its tree
+    at that resolution, which never finishes (seen with torchsde 0.2.6: ``linspace(0, 5, 50)``
+    with ``dt = 0.05``; ``linspace(0, 1, 6)`` with ``dt = 0.02`` in the adjoint pass)."""
+    spans = [float(ts[-1] - ts[0])] if ts.numel() > 1 else []
+    if per_gap and ts.numel() > 1:
+        spans += (ts[1:] - ts[:-1]).tolist()
+    if not spans:
+        return dt
+    spans = np.asarray(spans)
+    best, best_score = dt, -1.0
+    for k in range(400):
+        cand = dt * (1 - 0.001 * k)
+        frac = spans / cand - np.floor(spans / cand)
+        score = float(np.minimum(frac, 1 - frac).min())
+        if score > 0.02:
+            return cand
+        if score > best_score:
+            best, best_score = cand, score
+    return best
 
 
 def _min_gap(grid, default):
