@@ -16,7 +16,10 @@ in time (so :math:`c_t` summarizes the observations after :math:`t`):
 .. math::
 
     z(t_0) \sim \mathcal N(\mu_\phi(c_{t_0}), \mathrm{diag}\,\sigma_\phi^2(c_{t_0})), \qquad
-    dz = f_\phi(z, c_t)\,dt + g(z, t)\,dW(t).
+    dz = f_\phi(z, c_t, t_{\mathrm{next}} - t)\,dt + g(z, t)\,dW(t),
+
+with :math:`t_{\mathrm{next}}` the next observation time (an addition to Li et al.'s drift: the
+bridge-like pull toward an observation depends on the time left until it).
 
 With :math:`u = (f_\phi - h_\theta)/g` Girsanov's theorem gives the log density ratio of the
 two path measures, :math:`\log \tfrac{dQ}{dP} = \int u^\top dW_Q + \tfrac12 \int |u|^2 dt`, so
@@ -99,7 +102,7 @@ from . import register_model
 from ..numerics import tiny
 from ..validation import check_choice, check_positive, check_positive_int, check_real
 
-__all__ = ["LatentSDE", "KLAnnealing", "fbm_weights", "fbm_b_closed_form", "fbm_b_quadrature",
+__all__ = ["LatentSDE", "LatentSDEStateSpace", "KLAnnealing", "fbm_weights", "fbm_b_closed_form", "fbm_b_quadrature",
            "fbm_gammas", "fbm_variance", "markov_fbm_variance", "union_grid", "simulate_ou",
            "simulate_fractional_ou"]
 
@@ -287,8 +290,13 @@ class _SDE(nn.Module):
         self.L = owner.latent_dim
 
     def _ctx(self, t):
+        """The context of the next observation and the time left until it (a Brownian bridge's
+        drift toward an observation grows like 1 / (t_next - t), which the network cannot infer
+        from ``c`` alone on an irregular grid)."""
         i = torch.searchsorted(self.ts, t.reshape(1), right=True).clamp(max=self.ts.shape[0] - 1)
-        return self.ctx[i[0]]
+        c = self.ctx[i[0]]
+        left = (self.ts[i[0]] - t).clamp(min=0).to(c.dtype)
+        return torch.cat([c, left.expand(c.shape[:-1] + (1,))], -1)
 
     def prior_drift(self, t, z):
         return self.owner._prior_drift(z, t, self.p)
@@ -531,7 +539,7 @@ class LatentSDE(PyroModule):
         self.context_head = nn.Linear(Hd, C)
         self.qz0_net = nn.Linear(C, 2 * L)
         extra = L * self.num_ou if self.noise == "fractional" else 0
-        self.posterior_net = _mlp((L + extra + C, Hd, Hd, L))
+        self.posterior_net = _mlp((L + extra + C + 1, Hd, Hd, L))
 
     # ------------------------------------------------------------------ pieces
     def _params(self, part: str) -> dict:
@@ -857,6 +865,41 @@ class LatentSDE(PyroModule):
         ax.legend(loc="best", fontsize=8)
         return ax
 
+    # ------------------------------------------------------------------ state-space form
+    def state_space(self, ts: torch.Tensor, dt: Optional[float] = None) -> "LatentSDEStateSpace":
+        r"""The prior as a discrete-time state-space model for the particle filter
+        (``backend="smc_filter"``; Pyro's ``SMCFilter`` contract): see :class:`LatentSDEStateSpace`.
+        ``ts`` are the observation times of one sequence; between them the SDE is discretized
+        by Euler-Maruyama with ``ceil(gap / dt)`` equal substeps (``dt``: the module's, or half the
+        smallest gap).  Brownian noise only."""
+        if self.noise != "brownian":
+            raise ValueError("state_space() is for noise='brownian'; the fractional state (z, Y) is not "
+                             "discretized here.")
+        ts, _, _ = self._check(ts, None, None, need_y=False)
+        if dt is None:
+            dt = self.dt if self.dt is not None else (_min_gap(ts, 0.1) / 2)
+        dt = check_positive(dt, "dt")
+        return LatentSDEStateSpace(self, ts, dt)
+
+    @pyro_method
+    def _ssm_init(self, state, initial=None):
+        p = self._params("model")
+        z = pyro.sample("z", dist.Normal(p["pz0_loc"], p["pz0_scale"]).to_event(1))
+        if initial is not None:
+            pyro.sample("y", self._obs_dist(z, p).to_event(1), obs=initial)
+        state["z"] = z
+
+    @pyro_method
+    def _ssm_step(self, state, substeps: int, h: float, y=None):
+        p = self._params("model")
+        z = state["z"]
+        for j in range(substeps):
+            loc = z + self._prior_drift(z, None, p) * h
+            z = pyro.sample(f"z_{j}", dist.Normal(loc, self._diffusion(z, p) * math.sqrt(h)).to_event(1))
+        if y is not None:
+            pyro.sample("y", self._obs_dist(z, p).to_event(1), obs=y)
+        state["z"] = z
+
     # ------------------------------------------------------------------ simulators
     @staticmethod
     def simulate(num_sequences: int = 32, num_time_steps: int = 50, theta: float = 1.0, mu: float = 0.5,
@@ -864,6 +907,80 @@ class LatentSDE(PyroModule):
                  dtype=torch.float64):
         """Ornstein-Uhlenbeck data (see :func:`simulate_ou`): ``(ts, ys, truth)``."""
         return simulate_ou(num_sequences, num_time_steps, theta, mu, sigma, obs_scale, t_end, seed, dtype)
+
+
+class LatentSDEStateSpace:
+    r"""A latent SDE's prior as a state-space model (Pyro's ``SMCFilter`` contract), from
+    :meth:`LatentSDE.state_space`.
+
+    ``init(state, initial=None)`` draws :math:`z_{t_0} \sim \mathcal N(m, s^2)` (site ``"z"``)
+    and observes ``initial`` (:math:`y_{t_0}`, shape ``(D,)``) if given; ``step(state, y)``
+    moves the state over the next observation interval by :math:`n = \lceil \Delta / dt \rceil`
+    Euler-Maruyama substeps of size :math:`h = \Delta / n`,
+    :math:`z \leftarrow \mathcal N(z + h_\theta(z)h,\ g(z)^2 h)` (sites ``"z_0".."z_{n-1}"``), and
+    observes :math:`y_{t_{i+1}}`.  The filter's data are ``ys[1:]`` of one sequence with
+    ``init_kwargs={"initial": ys[0]}``.  With an OU prior, a linear decoder and Gaussian noise
+    this is a linear-Gaussian state-space model, so the filter's evidence is checked against a
+    Kalman filter.  Its parameters are the LatentSDE's, so ``smc_filter`` learns them by
+    particle maximum likelihood.
+    """
+
+    def __init__(self, owner: LatentSDE, ts: torch.Tensor, dt: float):
+        self.owner, self.ts, self.dt = owner, ts, dt
+        gaps = (ts[1:] - ts[:-1]).tolist()
+        self.substeps = [max(1, math.ceil(g / dt - 1e-9)) for g in gaps]
+        self.h = [g / n for g, n in zip(gaps, self.substeps)]
+
+    def init(self, state, initial=None):
+        self._i = 0  # the interval the next step() covers (an SMCState holds only tensors)
+        self.owner._ssm_init(state, initial)
+
+    def step(self, state, y=None):
+        i = getattr(self, "_i", None)
+        if i is None:
+            raise RuntimeError("Call init(...) before step(...).")
+        self._i = i + 1
+        if i >= len(self.substeps):
+            raise ValueError(f"step() called more times than there are observation intervals ({len(self.substeps)}: "
+                             "pass ys[1:] of a sequence observed at ts).")
+        self.owner._ssm_step(state, self.substeps[i], self.h[i], y)
+
+    def kalman_log_evidence(self, ys: torch.Tensor) -> torch.Tensor:
+        r"""Exact :math:`\log p(y_{t_0..t_T})` of the discretized model when it is linear-Gaussian
+        (``drift="ou"``, ``diffusion="constant"``, ``decoder`` ``"identity"``/``"linear"``,
+        Gaussian likelihood), by a Kalman filter; ``ys`` ``(T, D)``."""
+        m = self.owner
+        if not (m.drift == "ou" and m.diffusion_kind == "constant" and m.decoder_kind in ("identity", "linear")
+                and m.likelihood == "gaussian"):
+            raise ValueError("kalman_log_evidence needs drift='ou', diffusion='constant', a linear or identity "
+                             "decoder and likelihood='gaussian' (a linear-Gaussian model).")
+        with torch.no_grad():
+            p = m._params_plain()
+            L = m.latent_dim
+            eye = torch.eye(L, dtype=ys.dtype, device=ys.device)
+            if m.decoder_kind == "identity":
+                C, d = eye, ys.new_zeros(L)
+            else:
+                C, d = m.decoder.weight, m.decoder.bias
+            R = torch.diag(p["obs_scale"] ** 2)
+            A1 = lambda h: eye - h * torch.diag(p["theta"])
+            b1 = lambda h: h * p["theta"] * p["mu"]
+            Q1 = lambda h: h * torch.diag(p["sigma"] ** 2)
+            mean, P = p["pz0_loc"].clone(), torch.diag(p["pz0_scale"] ** 2)
+            ll = ys.new_zeros(())
+            for i in range(ys.shape[0]):
+                if i > 0:
+                    for _ in range(self.substeps[i - 1]):
+                        h = self.h[i - 1]
+                        mean = A1(h) @ mean + b1(h)
+                        P = A1(h) @ P @ A1(h).T + Q1(h)
+                S = C @ P @ C.T + R
+                e = ys[i] - (C @ mean + d)
+                ll = ll + dist.MultivariateNormal(torch.zeros_like(e), S).log_prob(e)
+                K = P @ C.T @ torch.linalg.inv(S)
+                mean = mean + K @ e
+                P = (eye - K @ C) @ P
+            return ll
 
 
 class _FracGirsanov(nn.Module):
