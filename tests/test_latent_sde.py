@@ -400,9 +400,14 @@ def _linear_interp(t_obs, y_obs, t_new):
     return np.interp(t_new, t_obs, y_obs)
 
 
+def _split_lr(lr):
+    """Adam with the prior's parameters (theta, mu, sigma, p(z0)) at a tenth of the networks' rate:
+    with one rate the diffusion collapses before the posterior learns to follow the data."""
+    return pyro.optim.Adam(lambda name: {"lr": lr * (0.1 if any(k in name for k in ("theta", "mu", "sigma", "pz0"))
+                                                     else 1.0)})
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="NOT achieved yet: measured gain 0.0096 +- 0.0070 (n = 371), below "
-                   "2 SE; the amortized posterior underfits (docs/latent_sde.md, Findings)")
 def test_irregular_sampling_predictions_beat_linear_interpolation():
     """OU paths observed with N(0, 0.3^2) noise at a random 60% of 31 times per sequence; a fitted
     latent SDE (OU prior, neural posterior) predicts z at the held-out times.  Metric: the mean
@@ -418,7 +423,7 @@ def test_irregular_sampling_predictions_beat_linear_interpolation():
     torch.manual_seed(0)
     m = LatentSDE(1, latent_dim=1, context_dim=16, hidden_dim=32, drift="ou", diffusion="constant",
                   decoder="identity", obs_scale=0.3, dt=0.1).to(D64)
-    svi = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": 0.02}), pyro.infer.Trace_ELBO(max_plate_nesting=1))
+    svi = pyro.infer.SVI(m.model, m.guide, _split_lr(0.03), pyro.infer.Trace_ELBO(max_plate_nesting=1))
     for _ in range(400):
         svi.step(ts, ys, keep)
     pred = m.predict(ts, ys, ts, mask=keep, num_samples=200)["latent"].mean(0)[..., 0]  # (B, T)
@@ -435,3 +440,93 @@ def test_irregular_sampling_predictions_beat_linear_interpolation():
     print(f"held-out MSE gain of the latent SDE over linear interpolation: {d.mean():.4f} +- {se:.4f} "
           f"(n = {len(d)})")
     assert d.mean() > 2 * se
+
+
+def _kalman_mle(ts, ys, obs_scale):
+    """Exact MLE of (theta, mu, sigma) of OU paths observed with known Gaussian noise (Kalman
+    filter likelihood, stationary start) and its standard errors from the observed information."""
+    from scipy.optimize import minimize
+
+    y = ys[..., 0].numpy()
+    B, T = y.shape
+    d = float(ts[1] - ts[0])
+
+    def nll(x):
+        th, mu, sg = math.exp(x[0]), x[1], math.exp(x[2])
+        a = math.exp(-th * d)
+        q = sg ** 2 * (1 - a * a) / (2 * th)
+        m, P, ll = np.full(B, mu), np.full(B, sg ** 2 / (2 * th)), 0.0
+        for i in range(T):
+            if i > 0:
+                m, P = mu + a * (m - mu), a * a * P + q
+            S = P + obs_scale ** 2
+            e = y[:, i] - m
+            ll += (-0.5 * (np.log(2 * np.pi * S) + e * e / S)).sum()
+            K = P / S
+            m, P = m + K * e, (1 - K) * P
+        return -ll
+
+    x = minimize(nll, [0.0, 0.0, math.log(0.4)], method="Nelder-Mead",
+                 options=dict(xatol=1e-9, fatol=1e-9, maxiter=5000)).x
+    h, H = 1e-4, np.zeros((3, 3))
+    for i in range(3):
+        for j in range(3):
+            ei, ej = np.eye(3)[i] * h, np.eye(3)[j] * h
+            H[i, j] = (nll(x + ei + ej) - nll(x + ei - ej) - nll(x - ei + ej) + nll(x - ei - ej)) / (4 * h * h)
+    cov = np.linalg.inv(H)
+    mle = np.array([math.exp(x[0]), x[1], math.exp(x[2])])
+    se = np.array([mle[0] * math.sqrt(cov[0, 0]), math.sqrt(cov[1, 1]), mle[2] * math.sqrt(cov[2, 2])])
+    return mle, se
+
+
+def _fit_ou(steps=500):
+    pyro.clear_param_store()
+    ts, ys, _ = simulate_ou(64, 26, theta=1.0, mu=0.5, sigma=0.5, obs_scale=0.1, t_end=5.0, seed=0)
+    torch.manual_seed(0)
+    m = LatentSDE(1, latent_dim=1, context_dim=16, hidden_dim=32, drift="ou", diffusion="constant",
+                  decoder="identity", obs_scale=0.1, dt=0.1).to(D64)
+    svi = pyro.infer.SVI(m.model, m.guide, _split_lr(0.03), pyro.infer.Trace_ELBO(max_plate_nesting=1))
+    for _ in range(steps):
+        svi.step(ts, ys)
+    mle, se = _kalman_mle(ts, ys, 0.1)
+    est = np.array([float(m.theta), float(m.mu), float(m.sigma)])
+    print("latent SDE (theta, mu, sigma)", est.round(3), "exact MLE", mle.round(3), "SE", se.round(3))
+    return est, mle, se
+
+
+@pytest.mark.slow
+def test_ou_prior_recovers_the_drift():
+    """64 OU paths x 26 times (theta 1, mu 0.5, sigma 0.5, noise 0.1 known): the ELBO fit of an
+    OU prior puts theta and mu within 3 standard errors of the exact (Kalman) MLE on the same data
+    (SE from the MLE's observed information; measured: theta 0.906 vs 0.893 +- 0.082, mu 0.513
+    vs 0.502 +- 0.026 after 480 steps)."""
+    est, mle, se = _fit_ou()
+    assert abs(est[0] - mle[0]) < 3 * se[0] and abs(est[1] - mle[1]) < 3 * se[1]
+    assert abs(mle[0] - 1.0) < 3 * se[0] and abs(mle[1] - 0.5) < 3 * se[1]  # the reference itself
+
+
+@pytest.mark.parametrize("path_kl", ["logqp", "girsanov"])
+def test_fractional_control_kl(path_kl):
+    """Fractional noise with a constant control u = delta: KL = int u^2/2 dt = T delta^2 / 2 exactly
+    for the carried KL state; with path_kl='girsanov' the state adds int u dW, so it is
+    N(T delta^2/2, T delta^2) and E[exp(-l)] = 1 (4 standard errors)."""
+    pyro.clear_param_store()
+    delta, T, n = 0.5, 2.0, 2000
+    ts = torch.linspace(0, T, 11, dtype=D64)
+    ys = torch.zeros(n, 11, 1, dtype=D64)
+    m = _tiny(noise="fractional", gamma_max=5.0, dt=0.05, path_kl=path_kl, drift="neural")
+    with torch.no_grad():
+        for p in m.posterior_net.parameters():
+            p.zero_()
+        m.posterior_net[-1].bias.fill_(delta)
+    pyro.set_rng_seed(1)
+    with torch.no_grad():
+        g = pyro.poutine.trace(m.guide).get_trace(ts, ys)
+    ell = g.nodes["z_path"]["value"][..., -1, 1]
+    kl = T * delta ** 2 / 2
+    if path_kl == "logqp":
+        assert torch.allclose(ell, torch.full_like(ell, kl), rtol=1e-9)
+    else:
+        assert abs(float(ell.mean()) - kl) < 4 * math.sqrt(T * delta ** 2 / n)
+        w_se = math.sqrt(math.expm1(T * delta ** 2) / n)
+        assert abs(float(torch.exp(-ell).mean()) - 1.0) < 4 * w_se

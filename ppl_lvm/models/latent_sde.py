@@ -692,10 +692,11 @@ class LatentSDE(PyroModule):
         parts = [z0] + ([extra] if extra is not None else []) + [z0.new_zeros(z0.shape[:-1] + (1,))]
         return torch.cat(parts, -1)
 
-    def _solve(self, p, z0, ts, dt, posterior, ctx=None, bm=None, state0=None):
+    def _solve(self, p, z0, ts, dt, posterior, ctx=None, bm=None, state0=None, obs_ts=None):
         r"""Integrate from ``z0`` ``(..., L)`` (or a full augmented ``state0``) over ``ts``:
         returns the path ``(..., T, L)``, the accumulated log-ratio ``(..., T)`` and the final
-        augmented state ``(..., S)``."""
+        augmented state ``(..., S)``.  ``ctx`` ``(T_obs, B, C)`` lives on the observation times
+        ``obs_ts`` (default ``ts``), which the posterior drift looks up whatever the grid."""
         kind = self._kind(posterior)
         lead = z0.shape[:-1]
         flat = z0.reshape(-1, z0.shape[-1])
@@ -704,7 +705,7 @@ class LatentSDE(PyroModule):
             Tc, Bc, Cc = ctx.shape
             ctx = ctx.reshape((Tc,) + (1,) * (len(lead) - 1) + (Bc, Cc)).expand((Tc,) + lead + (Cc,))
             ctx = ctx.reshape(Tc, -1, Cc)
-        sde = _SDE(self, p, kind, posterior, ts=ts, ctx=ctx)
+        sde = _SDE(self, p, kind, posterior, ts=ts if obs_ts is None else obs_ts, ctx=ctx)
         if self.path_kl == "girsanov" and kind == "fractional" and posterior:
             sde = _FracGirsanov(sde)
         T = ts.shape[0]
@@ -806,7 +807,8 @@ class LatentSDE(PyroModule):
         inside = ts_future[ts_future <= ts[-1]]
         after = ts_future[ts_future > ts[-1]]
         grid = torch.unique(torch.cat([ts, inside]))
-        path, _, state = self._solve(p, z0, grid, min(dt, _min_gap(grid, dt)), posterior=True, ctx=_ctx_on(ctx, ts, grid))
+        path, _, state = self._solve(p, z0, grid, _sliver_free_dt(grid, min(dt, _min_gap(grid, dt))), posterior=True,
+                                     ctx=ctx, obs_ts=ts)
         outs = [path[..., torch.searchsorted(grid, inside), :]] if inside.numel() else []
         if after.numel():
             g2 = torch.cat([ts[-1:], after])
@@ -815,7 +817,7 @@ class LatentSDE(PyroModule):
                 start = state[..., :L]
             else:  # fractional: keep Y, restart the log-ratio channel
                 start = torch.cat([state[..., :-1], state.new_zeros(state.shape[:-1] + (1,))], -1)
-            p2, _, _ = self._solve(p, start[..., :L], g2, min(dt, _min_gap(g2, dt)), posterior=False,
+            p2, _, _ = self._solve(p, start[..., :L], g2, _sliver_free_dt(g2, min(dt, _min_gap(g2, dt))), posterior=False,
                                    state0=None if kind == "diagonal" else start)
             outs.append(p2[..., 1:, :])
         latent = torch.cat(outs, -2)
@@ -1032,17 +1034,6 @@ def _sliver_free_dt(ts, dt: float, per_gap: bool = False) -> float:
 
 def _min_gap(grid, default):
     return float((grid[1:] - grid[:-1]).min()) if grid.numel() > 1 else default
-
-
-def _ctx_on(ctx, ts, grid):
-    """The context read at each point of a finer grid: the value at the next observation at or
-    after it (``ctx[i]`` summarizes ``y_i..y_T``), kept piecewise constant as during training."""
-    if grid.shape == ts.shape and bool((grid == ts).all()):
-        return ctx
-    # the drift reads ctx_grid[j] on [grid_{j-1}, grid_j); training reads ctx[#(ts <= t)] there
-    idx = torch.searchsorted(ts, grid, right=True)
-    idx = torch.cat([idx.new_zeros(1), idx[:-1]]).clamp(max=ts.shape[0] - 1)
-    return ctx[idx]
 
 
 # =========================================================================== simulators
