@@ -14,7 +14,6 @@ the table also prints the loss per path at the first and last timed iteration of
 """
 
 import argparse
-import math
 import resource
 import time
 
@@ -138,7 +137,7 @@ def main():
     print(f"{args.paths} paths x {args.times} times on [0, {args.t_end}], latent 4, context 64, hidden 128, "
           f"euler, dt {dt_used:.5g} (asked {args.dt}), {args.iters} timed iterations after 1 warm-up, "
           f"{args.threads} thread(s); peak RSS after the Pyro run {rss_ours:.0f} MiB")
-    print(f"| implementation | s / iteration (mean) | min | loss/path at first -> last timed iteration |")
+    print("| implementation | s / iteration (mean) | min | loss/path at first -> last timed iteration |")
     print("| --- | --- | --- | --- |")
     for name, (tt, l0, l1) in rows.items():
         print(f"| {name} | {sum(tt) / len(tt):.3f} | {min(tt):.3f} | {l0:.1f} -> {l1:.1f} |")

@@ -86,7 +86,6 @@ References:
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -801,7 +800,7 @@ class LatentSDE(PyroModule):
         dt = self._solver_dt(ts)
         ctx = self._context(ts, ys, mask)
         h = self.qz0_net(ctx[0])
-        L, B = self.latent_dim, ys.shape[0]
+        L = self.latent_dim
         loc, scale = h[..., :L], nn.functional.softplus(h[..., L:]) + tiny(ys.dtype) ** 0.25
         z0 = loc + scale * torch.randn((S,) + loc.shape, dtype=loc.dtype, device=loc.device)
         inside = ts_future[ts_future <= ts[-1]]
