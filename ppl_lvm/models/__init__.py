@@ -49,3 +49,7 @@ __all__ += ["MultiTaskGPMixture", "select_num_clusters"]
 from .ibp import IBPGibbsFit, IndianBuffet, RestrictedBernoulliRows, SparseIBPFactorization  # noqa: E402
 
 __all__ += ["IBPGibbsFit", "IndianBuffet", "RestrictedBernoulliRows", "SparseIBPFactorization"]
+
+from .latent_sde import KLAnnealing, LatentSDE  # noqa: E402
+
+__all__ += ["LatentSDE", "KLAnnealing"]

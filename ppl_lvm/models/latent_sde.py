@@ -1,0 +1,1119 @@
+r"""Latent stochastic differential equations (latent SDEs), with Brownian or fractional noise.
+
+**Model** (Li, Wong, Chen & Duvenaud 2020).  A latent path :math:`z(t) \in \mathbb R^L` follows
+the prior SDE and emits observations at (irregular) times :math:`t_1 < \dots < t_T`:
+
+.. math::
+
+    z(t_0) \sim \mathcal N(m, \mathrm{diag}\, s^2), \qquad
+    dz = h_\theta(z, t)\,dt + g(z, t)\,dW(t), \qquad
+    y_{t_i} \mid z(t_i) \sim \mathrm{Normal}/\mathrm{Laplace}\big(d_\theta(z(t_i)), \sigma_y\big),
+
+with :math:`g` diagonal.  The posterior (the guide) is an SDE with the *same* diffusion and a
+drift that sees a context :math:`c_t` computed by a GRU that reads the observations backwards
+in time (so :math:`c_t` summarizes the observations after :math:`t`):
+
+.. math::
+
+    z(t_0) \sim \mathcal N(\mu_\phi(c_{t_0}), \mathrm{diag}\,\sigma_\phi^2(c_{t_0})), \qquad
+    dz = f_\phi(z, c_t, t_{\mathrm{next}} - t)\,dt + g(z, t)\,dW(t),
+
+with :math:`t_{\mathrm{next}}` the next observation time (an addition to Li et al.'s drift: the
+bridge-like pull toward an observation depends on the time left until it).
+
+With :math:`u = (f_\phi - h_\theta)/g` Girsanov's theorem gives the log density ratio of the
+two path measures, :math:`\log \tfrac{dQ}{dP} = \int u^\top dW_Q + \tfrac12 \int |u|^2 dt`, so
+the evidence lower bound is
+
+.. math::
+
+    \mathcal L = \mathbb E_Q\Big[\sum_i \log p(y_{t_i} \mid z(t_i))\Big]
+        - \mathrm{KL}\big(q(z_0)\,\|\,p(z_0)\big)
+        - \mathbb E_Q\Big[\int_{t_0}^{t_T} \tfrac12 |u(z, t)|^2\,dt\Big].
+
+**As a Pyro program.**  The guide draws ``z0`` from :math:`q(z_0)` and then the whole path
+(``z_path``: its values at the observation times, plus one channel holding the accumulated
+path log-ratio) from the posterior SDE with ``torchsde.sdeint``; the path site is a ``Delta``
+in the guide (log density 0: the density of :math:`Q` with respect to itself).  The model
+draws ``z0`` from :math:`p(z_0)`, scores the path site with density 0 and adds the path's
+log density :math:`\log dP/dQ` with ``pyro.factor("path_kl", -beta * log_ratio)``.  A model
+run on its own (no guide) simulates the prior SDE, whose log-ratio channel is 0 (``dP/dP``).
+So the ELBO that SVI computes is :math:`\mathcal L` above (tested to machine precision).
+
+``path_kl="logqp"`` (the default, Li et al.'s estimator) takes the log-ratio from
+``sdeint(..., logqp=True)``: :math:`\tfrac12\int|u|^2dt` per path, without the martingale
+term :math:`\int u^\top dW`, whose mean is zero.  Its mean is right, so the ELBO and its
+gradient are unbiased, but it is **not** an importance weight: IWAE, chi^2-VIS and
+importance-sampled evidence estimates need ``path_kl="girsanov"``, which carries
+:math:`\ell = \int \tfrac12|u|^2dt + \int u^\top dW` as an extra state of a general-noise SDE
+(Itô Euler), so that :math:`\mathbb E_Q[e^{-\ell}] = 1` exactly.
+
+**Fractional noise** (``noise="fractional"``; Daems, Opper, Crevecoeur & Birdal, ICLR 2024).
+Fractional Brownian motion of Hurst index :math:`H` (type II, Riemann-Liouville,
+:math:`B_H(t) = \Gamma(H+\tfrac12)^{-1}\int_0^t (t-s)^{H-1/2}dW_s`) is approximated by
+:math:`\hat B_H(t) = \sum_{k=1}^K \omega_k Y_k(t)`, :math:`dY_k = -\gamma_k Y_k\,dt + dW`
+(one :math:`W` per latent dimension shared by its :math:`K` processes),
+:math:`\gamma_k = r^{k-(K+1)/2}`, :math:`r = \gamma_{\max}^{2/(K-1)}`.  The weights minimizing
+:math:`\int_0^T \mathbb E(B_H - \hat B_H)^2 dt` solve :math:`A\omega = b` with
+:math:`A_{ij} = [T - (1 - e^{-(\gamma_i+\gamma_j)T})/(\gamma_i+\gamma_j)]/(\gamma_i+\gamma_j)`
+and :math:`b_k = T\gamma_k^{-(H+1/2)}P(H+\tfrac12, \gamma_kT) -
+(H+\tfrac12)\gamma_k^{-(H+3/2)}P(H+\tfrac32,\gamma_kT)`, computed by Gauss-Legendre
+quadrature of :math:`b_k = \Gamma(H+\tfrac32)^{-1}\int_0^{T^{H+1/2}}(T - v^{1/(H+1/2)})
+e^{-\gamma_k v^{1/(H+1/2)}}dv` so that a learned :math:`H` gets gradients.  The latent path
+solves :math:`dz = h\,dt + g\,d\hat B_H`, i.e. on the Markov state :math:`(z, Y)`
+
+.. math::
+
+    dz = \big[h + g \textstyle\sum_k \omega_k(-\gamma_k Y_k + u)\big]dt + g\,(\textstyle\sum_k\omega_k)\,dW,
+    \qquad dY_k = (-\gamma_k Y_k + u)\,dt + dW,
+
+with :math:`u = 0` under the prior and a learned control :math:`u(z, Y, c_t)` (one per latent
+dimension) under the posterior; :math:`\mathrm{KL} = \mathbb E\int \tfrac12|u|^2dt` is an
+extra state (general noise: Itô Euler).  Stability of the explicit scheme needs
+:math:`\gamma_{\max}\,dt < 1/2`.
+
+References:
+
+1. Li, Wong, Chen, Duvenaud. *Scalable gradients for stochastic differential equations*.
+   AISTATS 2020 (the latent SDE, its ELBO and the stochastic adjoint; torchsde).
+2. Kidger, Foster, Li, Lyons. *Efficient and accurate gradients for neural SDEs*. NeurIPS 2021.
+3. Daems, Opper, Crevecoeur, Birdal. *Variational inference for SDEs driven by fractional noise*.
+   ICLR 2024 (the Markov approximation of fBM and its optimal weights).
+4. Harms, Stefanovits. *Affine representations of fractional processes with applications in
+   mathematical finance*. Stoch. Proc. Appl. 2019 (fBM as a mixture of OU processes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+import torchsde
+from pyro.nn import PyroModule, PyroParam, pyro_method
+from torch import nn
+from torch.distributions import constraints
+
+from . import register_model
+from ..numerics import tiny
+from ..validation import check_choice, check_positive, check_positive_int, check_real
+
+__all__ = ["LatentSDE", "LatentSDEStateSpace", "KLAnnealing", "fbm_weights", "fbm_b_closed_form", "fbm_b_quadrature",
+           "fbm_gammas", "fbm_variance", "rl_fbm_covariance", "markov_fbm_variance", "union_grid", "simulate_ou",
+           "simulate_fractional_ou"]
+
+LIKELIHOODS = ("gaussian", "laplace")
+NOISES = ("brownian", "fractional")
+DRIFTS = ("neural", "ou")
+DIFFUSIONS = ("neural", "constant")
+DECODERS = ("neural", "linear", "identity")
+PATH_KLS = ("logqp", "girsanov")
+DIAGONAL_METHODS = ("euler", "milstein", "srk")
+GENERAL_METHODS = ("euler",)
+
+
+# =========================================================================== fractional noise
+def fbm_gammas(num_ou: int, gamma_max: float, dtype=torch.float64, device=None) -> torch.Tensor:
+    r""":math:`\gamma_k = r^{k-(K+1)/2}`, :math:`r = \gamma_{\max}^{2/(K-1)}`, :math:`k = 1..K`
+    (geometric between :math:`1/\gamma_{\max}` and :math:`\gamma_{\max}`; ``K = 1`` gives
+    :math:`\gamma_1 = 1`)."""
+    K = check_positive_int(num_ou, "num_ou")
+    gamma_max = check_positive(gamma_max, "gamma_max")
+    if K == 1:
+        return torch.ones(1, dtype=dtype, device=device)
+    r = gamma_max ** (2.0 / (K - 1))
+    k = torch.arange(1, K + 1, dtype=dtype, device=device)
+    return r ** (k - (K + 1) / 2)
+
+
+def _gram(gammas: torch.Tensor, T) -> torch.Tensor:
+    r""":math:`A_{ij} = \int_0^T \mathrm{Cov}(Y_i(t), Y_j(t))\,dt`, with the limit
+    :math:`T^2/2 - sT^3/6 + s^2T^4/24` for :math:`s = \gamma_i+\gamma_j \to 0`."""
+    s = gammas[:, None] + gammas[None, :]
+    sT = s * T
+    small = sT < 1e-3
+    safe = torch.where(small, torch.ones_like(s), s)
+    exact = (T + torch.expm1(-safe * T) / safe) / safe
+    series = T ** 2 / 2 - s * T ** 3 / 6 + s ** 2 * T ** 4 / 24
+    return torch.where(small, series, exact)
+
+
+def fbm_b_closed_form(hurst: float, gammas, T: float) -> np.ndarray:
+    r""":math:`b_k = T\gamma_k^{-a}P(a, \gamma_kT) - a\gamma_k^{-a-1}P(a+1, \gamma_kT)`,
+    :math:`a = H + 1/2`, with scipy's regularized lower incomplete gamma :math:`P`
+    (float64 numpy; the reference the quadrature is tested against)."""
+    from scipy.special import gammainc
+
+    g = np.asarray(torch.as_tensor(gammas).detach().cpu(), dtype=np.float64)
+    a = hurst + 0.5
+    return T * g ** (-a) * gammainc(a, g * T) - a * g ** (-a - 1) * gammainc(a + 1, g * T)
+
+
+#: Gauss-Legendre nodes/weights on [0, 1] per (number of nodes), cached in float64
+_GL_CACHE: Dict[int, tuple] = {}
+
+
+def _gauss_legendre(n: int):
+    if n not in _GL_CACHE:
+        x, w = np.polynomial.legendre.leggauss(n)
+        _GL_CACHE[n] = ((x + 1) / 2, w / 2)
+    return _GL_CACHE[n]
+
+
+def fbm_b_quadrature(hurst, gammas: torch.Tensor, T: float, num_nodes: int = 48,
+                     num_panels: int = 12) -> torch.Tensor:
+    r""":math:`b_k = \Gamma(H+\tfrac32)^{-1}\int_0^{T^{a}}(T - v^{1/a})e^{-\gamma_k v^{1/a}}dv`,
+    :math:`a = H + 1/2`, by composite Gauss-Legendre quadrature, differentiable in ``hurst``
+    (a tensor) through ``torch.lgamma``.  The integrand varies fastest near :math:`v = 0`
+    (:math:`v^{1/a}` has an unbounded derivative there for :math:`H > 1/2`, and
+    :math:`e^{-\gamma v^{1/a}}` decays on a scale :math:`\gamma^{-a}`), so the panels are
+    graded geometrically toward 0 (each half the width of the next)."""
+    hurst = torch.as_tensor(hurst, dtype=gammas.dtype, device=gammas.device)
+    a = hurst + 0.5
+    upper = T ** a
+    x, w = _gauss_legendre(num_nodes)
+    x = torch.as_tensor(x, dtype=gammas.dtype, device=gammas.device)
+    w = torch.as_tensor(w, dtype=gammas.dtype, device=gammas.device)
+    # panel edges 0, 2^-(P-1), ..., 1/2, 1 (as fractions of the upper limit)
+    edges = torch.cat([gammas.new_zeros(1),
+                       2.0 ** torch.arange(-(num_panels - 1), 1, dtype=gammas.dtype, device=gammas.device)])
+    lo, hi = edges[:-1], edges[1:]
+    frac = lo[:, None] + (hi - lo)[:, None] * x[None, :]  # (P, n) in (0, 1)
+    wts = ((hi - lo)[:, None] * w[None, :]).reshape(-1)
+    v = upper * frac.reshape(-1)  # (P n,)
+    s = v ** (1.0 / a)  # the time variable x = v^(1/a)
+    integrand = (T - s)[None, :] * torch.exp(-gammas[:, None] * s[None, :])
+    return upper * (integrand * wts).sum(-1) * torch.exp(-torch.lgamma(a + 1))
+
+
+def fbm_weights(hurst, gammas: torch.Tensor, T: float) -> torch.Tensor:
+    r"""Optimal weights :math:`\omega` of the Markov approximation (type II fBM): the solution
+    of :math:`A\omega = b` (module docstring), in float64 and cast back to ``gammas``' dtype."""
+    g64 = gammas.to(torch.float64)
+    A = _gram(g64, float(T))
+    b = fbm_b_quadrature(torch.as_tensor(hurst).to(g64), g64, float(T))
+    return torch.linalg.solve(A, b).to(gammas.dtype)
+
+
+def fbm_variance(hurst: float, t):
+    r""":math:`\mathrm{Var}\,B_H(t) = t^{2H} / (2H\,\Gamma(H+\tfrac12)^2)` of type II fBM."""
+    return t ** (2 * hurst) / (2 * hurst * math.gamma(hurst + 0.5) ** 2)
+
+
+def markov_fbm_variance(omega: torch.Tensor, gammas: torch.Tensor, t):
+    r""":math:`\mathrm{Var}\,\hat B_H(t) = \sum_{ij}\omega_i\omega_j(1 - e^{-(\gamma_i+\gamma_j)t})
+    /(\gamma_i+\gamma_j)` (with the limit :math:`t` as :math:`\gamma_i+\gamma_j \to 0`)."""
+    t = torch.as_tensor(t, dtype=gammas.dtype, device=gammas.device).reshape(-1, 1, 1)
+    s = (gammas[:, None] + gammas[None, :])
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    cov = torch.where(s > 0, -torch.expm1(-safe * t) / safe, t.expand(-1, *s.shape))
+    return torch.einsum("i,tij,j->t", omega, cov, omega)
+
+
+# =========================================================================== data handling
+def union_grid(times: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
+    r"""Put sequences observed at their own times on the union of their grids.
+
+    :param times: ``B`` strictly increasing 1-d tensors (``T_b`` times each).
+    :param values: ``B`` tensors ``(T_b, D)``.
+    :returns: ``(ts, ys, mask)``: the sorted union ``ts`` ``(T,)``, ``ys`` ``(B, T, D)`` (zeros
+        where a sequence has no observation) and ``mask`` ``(B, T)`` (True where observed).
+    """
+    if not isinstance(times, (list, tuple)) or not isinstance(values, (list, tuple)) or len(times) != len(values) \
+            or not times:
+        raise ValueError("times and values must be lists of the same (non-zero) length, one entry per sequence.")
+    for b, (t, v) in enumerate(zip(times, values)):
+        if not torch.is_tensor(t) or t.dim() != 1 or not torch.is_tensor(v) or v.dim() != 2 or v.shape[0] != t.shape[0]:
+            raise ValueError(f"Sequence {b}: times must be 1-d (T_b,) and values (T_b, D) with the same T_b, got "
+                             f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__} and "
+                             f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}.")
+        if t.numel() > 1 and not bool((t[1:] > t[:-1]).all()):
+            raise ValueError(f"times[{b}] must be strictly increasing (sort it and drop duplicated times).")
+    ts = torch.unique(torch.cat([t.to(values[0].dtype) for t in times]))  # sorted
+    B, T, D = len(times), ts.shape[0], values[0].shape[-1]
+    ys = values[0].new_zeros(B, T, D)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=ts.device)
+    for b, (t, v) in enumerate(zip(times, values)):
+        idx = torch.searchsorted(ts, t.to(ts.dtype))
+        ys[b, idx] = v
+        mask[b, idx] = True
+    return ts, ys, mask
+
+
+# =========================================================================== networks
+def _mlp(sizes, activation=nn.Softplus):
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+class _DiagonalNets(nn.Module):
+    r"""``L`` independent one-input MLPs :math:`g_i(z_i) = \mathrm{softplus}(\mathrm{MLP}_i(z_i))`
+    evaluated in one batched call (diagonal noise whose :math:`i`-th entry depends on
+    :math:`z_i` only, the condition torchsde's diagonal-noise Milstein/SRK schemes assume)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(dim, hidden) / 2)
+        self.b1 = nn.Parameter(torch.zeros(dim, hidden))
+        self.w2 = nn.Parameter(torch.randn(dim, hidden) / math.sqrt(hidden))
+        self.b2 = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, z):  # z (N, L)
+        h = nn.functional.softplus(z[..., None] * self.w1 + self.b1)
+        return nn.functional.softplus((h * self.w2).sum(-1) + self.b2)
+
+
+# =========================================================================== SDE objects for torchsde
+class _SDE(nn.Module):
+    """The drift/diffusion functions torchsde integrates (see the module docstring).
+
+    ``kind``: ``"diagonal"`` (Brownian, state ``z``; with ``posterior`` it also has ``h`` for
+    ``logqp``), ``"girsanov"`` (Brownian, state ``[z, l]``, general noise) or ``"fractional"``
+    (state ``[z, Y, l]``, general noise).
+    """
+
+    sde_type = "ito"
+
+    def __init__(self, owner: "LatentSDE", params: dict, kind: str, posterior: bool, ts=None, ctx=None):
+        super().__init__()
+        self.owner, self.p, self.kind, self.posterior = owner, params, kind, posterior
+        self.noise_type = "diagonal" if kind == "diagonal" else "general"
+        self.ts, self.ctx = ts, ctx
+        self.L = owner.latent_dim
+
+    def _ctx(self, t):
+        """The context of the next observation and the time left until it (a Brownian bridge's
+        drift toward an observation grows like 1 / (t_next - t), which the network cannot infer
+        from ``c`` alone on an irregular grid)."""
+        i = torch.searchsorted(self.ts, t.reshape(1), right=True).clamp(max=self.ts.shape[0] - 1)
+        c = self.ctx[i[0]]
+        left = (self.ts[i[0]] - t).clamp(min=0).to(c.dtype)
+        return torch.cat([c, left.expand(c.shape[:-1] + (1,))], -1)
+
+    def prior_drift(self, t, z):
+        return self.owner._prior_drift(z, t, self.p)
+
+    def diffusion(self, t, z):
+        return self.owner._diffusion(z, self.p)
+
+    def post_drift(self, t, z, extra=None):
+        inp = [z] if extra is None else [z, extra]
+        return self.owner.posterior_net(torch.cat(inp + [self._ctx(t)], -1))
+
+    # ---- diagonal (torchsde's logqp needs f, g, h)
+    def f(self, t, y):
+        if self.kind == "diagonal":
+            return self.post_drift(t, y) if self.posterior else self.prior_drift(t, y)
+        if self.kind == "girsanov":
+            z = y[..., :self.L]
+            g = self.diffusion(t, z)
+            h = self.prior_drift(t, z)
+            fz = self.post_drift(t, z) if self.posterior else h
+            u = (fz - h) / g
+            return torch.cat([fz, 0.5 * (u * u).sum(-1, keepdim=True)], -1)
+        # fractional
+        L, K = self.L, self.owner.num_ou
+        z, Y = y[..., :L], y[..., L:L + L * K].reshape(y.shape[:-1] + (L, K))
+        gam, om = self.p["gammas"], self.p["omega"]
+        u = self.post_drift(t, z, Y.flatten(-2)) if self.posterior else torch.zeros_like(z)
+        dY = -gam * Y + u[..., None]
+        dz = self.prior_drift(t, z) + self.diffusion(t, z) * (dY * om).sum(-1)
+        return torch.cat([dz, dY.flatten(-2), 0.5 * (u * u).sum(-1, keepdim=True)], -1)
+
+    def h(self, t, y):
+        return self.prior_drift(t, y)
+
+    def g(self, t, y):
+        if self.kind == "diagonal":
+            return self.diffusion(t, y)
+        L = self.L
+        z = y[..., :L]
+        gz = self.diffusion(t, z)
+        eye = torch.diag_embed(torch.ones_like(z))  # (N, L, L)
+        if self.kind == "girsanov":
+            h = self.prior_drift(t, z)
+            u = (self.post_drift(t, z) - h) / gz if self.posterior else torch.zeros_like(z)
+            return torch.cat([torch.diag_embed(gz), u[..., None, :]], -2)
+        K = self.owner.num_ou
+        om = self.p["omega"]
+        top = torch.diag_embed(gz * om.sum())
+        ys = eye[..., :, None, :].expand(z.shape[:-1] + (L, K, L)).reshape(z.shape[:-1] + (L * K, L))
+        last = torch.zeros_like(z)[..., None, :]
+        if self.owner.path_kl == "girsanov" and self.posterior:
+            last = self._last_u[..., None, :]
+        return torch.cat([top, ys, last], -2)
+
+
+# =========================================================================== the path site
+class _PathSupport(constraints.Constraint):
+    """Support of a latent SDE path: real values, with the path's first point pinned to the
+    initial state ``start`` (exposed as ``lower_bound``/``upper_bound`` of that point).  The pin
+    depends on the ``z0`` draw, so backends that map every latent to unconstrained space with
+    one fixed transform (SG-HMC, the SMC samplers) see a support that depends on another latent
+    and refuse the model by name: a path of an SDE cannot be moved freely by a gradient sampler."""
+
+    is_discrete = False
+    event_dim = 2
+
+    def __init__(self, start: torch.Tensor):
+        self.lower_bound = start.detach()
+        self.upper_bound = start.detach()
+        super().__init__()
+
+    def check(self, value):
+        return torch.ones(value.shape[:-2], dtype=torch.bool, device=value.device)
+
+
+class _PriorPath(dist.TorchDistribution):
+    """The model's path site: ``sample()`` simulates the prior SDE (the log-ratio channel is
+    0); ``log_prob`` is 0, the path's density being carried by the ``path_kl`` factor (module
+    docstring)."""
+
+    arg_constraints = {}
+    has_rsample = True
+
+    def __init__(self, simulate, start, event_shape):
+        self._simulate, self._start = simulate, start
+        super().__init__(batch_shape=start.shape[:-1], event_shape=event_shape, validate_args=False)
+
+    @constraints.dependent_property(is_discrete=False, event_dim=2)
+    def support(self):
+        return _PathSupport(self._start)
+
+    def rsample(self, sample_shape=torch.Size()):
+        if sample_shape:
+            raise NotImplementedError("draw several prior paths with a particle plate")
+        return self._simulate()
+
+    def log_prob(self, value):
+        return value.new_zeros(value.shape[:-2])
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        start = self._start.expand(batch_shape + self._start.shape[-1:])
+        sim = self._simulate
+        return _PriorPath(lambda: _broadcast(sim(), batch_shape), start, self.event_shape)
+
+
+def _broadcast(v, batch_shape):
+    return v.expand(batch_shape + v.shape[-2:])
+
+
+# =========================================================================== the model
+class KLAnnealing:
+    r"""KL annealing as in torchsde's latent-SDE example: the weight :math:`\beta` of the path
+    and initial-state KL rises linearly from ``start`` to 1 over ``num_steps`` steps of a
+    backend's ``run``; use as ``backend.run(..., callbacks=[KLAnnealing(sde, 1000)])``.  The
+    objective is a lower bound on the evidence only once :math:`\beta = 1`."""
+
+    def __init__(self, sde: "LatentSDE", num_steps: int, start: float = 0.0):
+        self.sde = sde
+        self.num_steps = check_positive_int(num_steps, "num_steps")
+        self.start = check_real(start, "start", low=0.0, high=1.0)
+        sde.kl_weight = self.weight(0)
+
+    def weight(self, step: int) -> float:
+        return min(1.0, self.start + (1 - self.start) * step / self.num_steps)
+
+    def __call__(self, backend, step: int, loss: float) -> bool:
+        self.sde.kl_weight = self.weight(step + 1)
+        return False
+
+
+class LatentSDE(PyroModule):
+    r"""Latent SDE (module docstring): ``model(ts, ys, mask=None)`` / ``guide(ts, ys, mask=None)``.
+
+    :param int obs_dim: D.  :param int latent_dim: L.  :param int context_dim: width of the GRU
+        context.  :param int hidden_dim: width of the networks.
+    :param str likelihood: ``"gaussian"`` or ``"laplace"`` (learned scale per observed dimension
+        unless ``obs_scale`` fixes it).
+    :param str noise: ``"brownian"`` or ``"fractional"``.
+    :param str drift: prior drift, ``"neural"`` (an MLP of ``z``) or ``"ou"``
+        (:math:`\theta \odot (\mu - z)`, learned ``theta``, ``mu``).
+    :param str diffusion: ``"neural"`` (per-dimension MLPs of :math:`z_i`) or ``"constant"``
+        (learned ``sigma`` per dimension).
+    :param str decoder: ``"neural"``, ``"linear"`` or ``"identity"`` (needs ``obs_dim == latent_dim``).
+    :param str method: torchsde solver (diagonal noise: euler, milstein, srk; general noise,
+        i.e. ``noise="fractional"`` or ``path_kl="girsanov"``: euler).
+    :param dt: solver step (``None``: half the smallest spacing of the grid, and for fractional
+        noise at most :math:`0.49/\gamma_{\max}`).  Larger than the smallest observation spacing
+        is refused.  It is shortened by at most a few percent so that the solver's last step is
+        not a rounding sliver (see :func:`_sliver_free_dt`: torchsde hangs on one).
+    :param bool adjoint: solve with ``torchsde.sdeint_adjoint`` (memory constant in the number of
+        steps), passing every parameter the SDE depends on and the context as ``adjoint_params``.
+    :param str path_kl: ``"logqp"`` or ``"girsanov"`` (module docstring).
+    :param obs_scale: a fixed observation scale (``None``: learned).
+    :param int num_ou: K, OU processes per latent dimension (fractional noise).
+    :param float gamma_max: largest OU rate (fractional noise).
+    :param float hurst: initial (or, with ``learn_hurst=False``, fixed) Hurst index in (0, 1).
+    :param gammas: explicit OU rates instead of the geometric grid (e.g. ``[0.0]`` with K = 1).
+    :param float horizon: T of the fBM weights' objective (``None``: the span of the first data).
+    :param str name: prefix of the Pyro parameter names.
+    """
+
+    def __init__(self, obs_dim: int, latent_dim: int = 4, context_dim: int = 16, hidden_dim: int = 32,
+                 likelihood: str = "gaussian", noise: str = "brownian", *, drift: str = "neural",
+                 diffusion: str = "neural", decoder: str = "neural", method: str = "euler",
+                 dt: Optional[float] = None, adjoint: bool = False, path_kl: str = "logqp",
+                 obs_scale: Optional[float] = None, num_ou: int = 5, gamma_max: float = 20.0,
+                 hurst: float = 0.5, learn_hurst: bool = True, gammas=None, horizon: Optional[float] = None,
+                 name: str = "latent_sde"):
+        super().__init__(name=name)
+        self.obs_dim = check_positive_int(obs_dim, "obs_dim")
+        self.latent_dim = L = check_positive_int(latent_dim, "latent_dim")
+        self.context_dim = C = check_positive_int(context_dim, "context_dim")
+        self.hidden_dim = Hd = check_positive_int(hidden_dim, "hidden_dim")
+        self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
+        self.noise = check_choice(noise, "noise", NOISES)
+        self.drift = check_choice(drift, "drift", DRIFTS)
+        self.diffusion_kind = check_choice(diffusion, "diffusion", DIFFUSIONS)
+        self.decoder_kind = check_choice(decoder, "decoder", DECODERS)
+        self.path_kl = check_choice(path_kl, "path_kl", PATH_KLS)
+        if self.decoder_kind == "identity" and obs_dim != latent_dim:
+            raise ValueError(f"decoder='identity' needs obs_dim == latent_dim, got {obs_dim} and {latent_dim}; "
+                             "use decoder='linear'.")
+        general = self.noise == "fractional" or self.path_kl == "girsanov"
+        allowed = GENERAL_METHODS if general else DIAGONAL_METHODS
+        if method not in allowed:
+            why = ("the augmented state (fractional noise or path_kl='girsanov') has general noise, "
+                   "for which torchsde's Ito solvers are" if general else "torchsde's Ito solvers for diagonal noise are")
+            raise ValueError(f"method={method!r} is not available: {why} {allowed}.")
+        self.method = method
+        self.dt = None if dt is None else check_positive(dt, "dt")
+        if not isinstance(adjoint, bool):
+            raise TypeError(f"adjoint must be True or False, got {adjoint!r}.")
+        if adjoint and general:
+            raise ValueError("adjoint=True needs diagonal noise (noise='brownian', path_kl='logqp'); "
+                             "torchsde's adjoint of general-noise SDEs is not supported here.")
+        self.adjoint = adjoint
+        self.kl_weight = 1.0
+        self.num_ou = check_positive_int(num_ou, "num_ou")
+        self.gamma_max = check_positive(gamma_max, "gamma_max")
+        self.horizon = None if horizon is None else check_positive(horizon, "horizon")
+        if gammas is not None:
+            gammas = torch.as_tensor(gammas, dtype=torch.get_default_dtype()).reshape(-1)
+            if gammas.numel() != self.num_ou or bool((gammas < 0).any()):
+                raise ValueError(f"gammas must be {self.num_ou} non-negative rates (num_ou), got {gammas.tolist()}.")
+            self.gamma_max = float(gammas.max()) if float(gammas.max()) > 0 else self.gamma_max
+        elif self.noise == "fractional":
+            gammas = fbm_gammas(self.num_ou, self.gamma_max, dtype=torch.get_default_dtype())
+        self.register_buffer("gammas", gammas if gammas is not None else torch.zeros(0))
+        hurst = check_real(hurst, "hurst", low=0.0, high=1.0, open_low=True, open_high=True)
+
+        # ---- generative parameters
+        self.pz0_loc = PyroParam(torch.zeros(L))
+        self.pz0_scale = PyroParam(torch.ones(L), constraints.positive)
+        if self.drift == "neural":
+            self.prior_net = _mlp((L, Hd, Hd, L))
+        else:
+            self.theta = PyroParam(torch.ones(L), constraints.positive)
+            self.mu = PyroParam(torch.zeros(L))
+        if self.diffusion_kind == "neural":
+            self.diffusion_net = _DiagonalNets(L, Hd)
+        else:
+            self.sigma = PyroParam(torch.full((L,), 0.5), constraints.positive)
+        if self.decoder_kind == "neural":
+            self.decoder = _mlp((L, Hd, obs_dim))
+        elif self.decoder_kind == "linear":
+            self.decoder = nn.Linear(L, obs_dim)
+        if obs_scale is None:
+            self.obs_scale = PyroParam(torch.full((obs_dim,), 0.1), constraints.positive)
+        else:
+            self.register_buffer("fixed_obs_scale", torch.full((obs_dim,), check_positive(obs_scale, "obs_scale")))
+        if self.noise == "fractional":
+            if learn_hurst:
+                self.hurst = PyroParam(torch.tensor(hurst), constraints.interval(0.01, 0.99))
+            else:
+                self.register_buffer("fixed_hurst", torch.tensor(hurst))
+        self.learn_hurst = learn_hurst
+        # ---- inference networks
+        self.encoder = nn.GRU(obs_dim + 1, Hd, batch_first=True)
+        self.context_head = nn.Linear(Hd, C)
+        self.qz0_net = nn.Linear(C, 2 * L)
+        extra = L * self.num_ou if self.noise == "fractional" else 0
+        self.posterior_net = _mlp((L + extra + C + 1, Hd, Hd, L))
+
+    # ------------------------------------------------------------------ pieces
+    def _params(self, part: str) -> dict:
+        """Read the PyroParams once per model/guide call (registers them with Pyro) and the
+        fBM weights; ``part`` is ``"model"`` or ``"guide"``."""
+        p = {"pz0_loc": self.pz0_loc, "pz0_scale": self.pz0_scale}
+        if self.drift == "ou":
+            p["theta"], p["mu"] = self.theta, self.mu
+        if self.diffusion_kind == "constant":
+            p["sigma"] = self.sigma
+        p["obs_scale"] = self.fixed_obs_scale if hasattr(self, "fixed_obs_scale") else self.obs_scale
+        if self.noise == "fractional":
+            p["hurst_value"] = self.hurst if self.learn_hurst else self.fixed_hurst
+        nets = [n for n in ("prior_net", "diffusion_net", "decoder") if hasattr(self, n)]
+        if part == "guide":
+            nets += ["encoder", "context_head", "qz0_net", "posterior_net"]
+        for n in nets:
+            pyro.module(f"{self._pyro_name}.{n}", getattr(self, n))
+        return p
+
+    def _prior_drift(self, z, t, p):
+        if self.drift == "ou":
+            return p["theta"] * (p["mu"] - z)
+        return self.prior_net(z)
+
+    def _diffusion(self, z, p):
+        if self.diffusion_kind == "constant":
+            return p["sigma"].expand(z.shape)
+        return self.diffusion_net(z)
+
+    def _decode(self, z):
+        if self.decoder_kind == "identity":
+            return z
+        return self.decoder(z)
+
+    def _ref(self):
+        return next(self.encoder.parameters())
+
+    def _check(self, ts, ys, mask, need_y=True):
+        """Validate ``(ts, ys, mask)`` before any work; returns ``(ts, ys, mask)`` with NaN at
+        masked-out entries replaced by 0 and ``mask`` ``(B, T)`` bool or None."""
+        if not torch.is_tensor(ts) or ts.dim() != 1 or ts.numel() < 1:
+            raise ValueError(f"ts must be a 1-d tensor of observation times (T,), got "
+                             f"{tuple(ts.shape) if torch.is_tensor(ts) else type(ts).__name__}; for per-sequence "
+                             "times put the sequences on the union grid with latent_sde.union_grid(...).")
+        if not ts.is_floating_point() or not bool(torch.isfinite(ts).all()):
+            raise ValueError("ts must hold finite floating-point times.")
+        if ts.numel() > 1:
+            d = ts[1:] - ts[:-1]
+            if bool((d == 0).any()):
+                i = int(torch.nonzero(d == 0)[0])
+                raise ValueError(f"ts has a duplicated time {float(ts[i]):g} (positions {i} and {i + 1}); "
+                                 "merge the observations at one time or drop the duplicate.")
+            if bool((d < 0).any()):
+                raise ValueError("ts must be sorted in increasing order (sort the times and the observations "
+                                 "with the same permutation).")
+        if not need_y:
+            return ts, None, None
+        if not torch.is_tensor(ys) or ys.dim() != 3 or ys.shape[1] != ts.shape[0] or ys.shape[2] != self.obs_dim:
+            raise ValueError(f"ys must have shape (sequences, {ts.shape[0]} times (len(ts)), {self.obs_dim} "
+                             f"(obs_dim)), got {tuple(ys.shape) if torch.is_tensor(ys) else type(ys).__name__}.")
+        if ys.dtype != ts.dtype or ys.device != ts.device:
+            raise ValueError(f"ts and ys must share dtype and device, got {ts.dtype}/{ts.device} and "
+                             f"{ys.dtype}/{ys.device}.")
+        ref = self._ref()
+        if ref.dtype != ys.dtype or ref.device != ys.device:
+            raise ValueError(f"The data are {ys.dtype} on {ys.device} but the module's parameters are {ref.dtype} "
+                             f"on {ref.device}; call .to(ys.dtype) / .to(ys.device) on the LatentSDE first.")
+        if mask is not None:
+            if not torch.is_tensor(mask) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(ys.shape[:2]):
+                raise ValueError(f"mask must be a bool tensor of shape {tuple(ys.shape[:2])} (sequences, times), "
+                                 f"got {tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__}"
+                                 f"{'' if not torch.is_tensor(mask) else ' ' + str(mask.dtype)}.")
+            bad = ~torch.isfinite(ys) & mask[..., None]
+            if bool(bad.any()):
+                raise ValueError(f"ys has {int(bad.sum())} NaN/inf value(s) at observed (mask True) entries; set "
+                                 "mask False there.")
+            ys = torch.where(mask[..., None], ys, torch.zeros_like(ys))
+            if bool(mask.all()):
+                mask = None
+        elif not bool(torch.isfinite(ys).all()):
+            raise ValueError(f"ys has {int((~torch.isfinite(ys)).sum())} NaN/inf value(s); pass mask= (False at "
+                             "missing entries) or remove them.")
+        self._solver_dt(ts)  # the dt checks, before any work
+        return ts, ys, mask
+
+    def _solver_dt(self, ts) -> float:
+        if ts.numel() < 2:
+            return self.dt if self.dt is not None else 0.1
+        min_gap = float((ts[1:] - ts[:-1]).min())
+        if self.dt is not None and self.dt > min_gap * (1 + 1e-9):
+            raise ValueError(f"dt={self.dt:g} is larger than the smallest observation spacing {min_gap:g}; the "
+                             "fixed-step solver would step over observation times (and interpolate between "
+                             f"steps). Use dt <= {min_gap:g}.")
+        dt = self.dt if self.dt is not None else min_gap / 2
+        if self.noise == "fractional" and self.gamma_max * dt >= 0.5:
+            if self.dt is not None:
+                raise ValueError(f"Fractional noise needs gamma_max * dt < 0.5 for a stable explicit scheme "
+                                 f"(the fastest OU process, rate {self.gamma_max:g}), got dt={dt:g} "
+                                 f"(product {self.gamma_max * dt:g}). Use dt < {0.5 / self.gamma_max:g} or a "
+                                 "smaller gamma_max.")
+            dt = 0.49 / self.gamma_max
+        return _sliver_free_dt(ts, dt, per_gap=self.adjoint)
+
+    def _fbm_params(self, p, ts):
+        if self.noise != "fractional":
+            return p
+        T = self.horizon if self.horizon is not None else float(ts[-1] - ts[0]) if ts.numel() > 1 else 1.0
+        gam = self.gammas.to(ts.dtype)
+        p["gammas"] = gam
+        p["omega"] = fbm_weights(p["hurst_value"], gam, T)
+        return p
+
+    def _kind(self, posterior: bool) -> str:
+        if self.noise == "fractional":
+            return "fractional"
+        return "girsanov" if (self.path_kl == "girsanov" and posterior) else "diagonal"
+
+    def _context(self, ts, ys, mask):
+        """GRU over reversed time: ``ctx`` ``(T, B, C)``; ``ctx[i]`` summarizes ``y_i..y_T``."""
+        m = ys.new_ones(ys.shape[:2]) if mask is None else mask.to(ys.dtype)
+        inp = torch.cat([ys * m[..., None], m[..., None]], -1).flip(1)
+        out, _ = self.encoder(inp)
+        return self.context_head(out.flip(1)).transpose(0, 1)
+
+    def _integrate(self, sde, y0, ts, dt, logqp=False, bm=None, adjoint_params=None):
+        kw = dict(method=self.method, dt=dt, bm=bm)
+        if self.adjoint and torch.is_grad_enabled():
+            return torchsde.sdeint_adjoint(sde, y0, ts, logqp=logqp, adjoint_params=adjoint_params, **kw)
+        return torchsde.sdeint(sde, y0, ts, logqp=logqp, **kw)
+
+    def _adjoint_params(self, p, ctx, posterior):
+        """Every tensor the SDE's drift and diffusion depend on: the networks' parameters, the
+        constrained PyroParam values, and the context (whose gradient reaches the encoder)."""
+        out = []
+        for n in ("prior_net", "diffusion_net") + (("posterior_net",) if posterior else ()):
+            if hasattr(self, n):
+                out += list(getattr(self, n).parameters())
+        for k in ("theta", "mu", "sigma"):
+            if k in p:
+                out.append(p[k])
+        if ctx is not None:
+            out.append(ctx)
+        return tuple(t for t in out if t.requires_grad)
+
+    def _initial_state(self, z0, kind):
+        if kind == "diagonal":
+            return z0
+        extra = z0.new_zeros(z0.shape[:-1] + (self.latent_dim * self.num_ou,)) if kind == "fractional" else None
+        parts = [z0] + ([extra] if extra is not None else []) + [z0.new_zeros(z0.shape[:-1] + (1,))]
+        return torch.cat(parts, -1)
+
+    def _solve(self, p, z0, ts, dt, posterior, ctx=None, bm=None, state0=None, obs_ts=None):
+        r"""Integrate from ``z0`` ``(..., L)`` (or a full augmented ``state0``) over ``ts``:
+        returns the path ``(..., T, L)``, the accumulated log-ratio ``(..., T)`` and the final
+        augmented state ``(..., S)``.  ``ctx`` ``(T_obs, B, C)`` lives on the observation times
+        ``obs_ts`` (default ``ts``), which the posterior drift looks up whatever the grid."""
+        kind = self._kind(posterior)
+        lead = z0.shape[:-1]
+        flat = z0.reshape(-1, z0.shape[-1])
+        y0 = self._initial_state(flat, kind) if state0 is None else state0.reshape(-1, state0.shape[-1])
+        if ctx is not None and len(lead) > 1:  # (T, B, C) -> (T, N, C), particles outermost
+            Tc, Bc, Cc = ctx.shape
+            ctx = ctx.reshape((Tc,) + (1,) * (len(lead) - 1) + (Bc, Cc)).expand((Tc,) + lead + (Cc,))
+            ctx = ctx.reshape(Tc, -1, Cc)
+        sde = _SDE(self, p, kind, posterior, ts=ts if obs_ts is None else obs_ts, ctx=ctx)
+        if self.path_kl == "girsanov" and kind == "fractional" and posterior:
+            sde = _FracGirsanov(sde)
+        T = ts.shape[0]
+        if kind == "diagonal" and posterior:
+            ys, logr = self._integrate(sde, y0, ts, dt, logqp=True, bm=bm,
+                                       adjoint_params=self._adjoint_params(p, ctx, True))
+            cum = torch.cat([logr.new_zeros(1, logr.shape[1]), logr.cumsum(0)], 0)
+            path, state = ys, ys[-1]
+        else:
+            ys = self._integrate(sde, y0, ts, dt, bm=bm, adjoint_params=self._adjoint_params(p, ctx, posterior))
+            L = self.latent_dim
+            path, state = ys[..., :L], ys[-1]
+            cum = ys[..., -1] if kind != "diagonal" else ys.new_zeros(ys.shape[:2])
+        path = path.transpose(0, 1).reshape(lead + (T, self.latent_dim))
+        cum = cum.transpose(0, 1).reshape(lead + (T,))
+        return path, cum, state.reshape(lead + state.shape[-1:])
+
+    def _obs_dist(self, path, p):
+        loc = self._decode(path)
+        scale = p["obs_scale"]
+        if self.likelihood == "laplace":
+            return dist.Laplace(loc, scale)
+        return dist.Normal(loc, scale)
+
+    # ------------------------------------------------------------------ Pyro programs
+    @pyro_method
+    def model(self, ts: torch.Tensor, ys: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+              bm=None):
+        """The generative model; ``ys=None`` gives one prior draw.  ``bm``: a torchsde Brownian
+        motion for the prior path when the model runs on its own (unused under a guide)."""
+        ts, ys, mask = self._check(ts, ys, mask, need_y=ys is not None)
+        p = self._fbm_params(self._params("model"), ts)
+        dt = self._solver_dt(ts)
+        B = 1 if ys is None else ys.shape[0]
+        L, T = self.latent_dim, ts.shape[0]
+        with pyro.plate("sequences", B, dim=-1):
+            z0 = pyro.sample("z0", dist.Normal(p["pz0_loc"], p["pz0_scale"]).to_event(1))
+
+            def simulate():
+                with torch.no_grad():
+                    path, _, _ = self._solve(p, z0, ts, dt, posterior=False, bm=bm)
+                return torch.cat([path, path.new_zeros(path.shape[:-1] + (1,))], -1)
+
+            value = pyro.sample("z_path", _PriorPath(simulate, z0, torch.Size((T, L + 1))))
+            path, log_ratio = value[..., :L], value[..., -1, L]
+            pyro.factor("path_kl", -self.kl_weight * log_ratio)
+            fn = self._obs_dist(path, p)
+            if mask is not None:
+                fn = fn.mask(mask[..., None])
+            return pyro.sample("y", fn.to_event(2), obs=ys)
+
+    @pyro_method
+    def guide(self, ts: torch.Tensor, ys: torch.Tensor, mask: Optional[torch.Tensor] = None, bm=None):
+        """Posterior: ``z0`` from the context at ``ts[0]``, then the posterior SDE's path
+        (``bm``: a torchsde Brownian motion of size (draws, noise dims), e.g. to reproduce a path;
+        with ``path_kl="logqp"`` torchsde integrates the log-ratio as one more diagonal-noise
+        state, so the size is (draws, latent_dim + 1))."""
+        ts, ys, mask = self._check(ts, ys, mask)
+        p = self._fbm_params(self._params("guide"), ts)
+        dt = self._solver_dt(ts)
+        ctx = self._context(ts, ys, mask)
+        h = self.qz0_net(ctx[0])
+        L = self.latent_dim
+        loc, scale = h[..., :L], nn.functional.softplus(h[..., L:]) + tiny(ys.dtype) ** 0.25
+        with pyro.plate("sequences", ys.shape[0], dim=-1):
+            z0 = pyro.sample("z0", dist.Normal(loc, scale).to_event(1))
+            path, cum, _ = self._solve(p, z0, ts, dt, posterior=True, ctx=ctx, bm=bm)
+            value = torch.cat([path, cum[..., None]], -1)
+            pyro.sample("z_path", dist.Delta(value, event_dim=2))
+
+    def _params_plain(self) -> dict:
+        """The constrained parameter values outside a Pyro context."""
+        with pyro.poutine.block():
+            return self._params("guide")
+
+    # ------------------------------------------------------------------ predictions
+    @torch.no_grad()
+    def predict(self, ts: torch.Tensor, ys: torch.Tensor, ts_future: torch.Tensor, mask=None,
+                num_samples: int = 100, quantiles=(0.05, 0.5, 0.95)) -> dict:
+        r"""Posterior predictive paths at ``ts_future`` given the data: ``num_samples`` draws of
+        ``z0`` and the posterior SDE over the data's span, then the prior SDE beyond the last
+        observation time.  Returns ``dict(latent (S, B, F, L), mean (S, B, F, D) (decoded),
+        y (S, B, F, D) (with observation noise), quantiles (Q, B, F, D) of y, q (the levels))``.
+        Times inside the data's span are interpolation (the posterior), times after it forecasts."""
+        ts, ys, mask = self._check(ts, ys, mask)
+        S = check_positive_int(num_samples, "num_samples")
+        if not torch.is_tensor(ts_future) or ts_future.dim() != 1 or ts_future.numel() < 1:
+            raise ValueError("ts_future must be a non-empty 1-d tensor of times.")
+        ts_future = ts_future.to(ts.dtype)
+        if float(ts_future.min()) < float(ts[0]):
+            raise ValueError(f"ts_future must not start before the first observation time {float(ts[0]):g}.")
+        p = self._fbm_params(self._params_plain(), ts)
+        dt = self._solver_dt(ts)
+        ctx = self._context(ts, ys, mask)
+        h = self.qz0_net(ctx[0])
+        L = self.latent_dim
+        loc, scale = h[..., :L], nn.functional.softplus(h[..., L:]) + tiny(ys.dtype) ** 0.25
+        z0 = loc + scale * torch.randn((S,) + loc.shape, dtype=loc.dtype, device=loc.device)
+        inside = ts_future[ts_future <= ts[-1]]
+        after = ts_future[ts_future > ts[-1]]
+        grid = torch.unique(torch.cat([ts, inside]))
+        path, _, state = self._solve(p, z0, grid, _sliver_free_dt(grid, min(dt, _min_gap(grid, dt))), posterior=True,
+                                     ctx=ctx, obs_ts=ts)
+        outs = [path[..., torch.searchsorted(grid, inside), :]] if inside.numel() else []
+        if after.numel():
+            g2 = torch.cat([ts[-1:], after])
+            kind = self._kind(False)
+            if kind == "diagonal":
+                start = state[..., :L]
+            else:  # fractional: keep Y, restart the log-ratio channel
+                start = torch.cat([state[..., :-1], state.new_zeros(state.shape[:-1] + (1,))], -1)
+            p2, _, _ = self._solve(p, start[..., :L], g2, _sliver_free_dt(g2, min(dt, _min_gap(g2, dt))), posterior=False,
+                                   state0=None if kind == "diagonal" else start)
+            outs.append(p2[..., 1:, :])
+        latent = torch.cat(outs, -2)
+        mean = self._decode(latent)
+        y = self._obs_dist(latent, p).sample()
+        q = torch.as_tensor(quantiles, dtype=y.dtype, device=y.device)
+        return dict(latent=latent, mean=mean, y=y, quantiles=torch.quantile(y, q, dim=0), q=q)
+
+    @torch.no_grad()
+    def sample(self, ts: torch.Tensor, num_samples: int = 1) -> dict:
+        """Draws from the prior: ``dict(latent (S, T, L), mean (S, T, D), y (S, T, D))``."""
+        ts, _, _ = self._check(ts, None, None, need_y=False)
+        S = check_positive_int(num_samples, "num_samples")
+        p = self._fbm_params(self._params_plain(), ts)
+        dt = self._solver_dt(ts)
+        z0 = dist.Normal(p["pz0_loc"], p["pz0_scale"]).sample((S,))
+        latent, _, _ = self._solve(p, z0, ts, dt, posterior=False)
+        mean = self._decode(latent)
+        return dict(latent=latent, mean=mean, y=self._obs_dist(latent, p).sample())
+
+    # ------------------------------------------------------------------ plots
+    def plot(self, ts, ys, mask=None, ts_future=None, num_samples: int = 50, sequence: int = 0, dim: int = 0,
+             ax=None, num_paths: int = 10):
+        """Data (points), posterior paths (thin lines) and the 90% band of y over the data's span
+        and ``ts_future`` (a forecast beyond it) for one sequence and observed dimension; returns
+        the matplotlib axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(7, 3))
+        grid = torch.linspace(float(ts[0]), float(ts[-1]), 100, dtype=ts.dtype, device=ts.device)
+        if ts_future is not None:
+            grid = torch.unique(torch.cat([grid, ts_future.to(ts.dtype)]))
+        pred = self.predict(ts, ys, grid, mask=mask, num_samples=num_samples, quantiles=(0.05, 0.5, 0.95))
+        g = grid.cpu().numpy()
+        qs = pred["quantiles"][:, sequence, :, dim].cpu().numpy()
+        ax.fill_between(g, qs[0], qs[2], alpha=0.25, label="90% band of y")
+        for s in range(min(num_paths, num_samples)):
+            ax.plot(g, pred["mean"][s, sequence, :, dim].cpu().numpy(), lw=0.6, color="C1", alpha=0.6,
+                    label="posterior paths" if s == 0 else None)
+        m = slice(None) if mask is None else mask[sequence].cpu().numpy()
+        ax.plot(ts.cpu().numpy()[m], ys[sequence, :, dim].cpu().numpy()[m], "k.", label="data")
+        if ts_future is not None:
+            ax.axvline(float(ts[-1]), color="gray", ls=":", lw=1)
+        ax.set_xlabel("t")
+        ax.set_ylabel(f"y[{dim}]")
+        ax.legend(loc="best", fontsize=8)
+        return ax
+
+    # ------------------------------------------------------------------ state-space form
+    def state_space(self, ts: torch.Tensor, dt: Optional[float] = None) -> "LatentSDEStateSpace":
+        r"""The prior as a discrete-time state-space model for the particle filter
+        (``backend="smc_filter"``; Pyro's ``SMCFilter`` contract): see :class:`LatentSDEStateSpace`.
+        ``ts`` are the observation times of one sequence; between them the SDE is discretized
+        by Euler-Maruyama with ``ceil(gap / dt)`` equal substeps (``dt``: the module's, or half the
+        smallest gap).  Brownian noise only."""
+        if self.noise != "brownian":
+            raise ValueError("state_space() is for noise='brownian'; the fractional state (z, Y) is not "
+                             "discretized here.")
+        ts, _, _ = self._check(ts, None, None, need_y=False)
+        if dt is None:
+            dt = self.dt if self.dt is not None else (_min_gap(ts, 0.1) / 2)
+        dt = check_positive(dt, "dt")
+        return LatentSDEStateSpace(self, ts, dt)
+
+    @pyro_method
+    def _ssm_init(self, state, initial=None):
+        p = self._params("model")
+        z = pyro.sample("z", dist.Normal(p["pz0_loc"], p["pz0_scale"]).to_event(1))
+        if initial is not None:
+            pyro.sample("y", self._obs_dist(z, p).to_event(1), obs=initial)
+        state["z"] = z
+
+    @pyro_method
+    def _ssm_step(self, state, substeps: int, h: float, y=None):
+        p = self._params("model")
+        z = state["z"]
+        for j in range(substeps):
+            loc = z + self._prior_drift(z, None, p) * h
+            z = pyro.sample(f"z_{j}", dist.Normal(loc, self._diffusion(z, p) * math.sqrt(h)).to_event(1))
+        if y is not None:
+            pyro.sample("y", self._obs_dist(z, p).to_event(1), obs=y)
+        state["z"] = z
+
+    # ------------------------------------------------------------------ simulators
+    @staticmethod
+    def simulate(num_sequences: int = 32, num_time_steps: int = 50, theta: float = 1.0, mu: float = 0.5,
+                 sigma: float = 0.5, obs_scale: float = 0.05, t_end: float = 5.0, seed: int = 0,
+                 dtype=torch.float64):
+        """Ornstein-Uhlenbeck data (see :func:`simulate_ou`): ``(ts, ys, truth)``."""
+        return simulate_ou(num_sequences, num_time_steps, theta, mu, sigma, obs_scale, t_end, seed, dtype)
+
+
+class LatentSDEStateSpace:
+    r"""A latent SDE's prior as a state-space model (Pyro's ``SMCFilter`` contract), from
+    :meth:`LatentSDE.state_space`.
+
+    ``init(state, initial=None)`` draws :math:`z_{t_0} \sim \mathcal N(m, s^2)` (site ``"z"``)
+    and observes ``initial`` (:math:`y_{t_0}`, shape ``(D,)``) if given; ``step(state, y)``
+    moves the state over the next observation interval by :math:`n = \lceil \Delta / dt \rceil`
+    Euler-Maruyama substeps of size :math:`h = \Delta / n`,
+    :math:`z \leftarrow \mathcal N(z + h_\theta(z)h,\ g(z)^2 h)` (sites ``"z_0".."z_{n-1}"``), and
+    observes :math:`y_{t_{i+1}}`.  The filter's data are ``ys[1:]`` of one sequence with
+    ``init_kwargs={"initial": ys[0]}``.  With an OU prior, a linear decoder and Gaussian noise
+    this is a linear-Gaussian state-space model, so the filter's evidence is checked against a
+    Kalman filter.  Its parameters are the LatentSDE's, so ``smc_filter`` learns them by
+    particle maximum likelihood.
+    """
+
+    def __init__(self, owner: LatentSDE, ts: torch.Tensor, dt: float):
+        self.owner, self.ts, self.dt = owner, ts, dt
+        gaps = (ts[1:] - ts[:-1]).tolist()
+        self.substeps = [max(1, math.ceil(g / dt - 1e-9)) for g in gaps]
+        self.h = [g / n for g, n in zip(gaps, self.substeps)]
+
+    def init(self, state, initial=None):
+        self._i = 0  # the interval the next step() covers (an SMCState holds only tensors)
+        self.owner._ssm_init(state, initial)
+
+    def step(self, state, y=None):
+        i = getattr(self, "_i", None)
+        if i is None:
+            raise RuntimeError("Call init(...) before step(...).")
+        self._i = i + 1
+        if i >= len(self.substeps):
+            raise ValueError(f"step() called more times than there are observation intervals ({len(self.substeps)}: "
+                             "pass ys[1:] of a sequence observed at ts).")
+        self.owner._ssm_step(state, self.substeps[i], self.h[i], y)
+
+    def kalman_log_evidence(self, ys: torch.Tensor) -> torch.Tensor:
+        r"""Exact :math:`\log p(y_{t_0..t_T})` of the discretized model when it is linear-Gaussian
+        (``drift="ou"``, ``diffusion="constant"``, ``decoder`` ``"identity"``/``"linear"``,
+        Gaussian likelihood), by a Kalman filter; ``ys`` ``(T, D)``."""
+        m = self.owner
+        if not (m.drift == "ou" and m.diffusion_kind == "constant" and m.decoder_kind in ("identity", "linear")
+                and m.likelihood == "gaussian"):
+            raise ValueError("kalman_log_evidence needs drift='ou', diffusion='constant', a linear or identity "
+                             "decoder and likelihood='gaussian' (a linear-Gaussian model).")
+        with torch.no_grad():
+            p = m._params_plain()
+            L = m.latent_dim
+            eye = torch.eye(L, dtype=ys.dtype, device=ys.device)
+            if m.decoder_kind == "identity":
+                C, d = eye, ys.new_zeros(L)
+            else:
+                C, d = m.decoder.weight, m.decoder.bias
+            R = torch.diag(p["obs_scale"] ** 2)
+            A1 = lambda h: eye - h * torch.diag(p["theta"])
+            b1 = lambda h: h * p["theta"] * p["mu"]
+            Q1 = lambda h: h * torch.diag(p["sigma"] ** 2)
+            mean, P = p["pz0_loc"].clone(), torch.diag(p["pz0_scale"] ** 2)
+            ll = ys.new_zeros(())
+            for i in range(ys.shape[0]):
+                if i > 0:
+                    for _ in range(self.substeps[i - 1]):
+                        h = self.h[i - 1]
+                        mean = A1(h) @ mean + b1(h)
+                        P = A1(h) @ P @ A1(h).T + Q1(h)
+                S = C @ P @ C.T + R
+                e = ys[i] - (C @ mean + d)
+                ll = ll + dist.MultivariateNormal(torch.zeros_like(e), S).log_prob(e)
+                K = P @ C.T @ torch.linalg.inv(S)
+                mean = mean + K @ e
+                P = (eye - K @ C) @ P
+            return ll
+
+
+class _FracGirsanov(nn.Module):
+    """Fractional noise with ``path_kl="girsanov"``: the log-ratio state also gets
+    :math:`u^\\top dW`, so its diffusion row is the control (computed in ``f`` and reused)."""
+
+    sde_type = "ito"
+    noise_type = "general"
+
+    def __init__(self, inner: _SDE):
+        super().__init__()
+        self.inner = inner
+
+    def f(self, t, y):
+        return self.inner.f(t, y)
+
+    def g(self, t, y):
+        inner = self.inner
+        L, K = inner.L, inner.owner.num_ou
+        z, Y = y[..., :L], y[..., L:L + L * K]
+        inner._last_u = inner.post_drift(t, z, Y)
+        return inner.g(t, y)
+
+
+def _sliver_free_dt(ts, dt: float, per_gap: bool = False) -> float:
+    r"""The largest step :math:`\le` ``dt`` (within 40%) whose last step before ``ts[-1]`` (and,
+    with ``per_gap``, before every observation time: the adjoint solves each interval on its
+    own) is not a sliver: torchsde's fixed-step loop steps ``t + dt`` until it reaches the end,
+    and a last step of ~1e-15 left by rounding makes its ``BrownianInterval`` rebuild its tree
+    at that resolution, which never finishes (seen with torchsde 0.2.6: ``linspace(0, 5, 50)``
+    with ``dt = 0.05``; ``linspace(0, 1, 6)`` with ``dt = 0.02`` in the adjoint pass)."""
+    spans = [float(ts[-1] - ts[0])] if ts.numel() > 1 else []
+    if per_gap and ts.numel() > 1:
+        spans += (ts[1:] - ts[:-1]).tolist()
+    if not spans:
+        return dt
+    spans = np.asarray(spans)
+    best, best_score = dt, -1.0
+    for k in range(400):
+        cand = dt * (1 - 0.001 * k)
+        frac = spans / cand - np.floor(spans / cand)
+        score = float(np.minimum(frac, 1 - frac).min())
+        if score > 0.02:
+            return cand
+        if score > best_score:
+            best, best_score = cand, score
+    return best
+
+
+def _min_gap(grid, default):
+    return float((grid[1:] - grid[:-1]).min()) if grid.numel() > 1 else default
+
+
+# =========================================================================== simulators
+def rl_fbm_covariance(hurst: float, times) -> np.ndarray:
+    r"""Covariance of type II (Riemann-Liouville) fBM at positive ``times`` (float64 numpy):
+    for :math:`s \le t`, with :math:`a = H - 1/2`,
+
+    .. math::
+
+        \mathrm{Cov}(B_H(s), B_H(t)) = \Gamma(H+\tfrac12)^{-2}\int_0^s (t-r)^a (s-r)^a dr
+        = \frac{s^{a+1} t^a}{(a+1)\,\Gamma(H+\tfrac12)^2}\;{}_2F_1\big(-a, 1; a+2; s/t\big)
+
+    (substitute :math:`r = s(1-v)` and expand :math:`(1 - vs/t)^a`), which at :math:`s = t`
+    gives :math:`t^{2H}/(2H\,\Gamma(H+\tfrac12)^2)`."""
+    from scipy.special import gamma as G, hyp2f1
+
+    t = np.asarray(times, dtype=np.float64)
+    a = hurst - 0.5
+    ti, si = np.meshgrid(t, t, indexing="ij")
+    lo, hi = np.minimum(ti, si), np.maximum(ti, si)
+    return lo ** (a + 1) * hi ** a / (a + 1) * hyp2f1(-a, 1.0, a + 2, lo / hi) / G(hurst + 0.5) ** 2
+
+
+def simulate_ou(num_sequences: int = 32, num_time_steps: int = 50, theta: float = 1.0, mu: float = 0.5,
+                sigma: float = 0.5, obs_scale: float = 0.05, t_end: float = 5.0, seed: int = 0,
+                dtype=torch.float64):
+    r"""Exact Ornstein-Uhlenbeck paths :math:`dz = \theta(\mu - z)dt + \sigma dW` on a regular
+    grid of ``num_time_steps`` times in ``[0, t_end]``, :math:`z_0` from the stationary law
+    :math:`\mathcal N(\mu, \sigma^2/2\theta)`, transitions
+    :math:`z_{t+\Delta} \mid z_t \sim \mathcal N(\mu + (z_t - \mu)e^{-\theta\Delta},
+    \sigma^2(1 - e^{-2\theta\Delta})/2\theta)`, observed with N(0, obs_scale^2) noise.
+    Returns ``(ts, ys (B, T, 1), truth)``."""
+    g = torch.Generator().manual_seed(seed)
+    ts = torch.linspace(0.0, t_end, num_time_steps, dtype=dtype)
+    B = num_sequences
+    z = torch.empty(B, num_time_steps, dtype=dtype)
+    sd0 = sigma / math.sqrt(2 * theta)
+    z[:, 0] = mu + sd0 * torch.randn(B, generator=g, dtype=dtype)
+    for i in range(1, num_time_steps):
+        a = math.exp(-theta * float(ts[i] - ts[i - 1]))
+        sd = sd0 * math.sqrt(1 - a * a)
+        z[:, i] = mu + (z[:, i - 1] - mu) * a + sd * torch.randn(B, generator=g, dtype=dtype)
+    ys = z + obs_scale * torch.randn(B, num_time_steps, generator=g, dtype=dtype)
+    return ts, ys[..., None], dict(z=z, theta=theta, mu=mu, sigma=sigma, obs_scale=obs_scale)
+
+
+def simulate_fractional_ou(hurst: float, num_sequences: int = 16, num_time_steps: int = 60, theta: float = 1.0,
+                           sigma: float = 0.5, obs_scale: float = 0.02, t_end: float = 6.0, seed: int = 0,
+                           dtype=torch.float64):
+    r"""Fractional OU paths :math:`z(t) = \sigma\int_0^t e^{-\theta(t-s)}dB_H(s)`, :math:`z_0 = 0`,
+    with :math:`B_H` type II (Riemann-Liouville) fBM: :math:`B_H` is exact in distribution at the
+    points of a grid 8 times finer than the output (Cholesky factor of
+    :func:`rl_fbm_covariance`); the OU filter integral is approximated on that fine grid (exact
+    decay, each increment weighted at its interval's midpoint).
+    Returns ``(ts, ys (B, T, 1), truth)``."""
+    fine = 8
+    n = (num_time_steps - 1) * fine + 1
+    tf = np.linspace(0.0, t_end, n)[1:]
+    cov = rl_fbm_covariance(hurst, tf)
+    Lc = np.linalg.cholesky(cov + 1e-12 * np.eye(n - 1))
+    rng = np.random.default_rng(seed)
+    bh = Lc @ rng.standard_normal((n - 1, num_sequences))  # (n-1, B)
+    bh = np.vstack([np.zeros((1, num_sequences)), bh])
+    dB = np.diff(bh, axis=0)
+    h = t_end / (n - 1)
+    z = np.zeros((n, num_sequences))
+    for i in range(1, n):  # exact OU decay over a fine step, increment entering at its midpoint
+        z[i] = z[i - 1] * math.exp(-theta * h) + sigma * math.exp(-theta * h / 2) * dB[i - 1]
+    zc = z[::fine].T
+    ts = torch.linspace(0.0, t_end, num_time_steps, dtype=dtype)
+    ys = torch.as_tensor(zc, dtype=dtype) + obs_scale * torch.as_tensor(
+        rng.standard_normal(zc.shape), dtype=dtype)
+    return ts, ys[..., None], dict(z=torch.as_tensor(zc, dtype=dtype), hurst=hurst, theta=theta, sigma=sigma)
+
+
+# =========================================================================== matrix case
+@register_model("latent_sde")
+def _matrix_case():
+    # path_kl="girsanov": the importance-weighted backends (IWAE, chi^2-VIS) need exact log-ratios
+    ts, ys, _ = simulate_ou(num_sequences=4, num_time_steps=6, t_end=1.5, seed=0)
+    torch.manual_seed(0)
+    m = LatentSDE(1, latent_dim=1, context_dim=4, hidden_dim=8, drift="ou", diffusion="constant",
+                  decoder="identity", dt=0.15, path_kl="girsanov", name="matrix_latent_sde").to(torch.float64)
+    return m, (ts, ys)

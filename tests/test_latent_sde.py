@@ -1,0 +1,579 @@
+"""Latent SDEs: the Pyro ELBO equals Li et al.'s latent-SDE ELBO, the path KL against closed
+forms, the fBM approximation against its closed forms, bad input, and recovery checks."""
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torchsde
+
+from ppl_lvm.models.latent_sde import (KLAnnealing, LatentSDE, fbm_b_closed_form, fbm_b_quadrature, fbm_gammas,
+                                       fbm_variance, fbm_weights, markov_fbm_variance, simulate_ou, union_grid)
+
+D64 = torch.float64
+
+
+def _tiny(**kw):
+    opts = dict(latent_dim=1, context_dim=4, hidden_dim=8, drift="ou", diffusion="constant", decoder="identity",
+                dt=0.1)
+    opts.update(kw)
+    torch.manual_seed(0)
+    return LatentSDE(1, **opts).to(D64)
+
+
+def _bm(ts, n, d, seed):
+    return torchsde.BrownianInterval(t0=float(ts[0]), t1=float(ts[-1]), size=(n, d), dtype=D64, entropy=seed)
+
+
+# ----------------------------------------------------------------------------- the ELBO
+def test_pyro_elbo_equals_the_latent_sde_elbo():
+    """model.log_prob - guide.log_prob on one guide draw equals, term by term computed here by
+    hand, E log p(y|z) + log p(z0) - log q(z0) - int |u|^2/2 dt with the same z0 and Brownian path."""
+    pyro.clear_param_store()
+    ts, ys, _ = simulate_ou(3, 6, t_end=1.0, seed=1)
+    m = _tiny()
+    bm = _bm(ts, 3, 2, seed=5)  # logqp: torchsde integrates the log-ratio as one more noise state
+    pyro.set_rng_seed(3)
+    g = pyro.poutine.trace(m.guide).get_trace(ts, ys, bm=bm)
+    tr = pyro.poutine.trace(pyro.poutine.replay(m.model, trace=g)).get_trace(ts, ys, bm=bm)
+    elbo = float(tr.log_prob_sum() - g.log_prob_sum())
+
+    # by hand: the same networks and parameters, torchsde directly
+    z0 = g.nodes["z0"]["value"]
+    with torch.no_grad():
+        ctx = m._context(ts, ys, None)
+        h = m.qz0_net(ctx[0])
+        qloc, qscale = h[:, :1], torch.nn.functional.softplus(h[:, 1:]) + torch.finfo(D64).tiny ** 0.25
+        theta, mu, sigma = m.theta, m.mu, m.sigma
+
+        class SDE(torch.nn.Module):
+            noise_type, sde_type = "diagonal", "ito"
+
+            def f(self, t, y):
+                i = min(int(torch.searchsorted(ts, t.reshape(1), right=True)), len(ts) - 1)
+                left = (ts[i] - t).clamp(min=0).expand(y.shape[0], 1)
+                return m.posterior_net(torch.cat([y, ctx[i], left], -1))
+
+            def h(self, t, y):
+                return theta * (mu - y)
+
+            def g(self, t, y):
+                return sigma.expand(y.shape)
+
+        dt = m._solver_dt(ts)  # 0.1, shortened so that the last step is no rounding sliver
+        assert 0.09 < dt <= 0.1
+        zs, logr = torchsde.sdeint(SDE(), z0, ts, bm=_bm(ts, 3, 2, seed=5), dt=dt, method="euler", logqp=True)
+        loglik = dist.Normal(zs.transpose(0, 1), m.obs_scale).log_prob(ys).sum()
+        kl_z0 = (dist.Normal(qloc, qscale).log_prob(z0) - dist.Normal(m.pz0_loc, m.pz0_scale).log_prob(z0)).sum()
+        by_hand = float(loglik - kl_z0 - logr.sum())
+    assert abs(elbo - by_hand) < 1e-9 * max(1.0, abs(by_hand))
+    # and Pyro's Trace_ELBO reports exactly its negative on the same draw
+    pyro.set_rng_seed(3)
+    loss = pyro.infer.Trace_ELBO(max_plate_nesting=1).differentiable_loss(m.model, m.guide, ts, ys,
+                                                                     bm=_bm(ts, 3, 2, seed=5))
+    assert abs(float(loss) + elbo) < 1e-9 * max(1.0, abs(elbo))
+
+
+def test_kl_weight_scales_the_path_term_and_annealing_schedule():
+    pyro.clear_param_store()
+    ts, ys, _ = simulate_ou(2, 5, t_end=1.0, seed=2)
+    m = _tiny()
+    g = pyro.poutine.trace(m.guide).get_trace(ts, ys, bm=_bm(ts, 2, 2, 9))
+    kl = float(g.nodes["z_path"]["value"][..., -1, 1].sum())
+    assert kl > 0
+    for beta in (1.0, 0.25):
+        m.kl_weight = beta
+        tr = pyro.poutine.trace(pyro.poutine.replay(m.model, trace=g)).get_trace(ts, ys)
+        tr.compute_log_prob()
+        assert float(tr.nodes["path_kl"]["log_prob_sum"]) == pytest.approx(-beta * kl, rel=1e-12)
+    cb = KLAnnealing(m, num_steps=4)
+    assert m.kl_weight == 0.0
+    for step in range(6):
+        cb(None, step, 0.0)
+    assert m.kl_weight == 1.0 and cb.weight(2) == 0.5
+
+
+# ----------------------------------------------------------------------------- the path KL
+def _offset_model(delta, sigma, path_kl):
+    """Prior drift c, posterior drift c + delta (constant), diffusion sigma: u = delta / sigma."""
+    m = _tiny(drift="neural", path_kl=path_kl, method="euler", dt=0.05)
+    with torch.no_grad():
+        for net in (m.prior_net, m.posterior_net):
+            for p in net.parameters():
+                p.zero_()
+        m.prior_net[-1].bias.fill_(0.3)
+        m.posterior_net[-1].bias.fill_(0.3 + delta)
+        m.sigma_unconstrained.fill_(math.log(sigma))
+    return m
+
+
+def test_logqp_kl_matches_the_closed_form_for_a_constant_drift_offset():
+    """KL(Q || P) over [0, T] = T (delta / sigma)^2 / 2 exactly (u is constant)."""
+    pyro.clear_param_store()
+    delta, sigma, T = 0.8, 0.5, 2.0
+    ts = torch.linspace(0, T, 11, dtype=D64)
+    ys = torch.zeros(4, 11, 1, dtype=D64)
+    m = _offset_model(delta, sigma, "logqp")
+    g = pyro.poutine.trace(m.guide).get_trace(ts, ys)
+    kl = g.nodes["z_path"]["value"][..., -1, 1]
+    assert torch.allclose(kl, torch.full_like(kl, T * (delta / sigma) ** 2 / 2), rtol=1e-10)
+
+
+def test_girsanov_log_ratio_is_an_importance_weight():
+    """path_kl='girsanov' carries l = int u dW + int u^2/2 dt = log dQ/dP: with u = delta/sigma,
+    l ~ N(T u^2 / 2, T u^2), so its Monte Carlo mean is the KL and E_Q[exp(-l)] = 1
+    (tolerances: 4 standard errors of the estimators, computed from the closed-form variances)."""
+    pyro.clear_param_store()
+    delta, sigma, T, n = 0.4, 0.5, 2.0, 4000
+    u2 = (delta / sigma) ** 2
+    ts = torch.linspace(0, T, 11, dtype=D64)
+    ys = torch.zeros(n, 11, 1, dtype=D64)
+    m = _offset_model(delta, sigma, "girsanov")
+    pyro.set_rng_seed(0)
+    with torch.no_grad():
+        g = pyro.poutine.trace(m.guide).get_trace(ts, ys)
+    ell = g.nodes["z_path"]["value"][..., -1, 1]
+    mean_se = math.sqrt(T * u2 / n)
+    assert abs(float(ell.mean()) - T * u2 / 2) < 4 * mean_se
+    assert abs(float(ell.var()) - T * u2) < 4 * T * u2 * math.sqrt(2 / (n - 1))
+    w = torch.exp(-ell)
+    w_se = math.sqrt(math.expm1(T * u2) / n)  # Var exp(-l) = exp(T u^2) - 1
+    assert abs(float(w.mean()) - 1.0) < 4 * w_se
+
+
+# ----------------------------------------------------------------------------- adjoint
+def test_adjoint_gradients_converge_to_the_direct_ones_including_the_encoder():
+    """sdeint_adjoint with adjoint_params = networks + constrained parameters + the context:
+    its gradients (the encoder's included, same Brownian path) differ from the direct solve's
+    only by the O(dt) error of solving the adjoint SDE backwards with Euler, so the gap must
+    shrink as dt halves and be small at the finer step."""
+    ts, ys, _ = simulate_ou(3, 6, t_end=1.0, seed=3)
+
+    def grads(adjoint, dt):
+        pyro.clear_param_store()
+        m = _tiny(drift="neural", diffusion="constant", adjoint=adjoint, dt=dt)
+        pyro.set_rng_seed(0)
+        loss = pyro.infer.Trace_ELBO(max_plate_nesting=1).differentiable_loss(m.model, m.guide, ts, ys,
+                                                                              bm=_bm(ts, 3, 2, seed=11))
+        params = list(m.encoder.parameters()) + list(m.prior_net.parameters()) + [m.sigma_unconstrained]
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]), len(list(m.encoder.parameters()))
+
+    gaps = []
+    for dt in (0.03, 0.015):  # no step adjustment for these (ts spacing 0.2): same dt in both
+        direct, n_enc = grads(False, dt)
+        adj, _ = grads(True, dt)
+        gaps.append(float((adj - direct).norm() / direct.norm()))
+    # measured (this seed): 0.032 at dt = 0.03, 0.0020 at dt = 0.015
+    assert gaps[1] < 1e-2 and gaps[1] < gaps[0], gaps
+    assert float(direct.abs().max()) > 0
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("case, match", [
+    ("unsorted", "sorted"), ("duplicate", "duplicated"), ("nan", "NaN"), ("shape", "shape"),
+    ("dt", "smallest observation spacing"), ("mask", "mask"), ("dtype", r"\.to\("), ("ts2d", "1-d"),
+])
+def test_bad_input_is_refused_before_any_work(case, match):
+    ts, ys, _ = simulate_ou(2, 5, t_end=1.0)
+    m = _tiny(dt=0.1)
+    mask = None
+    if case == "unsorted":
+        ts = ts.flip(0)
+    elif case == "duplicate":
+        ts = ts.clone()
+        ts[2] = ts[1]
+    elif case == "nan":
+        ys = ys.clone()
+        ys[0, 1, 0] = float("nan")
+    elif case == "shape":
+        ys = ys[:, :4]
+    elif case == "dt":
+        m = _tiny(dt=0.3)
+    elif case == "mask":
+        mask = torch.ones(2, 4, dtype=torch.bool)
+    elif case == "dtype":
+        ts, ys = ts.float(), ys.float()
+    elif case == "ts2d":
+        ts = ts.expand(2, 5)
+    with pytest.raises(ValueError, match=match):
+        m.guide(ts, ys, mask)
+    with pytest.raises(ValueError, match=match):
+        m.model(ts, ys, mask)
+
+
+def test_nan_at_masked_entries_is_allowed():
+    ts, ys, _ = simulate_ou(2, 5, t_end=1.0)
+    ys = ys.clone()
+    ys[0, 1, 0] = float("nan")
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 1] = False
+    m = _tiny()
+    loss = pyro.infer.Trace_ELBO().loss(m.model, m.guide, ts, ys, mask)
+    assert math.isfinite(loss)
+
+
+def test_bad_constructor_options():
+    with pytest.raises(ValueError, match="likelihood"):
+        LatentSDE(1, likelihood="poisson")
+    with pytest.raises(ValueError, match="general noise"):
+        LatentSDE(1, noise="fractional", method="srk")
+    with pytest.raises(ValueError, match="identity"):
+        LatentSDE(2, latent_dim=1, decoder="identity")
+    with pytest.raises(TypeError, match="positive integer"):
+        LatentSDE(1, latent_dim=1.5)
+    with pytest.raises(ValueError, match="hurst"):
+        LatentSDE(1, noise="fractional", hurst=1.2)
+
+
+def test_fractional_stability_condition():
+    ts, ys, _ = simulate_ou(2, 5, t_end=1.0)
+    m = _tiny(noise="fractional", dt=0.05, gamma_max=20.0, diffusion="constant")
+    with pytest.raises(ValueError, match="gamma_max \\* dt < 0.5"):
+        m.guide(ts, ys)
+    ok = _tiny(noise="fractional", dt=0.02, gamma_max=20.0)
+    assert math.isfinite(pyro.infer.Trace_ELBO().loss(ok.model, ok.guide, ts, ys))
+
+
+def test_union_grid_and_masked_likelihood():
+    t1 = torch.tensor([0.0, 0.5, 1.0], dtype=D64)
+    t2 = torch.tensor([0.25, 1.0], dtype=D64)
+    v1, v2 = torch.randn(3, 1, dtype=D64), torch.randn(2, 1, dtype=D64)
+    ts, ys, mask = union_grid([t1, t2], [v1, v2])
+    assert ts.tolist() == [0.0, 0.25, 0.5, 1.0]
+    assert mask.tolist() == [[True, False, True, True], [False, True, False, True]]
+    assert torch.equal(ys[0, mask[0]], v1) and torch.equal(ys[1, mask[1]], v2)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        union_grid([t1.flip(0)], [v1])
+    # the masked likelihood counts exactly the observed entries
+    m = _tiny(dt=0.1)
+    g = pyro.poutine.trace(m.guide).get_trace(ts, ys, mask)
+    tr = pyro.poutine.trace(pyro.poutine.replay(m.model, trace=g)).get_trace(ts, ys, mask)
+    tr.compute_log_prob()
+    path = g.nodes["z_path"]["value"][..., :1]
+    by_hand = (dist.Normal(path, m.obs_scale).log_prob(ys) * mask[..., None]).sum()
+    assert float(tr.nodes["y"]["log_prob_sum"]) == pytest.approx(float(by_hand), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- fractional noise
+@pytest.mark.parametrize("hurst", [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95])
+def test_fbm_b_quadrature_equals_the_incomplete_gamma_closed_form(hurst):
+    g = fbm_gammas(5, 20.0)
+    bq = fbm_b_quadrature(torch.tensor(hurst, dtype=D64), g, 6.0).numpy()
+    assert np.max(np.abs(bq - fbm_b_closed_form(hurst, g, 6.0))) < 1e-6
+
+
+def test_fbm_b_quadrature_is_differentiable_in_hurst():
+    g = fbm_gammas(5, 20.0)
+    H = torch.tensor(0.3, dtype=D64, requires_grad=True)
+    (grad,) = torch.autograd.grad(fbm_b_quadrature(H, g, 6.0).sum(), H)
+    eps = 1e-6
+    fd = (fbm_b_closed_form(0.3 + eps, g, 6.0).sum() - fbm_b_closed_form(0.3 - eps, g, 6.0).sum()) / (2 * eps)
+    assert float(grad) == pytest.approx(fd, rel=1e-5)
+
+
+@pytest.mark.parametrize("hurst", [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+def test_markov_fbm_variance_ratio(hurst):
+    """Var(B_hat_H(t)) / Var(B_H(t)) in [0.9, 1.05] for t in [0.5, T], K = 5, gamma_max = 20, T = 6."""
+    g = fbm_gammas(5, 20.0)
+    om = fbm_weights(hurst, g, 6.0)
+    t = torch.linspace(0.5, 6.0, 12, dtype=D64)
+    ratio = markov_fbm_variance(om, g, t) / torch.tensor([fbm_variance(hurst, float(s)) for s in t], dtype=D64)
+    assert float(ratio.min()) >= 0.9 and float(ratio.max()) <= 1.05, ratio
+
+
+@pytest.mark.parametrize("hurst", [0.2, 0.5, 0.8])
+def test_rl_fbm_covariance_has_the_closed_form_variance(hurst):
+    from ppl_lvm.models.latent_sde import rl_fbm_covariance, simulate_fractional_ou
+
+    t = np.array([0.3, 1.0, 2.5, 6.0])
+    cov = rl_fbm_covariance(hurst, t)
+    assert np.allclose(np.diag(cov), [fbm_variance(hurst, s) for s in t], rtol=1e-8)
+    if hurst == 0.5:  # Brownian motion
+        assert np.allclose(cov, np.minimum.outer(t, t), rtol=1e-10)
+    from scipy.integrate import quad  # an off-diagonal entry by brute-force quadrature
+    a = hurst - 0.5
+    brute = quad(lambda r: (2.5 - r) ** a * (1.0 - r) ** a, 0, 1.0, limit=200)[0] / math.gamma(hurst + 0.5) ** 2
+    assert cov[1, 2] == pytest.approx(brute, rel=1e-7)
+    assert np.all(np.linalg.eigvalsh(cov) > 0)
+    ts, ys, truth = simulate_fractional_ou(hurst, num_sequences=3, num_time_steps=7, t_end=3.0)
+    assert ys.shape == (3, 7, 1) and float(truth["z"][:, 0].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("hurst", [0.3, 0.7])
+def test_fractional_prior_paths_have_the_markov_fbm_variance(hurst):
+    """With no drift, unit diffusion and z0 = 0 the fractional prior's path is B_hat_H: its
+    variance over 3000 simulated paths (torchsde, Euler, dt 0.02) matches
+    omega^T Cov(Y(t)) omega at t >= 2 within 4 standard errors of a sample variance
+    (SE = sqrt(2 / (n - 1)) relative; measured deviations <= 2.2%)."""
+    ts = torch.linspace(0, 6.0, 13, dtype=D64)
+    m = _tiny(noise="fractional", hurst=hurst, learn_hurst=False, dt=0.02, gamma_max=20.0)
+    with torch.no_grad():
+        m.theta_unconstrained.fill_(math.log(1e-8))
+        m.sigma_unconstrained.fill_(0.0)
+        m.pz0_scale_unconstrained.fill_(math.log(1e-8))
+    pyro.set_rng_seed(0)
+    n = 3000
+    v = m.sample(ts, num_samples=n)["latent"][..., 0].var(0)
+    g = fbm_gammas(5, 20.0)
+    ratio = v[1:] / markov_fbm_variance(fbm_weights(hurst, g, 6.0), g, ts[1:])
+    late = ts[1:] >= 2.0
+    assert float((ratio[late] - 1).abs().max()) < 4 * math.sqrt(2 / (n - 1)), ratio
+
+
+def test_one_ou_process_with_rate_zero_is_brownian_motion():
+    """K = 1, gamma = 0, H = 1/2: omega = 1 and the fractional prior's paths equal the Brownian
+    prior's paths driven by the same Brownian motion."""
+    assert torch.allclose(fbm_weights(0.5, torch.zeros(1, dtype=D64), 6.0), torch.ones(1, dtype=D64), atol=1e-12)
+    ts = torch.linspace(0, 2.0, 9, dtype=D64)
+    paths = []
+    for noise in ("brownian", "fractional"):
+        pyro.clear_param_store()
+        m = _tiny(noise=noise, num_ou=1, gammas=[0.0], hurst=0.5, learn_hurst=False, dt=0.01, drift="neural")
+        pyro.set_rng_seed(0)
+        tr = pyro.poutine.trace(m.model).get_trace(ts, None, bm=_bm(ts, 1, 1, seed=4))
+        paths.append(tr.nodes["z_path"]["value"][..., :1])
+    assert torch.allclose(paths[0], paths[1], atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- predictions
+def test_predict_sample_and_plot_shapes():
+    import matplotlib
+    matplotlib.use("Agg")
+    ts, ys, _ = simulate_ou(2, 6, t_end=1.0)
+    for noise in ("brownian", "fractional"):
+        m = _tiny(noise=noise, dt=0.02)
+        fut = torch.tensor([0.3, 1.1, 1.5], dtype=D64)
+        out = m.predict(ts, ys, fut, num_samples=7)
+        assert out["latent"].shape == (7, 2, 3, 1) and out["y"].shape == (7, 2, 3, 1)
+        assert out["quantiles"].shape == (3, 2, 3, 1)
+        s = m.sample(ts, num_samples=5)
+        assert s["y"].shape == (5, 6, 1)
+        ax = m.plot(ts, ys, ts_future=fut, num_samples=5)
+        assert hasattr(ax, "plot")
+
+
+# ----------------------------------------------------------------------------- state-space form
+@pytest.mark.parametrize("latent_dim, decoder", [(1, "identity"), (2, "linear")])
+def test_particle_filter_evidence_matches_the_kalman_filter(latent_dim, decoder):
+    """OU prior, Gaussian observations, Euler-Maruyama substeps: linear-Gaussian, so the bootstrap
+    filter's evidence estimate Z_hat is unbiased for the Kalman filter's Z.  Test on the ratio
+    w = Z_hat / Z over 20 independent filters: |mean(w) - 1| < 3 SE(w), SE = sd(w) / sqrt(20)."""
+    from ppl_lvm.inference.particle_filter import ParticleFilter
+
+    pyro.clear_param_store()
+    ts, ys, _ = simulate_ou(1, 11, t_end=2.0, obs_scale=0.2, seed=4)
+    torch.manual_seed(0)
+    obs_dim = 1 if decoder == "identity" else 2
+    m = LatentSDE(obs_dim, latent_dim=latent_dim, drift="ou", diffusion="constant", decoder=decoder, dt=0.05,
+                  obs_scale=0.2).to(D64)
+    with torch.no_grad():
+        m.theta_unconstrained.fill_(math.log(1.3))
+        if decoder == "linear":  # a decoder that can explain y = (x, -x): a well-posed filter
+            m.decoder.weight.copy_(torch.tensor([[1.0, 0.3], [0.0, -1.0]]))
+            m.decoder.bias.zero_()
+    y = ys[0] if obs_dim == 1 else torch.cat([ys[0], -ys[0]], -1)
+    ssm = m.state_space(ts)
+    assert ssm.substeps == [4] * 10
+    log_z = float(ssm.kalman_log_evidence(y))
+    pyro.set_rng_seed(0)
+    est = np.array([float(ParticleFilter(ssm, None, num_particles=1000).filter(y[1:], init_kwargs={"initial": y[0]}))
+                    for _ in range(20)])
+    w = np.exp(est - log_z)
+    se = w.std(ddof=1) / math.sqrt(len(w))
+    assert abs(w.mean() - 1) < 3 * se, (w.mean(), se)
+    assert se < 0.2  # the check has power: a 0.6-nat error in log Z would fail it
+
+
+def test_smc_filter_backend_learns_the_latent_sde_parameters():
+    """backend='smc_filter' runs the state-space form and moves theta by particle maximum
+    likelihood toward the Kalman MLE on a grid (a started-far value must get closer)."""
+    import ppl_lvm
+    pyro.clear_param_store()
+    ts, ys, _ = simulate_ou(1, 21, t_end=4.0, theta=2.0, obs_scale=0.1, seed=6)
+    torch.manual_seed(0)
+    m = LatentSDE(1, latent_dim=1, drift="ou", diffusion="constant", decoder="identity", dt=0.1,
+                  obs_scale=0.1).to(D64)
+    with torch.no_grad():
+        m.theta_unconstrained.fill_(math.log(0.3))
+    ssm = m.state_space(ts)
+    grid = np.linspace(0.3, 6.0, 58)
+    kf = []
+    for th in grid:
+        with torch.no_grad():
+            m.theta_unconstrained.fill_(math.log(th))
+        kf.append(float(ssm.kalman_log_evidence(ys[0])))
+    best = grid[int(np.argmax(kf))]
+    with torch.no_grad():
+        m.theta_unconstrained.fill_(math.log(0.3))
+    pyro.set_rng_seed(0)
+    fit = ppl_lvm.fit(ssm, None, ys[0, 1:], backend="smc_filter", num_steps=60, num_particles=200,
+                      optim=pyro.optim.Adam({"lr": 0.05}), init_kwargs={"initial": ys[0, 0]})
+    assert np.all(np.isfinite(fit.losses))
+    theta = float(m.theta)
+    assert abs(math.log(theta) - math.log(best)) < 0.5 * abs(math.log(0.3) - math.log(best)), (theta, best)
+
+
+# ----------------------------------------------------------------------------- irregular sampling
+def _linear_interp(t_obs, y_obs, t_new):
+    return np.interp(t_new, t_obs, y_obs)
+
+
+def _split_lr(lr):
+    """Adam with the prior's parameters (theta, mu, sigma, p(z0)) at a tenth of the networks' rate:
+    with one rate the diffusion collapses before the posterior learns to follow the data."""
+    return pyro.optim.Adam(lambda name: {"lr": lr * (0.1 if any(k in name for k in ("theta", "mu", "sigma", "pz0"))
+                                                     else 1.0)})
+
+
+def _ou_smoother(ts, y, keep, theta, mu, sigma, r):
+    """Kalman filter + RTS smoother means of an OU path observed at ``keep`` with noise ``r``."""
+    T, d = len(ts), float(ts[1] - ts[0])
+    a = math.exp(-theta * d)
+    q = sigma ** 2 * (1 - a * a) / (2 * theta)
+    mf, Pf, mp, Pp = (np.zeros(T) for _ in range(4))
+    m, P = mu, sigma ** 2 / (2 * theta)
+    for i in range(T):
+        if i > 0:
+            m, P = mu + a * (m - mu), a * a * P + q
+        mp[i], Pp[i] = m, P
+        if keep[i]:
+            K = P / (P + r * r)
+            m, P = m + K * (y[i] - m), (1 - K) * P
+        mf[i], Pf[i] = m, P
+    ms = mf.copy()
+    for i in range(T - 2, -1, -1):
+        ms[i] = mf[i] + Pf[i] * a / Pp[i + 1] * (ms[i + 1] - mp[i + 1])
+    return ms
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="NOT achieved: measured gain 0.0300 +- 0.0166 (1.8 SE; the Kalman smoother "
+                   "0.0542 +- 0.0118), and 0.0116 +- 0.0110 with 64 sequences x 400 steps; see docs/latent_sde.md")
+def test_irregular_sampling_predictions_beat_linear_interpolation():
+    """OU paths (theta 1, mu 0.5, sigma 1) observed with N(0, 0.5^2) noise at a random 60% of 31
+    times per sequence; a fitted latent SDE (OU prior, neural posterior) predicts z at the
+    held-out times.  Metric: the mean over held-out points of d = (linear interpolation error)^2 -
+    (posterior-mean error)^2 against the true z; it must exceed 2 standard errors
+    (SE = sd(d)/sqrt(n)).  The Kalman smoother with the true parameters gives the attainable gain
+    (it must itself exceed 3 SE: the design has the power to show a gain)."""
+    pyro.clear_param_store()
+    B, T, r = 48, 31, 0.5
+    ts, ys, truth = simulate_ou(B, T, theta=1.0, mu=0.5, sigma=1.0, obs_scale=r, t_end=6.0, seed=7)
+    g = torch.Generator().manual_seed(8)
+    keep = torch.rand(B, T, generator=g) < 0.6
+    keep[:, 0] = keep[:, -1] = True  # interpolation, not extrapolation, for the linear baseline
+    torch.manual_seed(0)
+    m = LatentSDE(1, latent_dim=1, context_dim=16, hidden_dim=32, drift="ou", diffusion="constant",
+                  decoder="identity", obs_scale=r, dt=0.1).to(D64)
+    svi = pyro.infer.SVI(m.model, m.guide, _split_lr(0.03), pyro.infer.Trace_ELBO(max_plate_nesting=1))
+    for _ in range(300):
+        svi.step(ts, ys, keep)
+    pred = m.predict(ts, ys, ts, mask=keep, num_samples=200)["latent"].mean(0)[..., 0]  # (B, T)
+    z = truth["z"].numpy()
+    d, d_opt = [], []
+    for b in range(B):
+        k = keep[b].numpy()
+        held = ~k
+        lin = np.interp(ts[held].numpy(), ts[k].numpy(), ys[b, k, 0].numpy())
+        opt = _ou_smoother(ts.numpy(), ys[b, :, 0].numpy(), k, 1.0, 0.5, 1.0, r)[held]
+        d.append((lin - z[b, held]) ** 2 - (pred[b, held].numpy() - z[b, held]) ** 2)
+        d_opt.append((lin - z[b, held]) ** 2 - (opt - z[b, held]) ** 2)
+    d, d_opt = np.concatenate(d), np.concatenate(d_opt)
+    se, se_opt = d.std(ddof=1) / math.sqrt(len(d)), d_opt.std(ddof=1) / math.sqrt(len(d))
+    print(f"held-out MSE gain over linear interpolation: latent SDE {d.mean():.4f} +- {se:.4f}, "
+          f"Kalman smoother (true parameters) {d_opt.mean():.4f} +- {se_opt:.4f} (n = {len(d)})")
+    assert d_opt.mean() > 3 * se_opt
+    assert d.mean() > 2 * se
+
+
+def _kalman_mle(ts, ys, obs_scale):
+    """Exact MLE of (theta, mu, sigma) of OU paths observed with known Gaussian noise (Kalman
+    filter likelihood, stationary start) and its standard errors from the observed information."""
+    from scipy.optimize import minimize
+
+    y = ys[..., 0].numpy()
+    B, T = y.shape
+    d = float(ts[1] - ts[0])
+
+    def nll(x):
+        th, mu, sg = math.exp(x[0]), x[1], math.exp(x[2])
+        a = math.exp(-th * d)
+        q = sg ** 2 * (1 - a * a) / (2 * th)
+        m, P, ll = np.full(B, mu), np.full(B, sg ** 2 / (2 * th)), 0.0
+        for i in range(T):
+            if i > 0:
+                m, P = mu + a * (m - mu), a * a * P + q
+            S = P + obs_scale ** 2
+            e = y[:, i] - m
+            ll += (-0.5 * (np.log(2 * np.pi * S) + e * e / S)).sum()
+            K = P / S
+            m, P = m + K * e, (1 - K) * P
+        return -ll
+
+    x = minimize(nll, [0.0, 0.0, math.log(0.4)], method="Nelder-Mead",
+                 options=dict(xatol=1e-9, fatol=1e-9, maxiter=5000)).x
+    h, H = 1e-4, np.zeros((3, 3))
+    for i in range(3):
+        for j in range(3):
+            ei, ej = np.eye(3)[i] * h, np.eye(3)[j] * h
+            H[i, j] = (nll(x + ei + ej) - nll(x + ei - ej) - nll(x - ei + ej) + nll(x - ei - ej)) / (4 * h * h)
+    cov = np.linalg.inv(H)
+    mle = np.array([math.exp(x[0]), x[1], math.exp(x[2])])
+    se = np.array([mle[0] * math.sqrt(cov[0, 0]), math.sqrt(cov[1, 1]), mle[2] * math.sqrt(cov[2, 2])])
+    return mle, se
+
+
+def _fit_ou(steps=500):
+    pyro.clear_param_store()
+    ts, ys, _ = simulate_ou(64, 26, theta=1.0, mu=0.5, sigma=0.5, obs_scale=0.1, t_end=5.0, seed=0)
+    torch.manual_seed(0)
+    m = LatentSDE(1, latent_dim=1, context_dim=16, hidden_dim=32, drift="ou", diffusion="constant",
+                  decoder="identity", obs_scale=0.1, dt=0.1).to(D64)
+    svi = pyro.infer.SVI(m.model, m.guide, _split_lr(0.03), pyro.infer.Trace_ELBO(max_plate_nesting=1))
+    for _ in range(steps):
+        svi.step(ts, ys)
+    mle, se = _kalman_mle(ts, ys, 0.1)
+    est = np.array([float(m.theta), float(m.mu), float(m.sigma)])
+    print("latent SDE (theta, mu, sigma)", est.round(3), "exact MLE", mle.round(3), "SE", se.round(3))
+    return est, mle, se
+
+
+@pytest.mark.slow
+def test_ou_prior_recovers_the_drift():
+    """64 OU paths x 26 times (theta 1, mu 0.5, sigma 0.5, noise 0.1 known): the ELBO fit of an
+    OU prior puts theta and mu within 3 standard errors of the exact (Kalman) MLE on the same data
+    (SE from the MLE's observed information; measured: theta 0.906 vs 0.893 +- 0.082, mu 0.513
+    vs 0.502 +- 0.026 after 480 steps)."""
+    est, mle, se = _fit_ou()
+    assert abs(est[0] - mle[0]) < 3 * se[0] and abs(est[1] - mle[1]) < 3 * se[1]
+    assert abs(mle[0] - 1.0) < 3 * se[0] and abs(mle[1] - 0.5) < 3 * se[1]  # the reference itself
+
+
+@pytest.mark.parametrize("path_kl", ["logqp", "girsanov"])
+def test_fractional_control_kl(path_kl):
+    """Fractional noise with a constant control u = delta: KL = int u^2/2 dt = T delta^2 / 2 exactly
+    for the carried KL state; with path_kl='girsanov' the state adds int u dW, so it is
+    N(T delta^2/2, T delta^2) and E[exp(-l)] = 1 (4 standard errors)."""
+    pyro.clear_param_store()
+    delta, T, n = 0.5, 2.0, 2000
+    ts = torch.linspace(0, T, 11, dtype=D64)
+    ys = torch.zeros(n, 11, 1, dtype=D64)
+    m = _tiny(noise="fractional", gamma_max=5.0, dt=0.05, path_kl=path_kl, drift="neural")
+    with torch.no_grad():
+        for p in m.posterior_net.parameters():
+            p.zero_()
+        m.posterior_net[-1].bias.fill_(delta)
+    pyro.set_rng_seed(1)
+    with torch.no_grad():
+        g = pyro.poutine.trace(m.guide).get_trace(ts, ys)
+    ell = g.nodes["z_path"]["value"][..., -1, 1]
+    kl = T * delta ** 2 / 2
+    if path_kl == "logqp":
+        assert torch.allclose(ell, torch.full_like(ell, kl), rtol=1e-9)
+    else:
+        assert abs(float(ell.mean()) - kl) < 4 * math.sqrt(T * delta ** 2 / n)
+        w_se = math.sqrt(math.expm1(T * delta ** 2) / n)
+        assert abs(float(torch.exp(-ell).mean()) - 1.0) < 4 * w_se
