@@ -18,7 +18,7 @@ import torch
 from ppl_lvm import IncompatibleModelError
 from ppl_lvm.inference import BACKENDS
 from ppl_lvm.inference.requirements import Requirements
-from ppl_lvm.traces import structure_from_trace, trace_program
+from ppl_lvm.traces import dependent_support_sites, structure_from_trace, trace_program
 from tests.helpers import minibatch_regression, minibatch_regression_data
 from ppl_lvm.models import MODELS
 from ppl_lvm.testing import FIXTURES, LinearGaussianSSM
@@ -26,9 +26,6 @@ from ppl_lvm.testing import FIXTURES, LinearGaussianSSM
 #: (backend, model) pairs that must raise IncompatibleModelError besides what the backends'
 #: declarations (``Backend.requires``) and the cases' facts below imply
 EXPECTED_INCOMPATIBLE = set()
-# latent_sde: its path site's support is pinned to the z0 draw (a dependent support), so the
-# backends that move every latent on one fixed unconstrained space refuse it by name
-EXPECTED_INCOMPATIBLE |= {(b, "latent_sde") for b in ("sghmc", "sgld", "smc", "smc_online")}
 
 #: constructor options per backend for a short fit
 BACKEND_OPTIONS = {
@@ -55,6 +52,8 @@ DISCRETE_CASES = {"binary", "discrete_vae", "gp_mixture", "ibp"}
 SUBSAMPLED_CASES = {"minibatch_regression", "minibatch_local"}
 LOCAL_IN_SUBSAMPLED_CASES = {"minibatch_local"}
 GLOBAL_WITH_SUBSAMPLING_CASES = {"minibatch_regression"}
+#: latent_sde: its path site's support is pinned to the z0 draw (a dependent support)
+DEPENDENT_SUPPORT_CASES = {"latent_sde"}
 
 
 def _incompatible(backend_name, kind, short):
@@ -71,7 +70,8 @@ def _incompatible(backend_name, kind, short):
             or (not discrete and req.discrete_latents == "need")
             or (short in SUBSAMPLED_CASES and req.subsampling == "refuse")
             or (short in LOCAL_IN_SUBSAMPLED_CASES and not req.latents_in_subsampled_plate)
-            or (short in GLOBAL_WITH_SUBSAMPLING_CASES and not req.global_latents_with_subsampling))
+            or (short in GLOBAL_WITH_SUBSAMPLING_CASES and not req.global_latents_with_subsampling)
+            or (short in DEPENDENT_SUPPORT_CASES and not req.dependent_supports))
 
 
 def _minibatch_regression():
@@ -175,11 +175,13 @@ def test_case_facts_match_the_traced_programs(case):
     """The hand-stated facts the matrix combines with the declarations are those of the programs."""
     model, guide, args, *kw = CASES[case]()
     st = structure_from_trace(trace_program(model, args, kw[0] if kw else {}))
-    short = case.split(":", 1)[1]
+    kind, short = case.split(":", 1)
     assert bool(st.discrete_latents) == (short in DISCRETE_CASES)
     assert bool(st.subsampled_plates) == (short in SUBSAMPLED_CASES)
     assert bool(st.latents_in_subsampled_plates) == (short in LOCAL_IN_SUBSAMPLED_CASES)
     assert bool(st.global_latents and st.subsampled_plates) == (short in GLOBAL_WITH_SUBSAMPLING_CASES)
+    if kind != "ssm":
+        assert bool(dependent_support_sites(model, args, kw[0] if kw else {})) == (short in DEPENDENT_SUPPORT_CASES)
 
 
 def test_every_backend_takes_model_guide_optim_in_that_order():
