@@ -1,4 +1,4 @@
-"""Builds tutorials/11_latent_sde.ipynb (run: python tutorials/build_11_latent_sde.py)."""
+"""Builds tutorials/11_latent_sde.ipynb (run: python tools/build_latent_sde_tutorial.py)."""
 import pathlib
 
 import nbformat
@@ -84,6 +84,6 @@ est = [ParticleFilter(ssm, None, num_particles=500).filter(one_y[1:], init_kwarg
 print(f"Kalman log p(y) = {kf:.3f}; particle filter: {np.mean(est):.3f} +- {np.std(est):.3f}")"""),
 ]
 nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-path = pathlib.Path(__file__).resolve().parent / "11_latent_sde.ipynb"
+path = pathlib.Path(__file__).resolve().parents[1] / "tutorials" / "11_latent_sde.ipynb"
 nbformat.write(nb, str(path))
 print("wrote", path)
