@@ -41,6 +41,20 @@ def _fitted_small(K, tau=None):
     return mix, data, tau
 
 
+def _stacked(data, grid, idx, Psi, weights):
+    """All tasks as one observation y = E mu + noise with block-diagonal noise covariance
+    R = blockdiag(Psi_i / w_i): ``(E, y, R)``."""
+    rows, blocks, ys = [], [], []
+    for i in range(data.num_tasks):
+        n = int(data.mask[i].sum())
+        E = torch.zeros(n, grid.numel(), dtype=torch.float64)
+        E[torch.arange(n), idx[i, :n]] = 1.0
+        rows.append(E)
+        blocks.append(Psi[i, :n, :n] / weights[i])
+        ys.append(data.y[i, :n])
+    return torch.cat(rows), torch.cat(ys), torch.block_diag(*blocks)
+
+
 def _dense_tempered_posterior(mix, data, tau, k):
     """The posterior of mu_k on the grid given y_i ~ N(mu_k(t_i), Psi_i / tau_ik), built as one
     joint Gaussian over (mu, y_1..y_M) and conditioned densely: the VE-step's q(mu_k)."""
@@ -49,16 +63,7 @@ def _dense_tempered_posterior(mix, data, tau, k):
         C = mix._cluster_cov(grid).expand(mix.num_clusters, grid.numel(), grid.numel())[k]
         m = mix._prior_mean_values(grid)[k]
         Psi = mix._task_cov(data.t, data.mask)
-    rows, blocks, ys = [], [], []
-    for i in range(data.num_tasks):
-        n = int(data.mask[i].sum())
-        E = torch.zeros(n, grid.numel(), dtype=torch.float64)
-        E[torch.arange(n), idx[i, :n]] = 1.0
-        rows.append(E)
-        blocks.append(Psi[i, :n, :n] / tau[i, k])
-        ys.append(data.y[i, :n])
-    E, y = torch.cat(rows), torch.cat(ys)
-    R = torch.block_diag(*blocks)
+    E, y, R = _stacked(data, grid, idx, Psi, tau[:, k])
     S = E @ C @ E.T + R
     gain = C @ E.T @ torch.linalg.inv(S)
     return m + gain @ (y - E @ m), C - gain @ E @ C
@@ -89,14 +94,8 @@ def test_magma_hyper_posterior_is_the_exact_gp_posterior_and_elbo_the_marginal_l
         C = mix._cluster_cov(grid)
         m = mix._prior_mean_values(grid)[0]
         Psi = mix._task_cov(data.t, data.mask)
-    rows, blocks, ys = [], [], []
-    for i in range(data.num_tasks):
-        n = int(data.mask[i].sum())
-        E = torch.zeros(n, grid.numel(), dtype=torch.float64)
-        E[torch.arange(n), idx[i, :n]] = 1.0
-        rows.append(E), blocks.append(Psi[i, :n, :n]), ys.append(data.y[i, :n])
-    E, y = torch.cat(rows), torch.cat(ys)
-    S = E @ C @ E.T + torch.block_diag(*blocks)
+    E, y, R = _stacked(data, grid, idx, Psi, tau[:, 0])
+    S = E @ C @ E.T + R
     exact = dist.MultivariateNormal(E @ m, covariance_matrix=S).log_prob(y)
     assert abs(float(elbo) - float(exact)) < 1e-8 * abs(float(exact))
     gain = C @ E.T @ torch.linalg.inv(S)
@@ -226,6 +225,7 @@ def test_plots(paper_fit):
     plt.close("all")
 
 
+@pytest.mark.slow
 def test_separate_task_hyperparameters_fit_and_predict():
     tasks, truth = MultiTaskGPMixture.simulate(num_tasks=24, num_points=15, num_clusters=2, seed=5)
     mix = MultiTaskGPMixture(2, shared_hp_tasks=False, shared_hp_clusters=False)
@@ -254,6 +254,7 @@ def test_vbic_chooses_the_true_number_of_clusters():
 
 
 # --------------------------------------------------------------------------- the Pyro program
+@pytest.mark.slow
 def test_enumerated_svi_reaches_the_vem_assignments():
     """A small case: SVI with loss='enum' (z summed out exactly) on the model/guide pair, started
     from random memberships, gives the same clusters as fit_vem (ARI 1.0); memberships from the

@@ -41,7 +41,8 @@ def test_expected_num_features_matches_the_reference_values(params):
 TRUNCATION = {(2.0, 1.0, 0.0): 60, (2.0, 1.5, 0.0): 100, (2.0, 1.5, 0.3): 400}
 
 
-@pytest.mark.parametrize("params", sorted(TRUNCATION))
+@pytest.mark.parametrize("params", [pytest.param(p, marks=pytest.mark.slow) if p[2] > 0 else p
+                                    for p in sorted(TRUNCATION)])  # sigma > 0 needs K = 400: slow
 def test_prior_draws_match_expected_num_features(params):
     a, c, s = params
     torch.manual_seed(0)
@@ -220,6 +221,7 @@ def test_stick_target_differences_equal_the_row_law(prior):
 
 
 # --------------------------------------------------------------------------- recovery
+@pytest.mark.slow
 def test_gibbs_recovers_simulated_features_and_their_number():
     counts, truth = SparseIBPFactorization.simulate(num_rows=100, num_items=40, num_features=4, seed=0)
     m = SparseIBPFactorization(8, prior="3ibp", alpha=1.0, weight_shape=2.0, weight_rate=0.5)

@@ -98,6 +98,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from . import register_model
+from .vae import mlp
 from ..numerics import tiny
 from ..validation import check_choice, check_positive, check_positive_int, check_real
 
@@ -245,12 +246,9 @@ def union_grid(times: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
 
 # =========================================================================== networks
 def _mlp(sizes, activation=nn.Softplus):
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(activation())
-    return nn.Sequential(*layers)
+    """The library's MLP (:func:`ppl_lvm.models.vae.mlp`) with softplus activations (smooth
+    drifts and diffusions)."""
+    return mlp(sizes, activation)
 
 
 class _DiagonalNets(nn.Module):
