@@ -695,7 +695,7 @@ class OpenHorizonSMC(_ParticleSampler):
         prev = log_w0 if log_w0 is not None else lik.new_full((K,), -math.log(K))  # normalized
         log_w = prev + lik.detach()
         minibatch_log_lik = float(torch.logsumexp(log_w, 0))
-        loss = -scale * float(torch.logsumexp(log_w, 0))
+        loss = -scale * minibatch_log_lik
         W = torch.softmax(log_w, 0)
         params = [s["value"].unconstrained() for s in capture.trace.nodes.values() if s["type"] == "param"]
         params = [p for p in params if p.requires_grad]
