@@ -612,20 +612,24 @@ class MultiTaskGPMixture(PyroModule):
         c = tau.transpose(0, 1) @ per_task
         return dict(L_psi=L, Psi_inv=Psi_inv, A=A, s=s, c=c, per_task=per_task)
 
+    def _factors(self, grid, stats):
+        r"""What both forms of the optimal :math:`q(\mu)` start from: the prior mean ``m``
+        ``(K, P)``, the prior's Cholesky factor ``Lc``, the Cholesky factor ``LB`` of
+        :math:`B = I + L^\top A L` and :math:`v = s - A m`."""
+        m = self._prior_mean_values(grid)
+        Lc = safe_cholesky(self._cluster_cov(grid))
+        A, s = stats["A"], stats["s"]
+        B = torch.eye(grid.numel(), dtype=grid.dtype, device=grid.device) + Lc.transpose(-1, -2) @ A @ Lc
+        LB = torch.linalg.cholesky(0.5 * (B + B.transpose(-1, -2)))
+        v = s - (A @ m.unsqueeze(-1)).squeeze(-1)
+        return m, Lc, LB, v
+
     def _hyper_posterior(self, grid, stats, need_kl=True):
         """``(m_hat (K, P), C_hat (K, P, P), log Z (K,), KL (K,) or None)`` without :math:`C^{-1}`."""
-        C = self._cluster_cov(grid)
-        m = self._prior_mean_values(grid)
-        P = grid.numel()
-        Lc = safe_cholesky(C)
+        m, Lc, LB, v = self._factors(grid, stats)
         A, s = stats["A"], stats["s"]
-        eye = torch.eye(P, dtype=grid.dtype, device=grid.device)
-        B = eye + Lc.transpose(-1, -2) @ A @ Lc
-        B = 0.5 * (B + B.transpose(-1, -2))
-        LB = torch.linalg.cholesky(B)
         W = torch.linalg.solve_triangular(LB, Lc.transpose(-1, -2), upper=False)  # LB^-1 L^T
         C_hat = W.transpose(-1, -2) @ W
-        v = s - (A @ m.unsqueeze(-1)).squeeze(-1)
         Wv = (W @ v.unsqueeze(-1)).squeeze(-1)
         m_hat = m + (W.transpose(-1, -2) @ Wv.unsqueeze(-1)).squeeze(-1)
         logdet_B = 2 * LB.diagonal(dim1=-2, dim2=-1).log().sum(-1)
@@ -636,21 +640,14 @@ class MultiTaskGPMixture(PyroModule):
         # KL(q || p) = 1/2 [tr(B^-1) + |B^-1 L^T v|^2 - P + log det B]
         Binv = torch.cholesky_inverse(LB)
         u = (Binv @ (Lc.transpose(-1, -2) @ v.unsqueeze(-1))).squeeze(-1)
-        kl = 0.5 * (Binv.diagonal(dim1=-2, dim2=-1).sum(-1) + u.pow(2).sum(-1) - P + logdet_B)
+        kl = 0.5 * (Binv.diagonal(dim1=-2, dim2=-1).sum(-1) + u.pow(2).sum(-1) - grid.numel() + logdet_B)
         return m_hat, C_hat, log_z, kl
 
     def _whitened_posterior(self, grid, stats):
-        """The optimal :math:`q(\mu_k)` in the prior's whitened coordinates: ``(a (K, P), S (K,
+        r"""The optimal :math:`q(\mu_k)` in the prior's whitened coordinates: ``(a (K, P), S (K,
         P, P))`` with :math:`\hat m_k = m_k + L a_k`, :math:`\hat C_k = L S S^\top L^\top`
         (:math:`a = B^{-1} L^\top v`, :math:`S S^\top = B^{-1}`)."""
-        C = self._cluster_cov(grid)
-        m = self._prior_mean_values(grid)
-        P = grid.numel()
-        Lc = safe_cholesky(C)
-        A, s = stats["A"], stats["s"]
-        B = torch.eye(P, dtype=grid.dtype, device=grid.device) + Lc.transpose(-1, -2) @ A @ Lc
-        LB = torch.linalg.cholesky(0.5 * (B + B.transpose(-1, -2)))
-        v = s - (A @ m.unsqueeze(-1)).squeeze(-1)
+        _, Lc, LB, v = self._factors(grid, stats)
         a = torch.cholesky_solve((Lc.transpose(-1, -2) @ v.unsqueeze(-1)), LB).squeeze(-1)
         Binv = torch.cholesky_inverse(LB)
         return a, safe_cholesky(0.5 * (Binv + Binv.transpose(-1, -2)))
@@ -770,23 +767,30 @@ class MultiTaskGPMixture(PyroModule):
         it = 0
         try:
             for it in range(1, num_steps + 1):
-                # 1. hyperparameters and q(mu) jointly, tau fixed (kept only if the ELBO rose)
-                with torch.no_grad():
-                    before = float(self._elbo(data, grid, idx, tau)[0])
+                # 1. hyperparameters and q(mu) jointly, tau fixed (kept only if the ELBO rose); the
+                #    ELBO before the step is the last iteration's (same hyperparameters, tau and pi)
+                if history:
+                    before = history[-1]
+                else:
+                    with torch.no_grad():
+                        before = float(self._elbo(data, grid, idx, tau)[0])
                 saved = [p.detach().clone() for p in params]
+                parts = None
                 try:
                     self._lbfgs(lambda: self._elbo(data, grid, idx, tau)[0], params, hp_steps)
                     with torch.no_grad():
-                        after = float(self._elbo(data, grid, idx, tau)[0])
-                    if not math.isfinite(after) or after < before:
+                        after, parts = self._elbo(data, grid, idx, tau)
+                    if not math.isfinite(float(after)) or float(after) < before:
                         raise FloatingPointError
                 except (FloatingPointError, ValueError, RuntimeError):  # a failed line search: keep the old values
+                    parts = None
                     with torch.no_grad():
                         for p, v in zip(params, saved):
                             p.copy_(v)
                 # 2. tau given q(mu); 3. pi given tau
                 with torch.no_grad():
-                    _, parts = self._elbo(data, grid, idx, tau)
+                    if parts is None:
+                        _, parts = self._elbo(data, grid, idx, tau)
                     if K > 1:
                         tau = self._update_tau(data, idx, parts)
                         self.hp.logits_pi.copy_(tau.mean(0).clamp_min(eps(tau.dtype)).log())
