@@ -86,7 +86,11 @@ class GuidedBackend(Backend):
     # ------------------------------------------------------------------ shared update machinery
     def _non_reparameterized_sites(self, structure) -> tuple:
         """Guide sites of the model's latents that need score-function gradients
-        (discrete, or without ``rsample``)."""
+        (discrete, or without ``rsample``).  A straight-through site
+        (:class:`ppl_lvm.distributions.StraightThroughBernoulli`) counts as discrete here: its
+        pathwise gradient is a surrogate for the single-sample ELBO (Pyro's ``Trace_ELBO``, the
+        SVI backend), and inside an importance-weighted objective it estimates nothing (see that
+        module's docstring), so IWAE and chi^2-VIS give it score-function gradients."""
         return tuple(n for n, s in self.guide_structure.latent_sites.items()
                      if n in structure.latent_sites and (s.is_discrete or not s.has_rsample))
 

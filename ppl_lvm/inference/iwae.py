@@ -58,6 +58,7 @@ from typing import Optional
 import torch
 
 from ..traces import LogWeights, detach_distribution, log_mean_exp, trace_program
+from ..distributions import straight_through_as_bernoulli
 from ..validation import check_choice, check_positive_int
 from .guided import GuidedBackend
 from .registry import register_backend
@@ -126,6 +127,8 @@ class IWAE(GuidedBackend):
                  validate: bool = True):
         super().__init__(model, guide, optim, max_plate_nesting=max_plate_nesting,
                          data_plate=data_plate, validate=validate)
+        # straight-through sites: plain Bernoulli draws, score-function gradients (ppl_lvm.distributions)
+        self.guide = straight_through_as_bernoulli(self.guide, "IWAE")
         self.num_particles = check_positive_int(num_particles, "num_particles")
         self.gradient = check_choice(gradient, "gradient", GRADIENTS)
         self._resolved_gradient: Optional[str] = None

@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from ..traces import log_mean_exp
+from ..distributions import straight_through_as_bernoulli
 from ..validation import check_choice, check_positive_int
 from .guided import GuidedBackend
 from .registry import register_backend
@@ -101,6 +102,8 @@ class ChiSquareVIS(GuidedBackend):
                  data_plate: Optional[str] = None, validate: bool = True):
         super().__init__(model, guide, optim, max_plate_nesting=max_plate_nesting,
                          data_plate=data_plate, validate=validate)
+        # straight-through sites: plain Bernoulli draws, score-function gradients (ppl_lvm.distributions)
+        self.guide = straight_through_as_bernoulli(self.guide, "chi^2-VIS")
         self.num_particles = check_positive_int(num_particles, "num_particles")
         check_choice(preset, "preset", PRESETS)
         m_obj, p_obj = PRESETS[preset]
