@@ -9,7 +9,7 @@ handlers, so every backend runs every model/guide pair it is valid for::
     idata = fit.to_inferencedata()
 """
 
-from . import datasets, diagnostics, inference, models, traces  # noqa: F401  (submodules)
+from . import datasets, diagnostics, distributions, inference, models, traces  # noqa: F401  (submodules)
 from .diagnostics import psis_khat, to_inferencedata
 from .errors import DivergenceError, IncompatibleModelError, ModelGuideMismatchError
 from .inference import (

@@ -382,12 +382,14 @@ def dependent_support_sites(model: Callable, args: Sequence, kwargs: dict, tries
 def dependent_support_message(backend: str, sites: Sequence[str]) -> str:
     """The refusal for :func:`dependent_support_sites`."""
     return (f"The support of latent site(s) {list(sites)} depends on other latent sites (its bounds change "
-            f"between runs of the model, e.g. Uniform(0, 1 - a)); {backend} maps every site to an "
+            f"between runs of the model, e.g. Uniform(0, 1 - a), or a constraint built from other latents "
+            f"such as a distribution over whole paths); {backend} maps every site to an "
             "unconstrained space with one fixed transform, which would be wrong for it (on the garch11 "
-            "reference posterior it produced values outside the support). Reparameterize: sample "
-            "u ~ Uniform(0, 1) and set the site to low + (high - low) * u (pyro.deterministic), the "
-            "same distribution as Uniform(low, high); or use a guide-based backend with a guide that "
-            "draws the site inside its current bounds.")
+            "reference posterior it produced values outside the support). For bounded scalars, "
+            "reparameterize: sample u ~ Uniform(0, 1) and set the site to low + (high - low) * u "
+            "(pyro.deterministic), the same distribution as Uniform(low, high); otherwise use a "
+            "guide-based backend (svi, iwae, chi2_vis) with a guide that draws the site inside its "
+            "current support.")
 
 
 def trace_program(fn: Callable, args: Sequence, kwargs: dict, *, role: str = "model", replay=None):
