@@ -178,6 +178,7 @@ def test_epistemic_variance_grows_away_from_the_training_inputs(one_thread):
     assert torch.all(ep_far[[0, 3]] > 4 * ep_in), (float(ep_in), ep_far.tolist())
 
 
+@pytest.mark.slow  # 62 s on the CI machine; the default suite keeps its 20-minute budget
 def test_sghmc_latent_input_beats_the_homoscedastic_bnn_with_learned_noise(one_thread):
     """Depeweg's heteroscedastic toy, 300 training / 1000 held-out points, SG-HMC for both
     (4 chains, 1500 warmup + 500 draws thinned by 2).  BNN+LV with its noise scale *learned*
