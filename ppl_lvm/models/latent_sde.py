@@ -442,8 +442,8 @@ class LatentSDE(PyroModule):
         i.e. ``noise="fractional"`` or ``path_kl="girsanov"``: euler).
     :param dt: solver step (``None``: half the smallest spacing of the grid, and for fractional
         noise at most :math:`0.49/\gamma_{\max}`).  Larger than the smallest observation spacing
-        is refused.  It is shortened by at most a few percent so that the solver's last step is
-        not a rounding sliver (see :func:`_sliver_free_dt`: torchsde hangs on one).
+        is refused.  Each observation interval is split into ``ceil(gap / dt)`` equal steps, so
+        the observation times are points of the solver's grid (see ``_integrate``).
     :param bool adjoint: solve with ``torchsde.sdeint_adjoint`` (memory constant in the number of
         steps), passing every parameter the SDE depends on and the context as ``adjoint_params``.
     :param str path_kl: ``"logqp"`` or ``"girsanov"`` (module docstring).
@@ -639,7 +639,7 @@ class LatentSDE(PyroModule):
                                  f"(product {self.gamma_max * dt:g}). Use dt < {0.5 / self.gamma_max:g} or a "
                                  "smaller gamma_max.")
             dt = 0.49 / self.gamma_max
-        return _sliver_free_dt(ts, dt, per_gap=self.adjoint)
+        return dt
 
     def _fbm_params(self, p, ts):
         if self.noise != "fractional":
@@ -663,10 +663,38 @@ class LatentSDE(PyroModule):
         return self.context_head(out.flip(1)).transpose(0, 1)
 
     def _integrate(self, sde, y0, ts, dt, logqp=False, bm=None, adjoint_params=None):
-        kw = dict(method=self.method, dt=dt, bm=bm)
-        if self.adjoint and torch.is_grad_enabled():
-            return torchsde.sdeint_adjoint(sde, y0, ts, logqp=logqp, adjoint_params=adjoint_params, **kw)
-        return torchsde.sdeint(sde, y0, ts, logqp=logqp, **kw)
+        r"""Solve over ``ts`` one observation interval at a time, each split into
+        :math:`n_i = \lceil (t_i - t_{i-1}) / dt \rceil` equal steps, so that every observation
+        time is a point of the solver's grid.  (One ``sdeint`` call over all of ``ts`` with a
+        fixed ``dt`` steps across observation times and returns *linear interpolations* of the
+        two straddling steps there, torchsde's ``integrate``: the path at ``t_i`` is then not a
+        state of the Euler chain, and a step that straddles ``t_i`` uses the drift input of the
+        interval before it.)  Each step is stretched by a relative 1e-9 so that the ``n_i``-th
+        step is clipped exactly onto ``t_i`` (torchsde clips at ``ts[-1]``) instead of leaving a
+        rounding sliver, on which torchsde 0.2.6's ``BrownianInterval`` never finishes.
+        Returns ``(T, N, S)`` states (and with ``logqp`` the ``(T - 1, N)`` per-interval
+        log-ratios), like ``sdeint``."""
+        kw = dict(method=self.method)
+        adjoint = self.adjoint and torch.is_grad_enabled()
+        outs, logrs, y = [y0], [], y0
+        for a, b in zip(ts[:-1], ts[1:]):
+            gap = float(b - a)
+            n = max(1, math.ceil(gap / dt - 1e-9))
+            pair = torch.stack([a, b])
+            step = dict(kw, dt=gap / n * (1 + 1e-9), bm=bm)
+            if adjoint:
+                res = torchsde.sdeint_adjoint(sde, y, pair, logqp=logqp, adjoint_params=adjoint_params, **step)
+            else:
+                res = torchsde.sdeint(sde, y, pair, logqp=logqp, **step)
+            if logqp:
+                res, lr = res
+                logrs.append(lr[-1])
+            y = res[-1]
+            outs.append(y)
+        path = torch.stack(outs, 0)
+        if logqp:
+            return path, (torch.stack(logrs, 0) if logrs else y0.new_zeros(0, y0.shape[0]))
+        return path
 
     def _adjoint_params(self, p, ctx, posterior):
         """Every tensor the SDE's drift and diffusion depend on: the networks' parameters, the
@@ -804,7 +832,7 @@ class LatentSDE(PyroModule):
         inside = ts_future[ts_future <= ts[-1]]
         after = ts_future[ts_future > ts[-1]]
         grid = torch.unique(torch.cat([ts, inside]))
-        path, _, state = self._solve(p, z0, grid, _sliver_free_dt(grid, min(dt, _min_gap(grid, dt))), posterior=True,
+        path, _, state = self._solve(p, z0, grid, dt, posterior=True,
                                      ctx=ctx, obs_ts=ts)
         outs = [path[..., torch.searchsorted(grid, inside), :]] if inside.numel() else []
         if after.numel():
@@ -814,7 +842,7 @@ class LatentSDE(PyroModule):
                 start = state[..., :L]
             else:  # fractional: keep Y, restart the log-ratio channel
                 start = torch.cat([state[..., :-1], state.new_zeros(state.shape[:-1] + (1,))], -1)
-            p2, _, _ = self._solve(p, start[..., :L], g2, _sliver_free_dt(g2, min(dt, _min_gap(g2, dt))), posterior=False,
+            p2, _, _ = self._solve(p, start[..., :L], g2, dt, posterior=False,
                                    state0=None if kind == "diagonal" else start)
             outs.append(p2[..., 1:, :])
         latent = torch.cat(outs, -2)
@@ -1002,31 +1030,6 @@ class _FracGirsanov(nn.Module):
         z, Y = y[..., :L], y[..., L:L + L * K]
         inner._last_u = inner.post_drift(t, z, Y)
         return inner.g(t, y)
-
-
-def _sliver_free_dt(ts, dt: float, per_gap: bool = False) -> float:
-    r"""The largest step :math:`\le` ``dt`` (within 40%) whose last step before ``ts[-1]`` (and,
-    with ``per_gap``, before every observation time: the adjoint solves each interval on its
-    own) is not a sliver: torchsde's fixed-step loop steps ``t + dt`` until it reaches the end,
-    and a last step of ~1e-15 left by rounding makes its ``BrownianInterval`` rebuild its tree
-    at that resolution, which never finishes (seen with torchsde 0.2.6: ``linspace(0, 5, 50)``
-    with ``dt = 0.05``; ``linspace(0, 1, 6)`` with ``dt = 0.02`` in the adjoint pass)."""
-    spans = [float(ts[-1] - ts[0])] if ts.numel() > 1 else []
-    if per_gap and ts.numel() > 1:
-        spans += (ts[1:] - ts[:-1]).tolist()
-    if not spans:
-        return dt
-    spans = np.asarray(spans)
-    best, best_score = dt, -1.0
-    for k in range(400):
-        cand = dt * (1 - 0.001 * k)
-        frac = spans / cand - np.floor(spans / cand)
-        score = float(np.minimum(frac, 1 - frac).min())
-        if score > 0.02:
-            return cand
-        if score > best_score:
-            best, best_score = cand, score
-    return best
 
 
 def _min_gap(grid, default):
