@@ -104,7 +104,7 @@ from ..validation import check_choice, check_positive, check_positive_int, check
 
 __all__ = ["LatentSDE", "LatentSDEStateSpace", "KLAnnealing", "fbm_weights", "fbm_b_closed_form", "fbm_b_quadrature",
            "fbm_gammas", "fbm_variance", "rl_fbm_covariance", "markov_fbm_variance", "union_grid", "simulate_ou",
-           "simulate_fractional_ou"]
+           "simulate_fractional_ou", "ou_euler_elbo_optimum"]
 
 LIKELIHOODS = ("gaussian", "laplace")
 NOISES = ("brownian", "fractional")
@@ -1107,6 +1107,87 @@ def simulate_fractional_ou(hurst: float, num_sequences: int = 16, num_time_steps
     ys = torch.as_tensor(zc, dtype=dtype) + obs_scale * torch.as_tensor(
         rng.standard_normal(zc.shape), dtype=dtype)
     return ts, ys[..., None], dict(z=torch.as_tensor(zc, dtype=dtype), hurst=hurst, theta=theta, sigma=sigma)
+
+
+# =========================================================================== exact diagnostics (linear case)
+def ou_euler_elbo_optimum(ts, ys, theta: float, mu: float, sigma: float, obs_scale: float, pz0_loc: float,
+                          pz0_scale: float, dt: float, free_variance: bool = False, return_messages: bool = False):
+    r"""The largest ELBO that *any* posterior of the latent-SDE family can reach on a 1-d OU prior
+    with Gaussian observations, once the SDEs are discretized as :class:`LatentSDE` does (each
+    observation interval split into :math:`\lceil \mathrm{gap}/dt \rceil` equal Euler steps of
+    size :math:`h`), computed exactly by dynamic programming.
+
+    The discretized prior is the chain :math:`z_{k+1} \sim \mathcal N(F_k(z_k), \sigma^2 h)`,
+    :math:`F_k(z) = z + \theta(\mu - z)h`; the posterior family is
+    :math:`z_{k+1} \sim \mathcal N(m_k(z_k), \sigma^2 h)` with *any* mean function (the posterior
+    SDE shares the prior's diffusion, which keeps the continuous-time KL finite) and any
+    Gaussian :math:`q(z_0)`.  Entropy and transition terms cancel up to
+    :math:`-\sum_k \mathbb E(m_k - F_k)^2 / 2\sigma^2 h` (the path KL torchsde's ``logqp``
+    accumulates), so the ELBO is a linear-quadratic control problem: with the value function
+    :math:`V_k(z) = -\tfrac12 P_k z^2 + p_k z + c_k` (observations at grid point ``k`` and
+    later), :math:`a = 1/\sigma^2 h`,
+
+    .. math::
+
+        m_k^*(z) = \frac{F_k(z) + \sigma^2 h\,p_{k+1}}{1 + \sigma^2 h P_{k+1}},\qquad
+        V_k(z) = \mathrm{obs}_k(z) - \frac{aP_{k+1}}{2(a+P_{k+1})} F_k(z)^2 + \frac{a\,p_{k+1}}{a+P_{k+1}} F_k(z)
+            + \frac{p_{k+1}^2}{2(a+P_{k+1})} - \tfrac12 P_{k+1}\sigma^2 h + c_{k+1},
+
+    and the optimum is :math:`\log \int p(z_0) e^{V_0(z_0)} dz_0`.  Compared with the exact
+    posterior of the chain (whose transition variance is :math:`1/(a + P_{k+1})`), each step
+    loses :math:`\tfrac12[x_k - \log(1 + x_k)]`, :math:`x_k = \sigma^2 h P_{k+1}`: large on the
+    steps before an observation when :math:`\sigma^2 h` is not small against
+    :math:`\mathrm{obs\_scale}^2`, and smaller for a smaller :math:`\sigma`, which is why the
+    ELBO's maximizer shrinks the diffusion.  ``free_variance=True`` lets the posterior's
+    transition variance be free too; the optimum is then the chain's exact log-evidence (a
+    check of the bookkeeping against a Kalman filter).
+
+    :param ts: observation times ``(T,)``.  :param ys: observations ``(B, T)`` or ``(B, T, 1)``
+        (float64 numpy or tensor).  :returns: the optimum per sequence ``(B,)`` (numpy); with
+        ``return_messages`` also the per-interval lists of per-step ``(P_{k+1}, p_{k+1})``
+        (``steps[i][j]`` for the ``j``-th step of interval ``i``) and ``(P_0, p_0)``.
+    """
+    t = np.asarray(torch.as_tensor(ts).detach().cpu(), dtype=np.float64)
+    y = np.asarray(torch.as_tensor(ys).detach().cpu(), dtype=np.float64)
+    if y.ndim == 3:
+        if y.shape[-1] != 1:
+            raise ValueError(f"ou_euler_elbo_optimum is for 1-d observations, got ys of shape {y.shape}.")
+        y = y[..., 0]
+    if y.ndim != 2 or y.shape[1] != t.shape[0]:
+        raise ValueError(f"ys must have shape (sequences, len(ts)={t.shape[0]}), got {y.shape}.")
+    for name, v in (("theta", theta), ("sigma", sigma), ("obs_scale", obs_scale), ("pz0_scale", pz0_scale),
+                    ("dt", dt)):
+        check_positive(v, name)
+    r2 = obs_scale ** 2
+    obs_c = -0.5 * math.log(2 * math.pi * r2)
+    P = np.full(y.shape[0], 1 / r2)
+    p = y[:, -1] / r2
+    c = obs_c - y[:, -1] ** 2 / (2 * r2)
+    steps = []
+    for i in range(t.shape[0] - 1, 0, -1):
+        gap = t[i] - t[i - 1]
+        n = max(1, math.ceil(gap / dt - 1e-9))
+        h = gap / n
+        s2h, a = sigma ** 2 * h, 1 / (sigma ** 2 * h)
+        alpha, beta = 1 - theta * h, theta * mu * h
+        seq = []
+        for _ in range(n):  # backward over the steps of this interval
+            seq.append((P.copy(), p.copy()))
+            if free_variance:
+                c = c - 0.5 * np.log1p(s2h * P)
+            else:
+                c = c - 0.5 * P * s2h
+            Pn, pn = a * P / (a + P), a * p / (a + P)
+            c = c + p ** 2 / (2 * (a + P)) - 0.5 * Pn * beta ** 2 + pn * beta
+            P, p = Pn * alpha ** 2, alpha * (pn - Pn * beta)
+        steps.append(seq[::-1])
+        yo = y[:, i - 1]
+        P, p, c = P + 1 / r2, p + yo / r2, c + obs_c - yo ** 2 / (2 * r2)
+    s02 = pz0_scale ** 2
+    out = c - 0.5 * np.log1p(s02 * P) + 0.5 * ((pz0_loc / s02 + p) ** 2 / (1 / s02 + P) - pz0_loc ** 2 / s02)
+    if return_messages:
+        return out, steps[::-1], (P, p)
+    return out
 
 
 # =========================================================================== matrix case
