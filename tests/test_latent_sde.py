@@ -549,15 +549,55 @@ def _fit_ou(steps=500):
     return est, mle, se
 
 
+def _elbo_argmax(ts, ys, r, dt):
+    """The exact maximizer over (theta, mu, sigma, p(z0)) of the discretized ELBO with the best
+    posterior of the family (ou_euler_elbo_optimum), by Nelder-Mead."""
+    from scipy.optimize import minimize
+    from ppl_lvm.models.latent_sde import ou_euler_elbo_optimum
+
+    def neg(x):
+        return -ou_euler_elbo_optimum(ts, ys, math.exp(x[0]), x[1], math.exp(x[2]), r, x[3], math.exp(x[4]),
+                                      dt).sum()
+
+    x = minimize(neg, [0.0, 0.5, math.log(0.5), 0.5, math.log(0.35)], method="Nelder-Mead",
+                 options=dict(xatol=1e-6, fatol=1e-6, maxiter=6000)).x
+    return np.array([math.exp(x[0]), x[1], math.exp(x[2])])
+
+
 @pytest.mark.slow
-def test_ou_prior_recovers_the_drift():
-    """64 OU paths x 26 times (theta 1, mu 0.5, sigma 0.5, noise 0.1 known): the ELBO fit of an
-    OU prior puts theta and mu within 3 standard errors of the exact (Kalman) MLE on the same data
-    (SE from the MLE's observed information; measured: theta 0.906 vs 0.893 +- 0.082, mu 0.513
-    vs 0.502 +- 0.026 after 480 steps)."""
+def test_ou_prior_recovery_against_the_mle_and_the_objectives_optimum():
+    """64 OU paths x 26 times (theta 1, mu 0.5, sigma 0.5, noise 0.1 known), OU prior, neural
+    posterior, dt 0.1, 500 SVI steps.  References on the same data: the exact (Kalman) MLE with
+    its SE, and the exact maximizer of the discretized ELBO itself (``_elbo_argmax``: the best
+    posterior of the family, by dynamic programming), which is biased: at dt 0.1 it is theta
+    0.60, mu 0.54, sigma 0.29 against the MLE's 0.89, 0.50, 0.49 (the ELBO's per-step loss
+    0.5 (x - log(1 + x)), x = sigma^2 h P, shrinks with sigma; docs/latent_sde.md).
+    Checks: mu within 3 SE of the MLE; sigma between the
+    objective's optimum and the MLE (each widened by 3 SE of the MLE): the fit is on its way from
+    its start to the objective's optimum, and it must not leave that range.  theta within 3 SE
+    of the MLE holds at 500 steps only because the fit has not converged to the objective's
+    theta (measured: theta 0.922, sigma 0.378)."""
     est, mle, se = _fit_ou()
-    assert abs(est[0] - mle[0]) < 3 * se[0] and abs(est[1] - mle[1]) < 3 * se[1]
-    assert abs(mle[0] - 1.0) < 3 * se[0] and abs(mle[1] - 0.5) < 3 * se[1]  # the reference itself
+    ts, ys, _ = simulate_ou(64, 26, theta=1.0, mu=0.5, sigma=0.5, obs_scale=0.1, t_end=5.0, seed=0)
+    star = _elbo_argmax(ts, ys, 0.1, 0.1)
+    print("objective's exact optimum (theta, mu, sigma)", star.round(3))
+    assert abs(mle[0] - 1.0) < 3 * se[0] and abs(mle[1] - 0.5) < 3 * se[1] and abs(mle[2] - 0.5) < 3 * se[2]
+    assert abs(est[1] - mle[1]) < 3 * se[1]
+    assert star[2] - 3 * se[2] < est[2] < mle[2] + 3 * se[2]
+    assert abs(est[0] - mle[0]) < 3 * se[0]
+    assert star[2] < mle[2] - 3 * se[2]  # the objective's bias at dt 0.1 is real (measured 0.287 vs 0.494)
+
+
+def test_coarse_dt_warns_that_the_diffusion_will_be_underestimated():
+    ts, ys, _ = simulate_ou(2, 3, obs_scale=0.1, t_end=0.2)
+    m = _ou_module(0.1, 0.1)  # x = 0.5^2 * 0.1 / 0.1^2 = 2.5
+    with pytest.warns(UserWarning, match="too small diffusion.*O\(dt\)"):
+        m.guide(ts, ys)
+    m = _ou_module(0.002, 0.1)  # x = 0.05
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.guide(ts, ys)
 
 
 @pytest.mark.parametrize("path_kl", ["logqp", "girsanov"])
