@@ -734,3 +734,17 @@ def test_library_elbo_with_the_exact_optimal_posterior_reaches_the_optimum():
     se = e.std(0, ddof=1) / math.sqrt(N)
     assert np.all(np.abs(e.mean(0) - best) < 4 * se), (e.mean(0), best, se)
     assert np.all(se < 0.3)
+
+
+@pytest.mark.parametrize("adjoint, n, t_end, dt", [(False, 50, 5.0, 0.05), (True, 6, 1.0, 0.02)])
+def test_grids_that_left_a_rounding_sliver_run_and_hit_the_observation_times(adjoint, n, t_end, dt):
+    """Grids on which a fixed-step solve over all of ts left a ~1e-15 last step (torchsde 0.2.6's
+    BrownianInterval never finishes on one): each interval is now split into ceil(gap / dt)
+    equal steps clipped onto its end, so these run (and, with the adjoint, backpropagate)."""
+    ts = torch.linspace(0, t_end, n, dtype=D64)
+    ys = torch.zeros(2, n, 1, dtype=D64)
+    m = _tiny(drift="neural", adjoint=adjoint, dt=dt)
+    loss = pyro.infer.Trace_ELBO(max_plate_nesting=1).differentiable_loss(m.model, m.guide, ts, ys)
+    if adjoint:
+        loss.backward()
+    assert math.isfinite(float(loss))
