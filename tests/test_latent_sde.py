@@ -29,11 +29,15 @@ def _bm(ts, n, d, seed):
 
 
 # ----------------------------------------------------------------------------- the ELBO
-def test_pyro_elbo_equals_the_latent_sde_elbo():
+@pytest.mark.parametrize("grid", ["regular", "irregular"])
+def test_pyro_elbo_equals_the_latent_sde_elbo(grid):
     """model.log_prob - guide.log_prob on one guide draw equals, term by term computed here by
     hand, E log p(y|z) + log p(z0) - log q(z0) - int |u|^2/2 dt with the same z0 and Brownian path."""
     pyro.clear_param_store()
     ts, ys, _ = simulate_ou(3, 6, t_end=1.0, seed=1)
+    if grid == "irregular":  # gaps 0.2, 0.2, 0.25, 0.15, 0.2: one solver call per interval
+        ts = ts.clone()
+        ts[3] += 0.05
     m = _tiny()
     bm = _bm(ts, 3, 2, seed=5)  # logqp: torchsde integrates the log-ratio as one more noise state
     pyro.set_rng_seed(3)
@@ -64,11 +68,12 @@ def test_pyro_elbo_equals_the_latent_sde_elbo():
                 return sigma.expand(y.shape)
 
         # one torchsde call per observation interval, ceil(gap / dt) equal steps (observation
-        # times on the solver's grid): gap 0.2, dt 0.1 -> 2 steps each
+        # times on the solver's grid; the library makes one call on a regular grid, the same steps)
         bm = _bm(ts, 3, 2, seed=5)
         zs, logr, y = [z0], [], z0
         for a, b in zip(ts[:-1], ts[1:]):
-            out, lr = torchsde.sdeint(SDE(), y, torch.stack([a, b]), bm=bm, dt=float(b - a) / 2 * (1 + 1e-9),
+            n = math.ceil(float(b - a) / 0.1 - 1e-9)
+            out, lr = torchsde.sdeint(SDE(), y, torch.stack([a, b]), bm=bm, dt=float(b - a) / n * (1 + 1e-9),
                                       method="euler", logqp=True)
             y = out[-1]
             zs.append(y)

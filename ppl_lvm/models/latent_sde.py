@@ -678,10 +678,25 @@ class LatentSDE(PyroModule):
         interval before it.)  Each step is stretched by a relative 1e-9 so that the ``n_i``-th
         step is clipped exactly onto ``t_i`` (torchsde clips at ``ts[-1]``) instead of leaving a
         rounding sliver, on which torchsde 0.2.6's ``BrownianInterval`` never finishes.
+        On a regular grid the same steps are taken in one ``sdeint`` call (Python overhead: one
+        call per interval made the torchsde-example benchmark 1.45x slower than one call).
         Returns ``(T, N, S)`` states (and with ``logqp`` the ``(T - 1, N)`` per-interval
         log-ratios), like ``sdeint``."""
         kw = dict(method=self.method)
         adjoint = self.adjoint and torch.is_grad_enabled()
+        if ts.shape[0] > 2:
+            gaps = ts[1:] - ts[:-1]
+            if float(gaps.max() - gaps.min()) <= 1e-12 * float(gaps.max()):
+                # a regular grid: one call, the same equal steps.  The 1e-9 stretch keeps the
+                # step grid a relative ~1e-9 of a step *after* each observation time, so the
+                # returned value there is the Euler state up to that fraction of one step's
+                # increment, and a step starting at an observation time sees the next interval.
+                gap = float(gaps.max())
+                n = max(1, math.ceil(gap / dt - 1e-9))
+                step = dict(kw, dt=gap / n * (1 + 1e-9), bm=bm)
+                if adjoint:
+                    return torchsde.sdeint_adjoint(sde, y0, ts, logqp=logqp, adjoint_params=adjoint_params, **step)
+                return torchsde.sdeint(sde, y0, ts, logqp=logqp, **step)
         outs, logrs, y = [y0], [], y0
         for a, b in zip(ts[:-1], ts[1:]):
             gap = float(b - a)
