@@ -19,7 +19,9 @@ data and the module (before the first iteration); their difference is what train
 ``LatentSDE`` solves one observation interval at a time with ``ceil(gap / dt)`` equal steps; the
 plain loop makes one ``sdeint`` call over all times (the example's way) with the same step
 (stretched by 1e-9 relative so that the steps stay on the observation times), so both take
-the same Euler steps.
+the same Euler steps.  ``LatentSDE`` itself makes one ``sdeint`` call on a regular float64
+grid, but one call per interval in float32 (whose time arithmetic is too coarse for the step
+alignment), which costs Python overhead; ``--dtype float64`` compares the one-call case.
 """
 
 import argparse
@@ -108,10 +110,12 @@ def _rss_now_mib():
 def run_one(args, which):
     torch.set_num_threads(args.threads)
     ts, ys = lorenz_data(args.paths, args.times, args.t_end)
+    dtype = getattr(torch, args.dtype)
+    ts, ys = ts.to(dtype), ys.to(dtype)
     pyro.clear_param_store()
     torch.manual_seed(0)
     m = LatentSDE(3, latent_dim=4, context_dim=64, hidden_dim=128, decoder="linear", obs_scale=0.01,
-                  dt=args.dt, name="bench")
+                  dt=args.dt, name="bench").to(dtype)
     gap = float(ts[1] - ts[0])
     n = max(1, math.ceil(gap / args.dt - 1e-9))
     step = gap / n  # the Euler step both implementations take
@@ -150,6 +154,7 @@ def main():
     ap.add_argument("--dt", type=float, default=1e-2)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--only", choices=("ours", "plain"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:
@@ -163,7 +168,7 @@ def main():
         rows[which] = json.loads(out)
     print(f"{args.paths} paths x {args.times} times on [0, {args.t_end}], latent 4, context 64, hidden 128, "
           f"euler, step {rows['ours']['step']:.5g} (dt {args.dt}), {args.iters} timed iterations after 1 warm-up, "
-          f"{args.threads} thread(s), each implementation in its own process")
+          f"{args.threads} thread(s), {args.dtype}, each implementation in its own process")
     print("| implementation | s / iteration (mean) | min | loss/path at first -> last timed iteration "
           "| RSS before training (MiB) | peak RSS (MiB) | peak - before (MiB) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
