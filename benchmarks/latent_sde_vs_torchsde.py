@@ -9,12 +9,27 @@ code written from the example's recipe (its ELBO: Gaussian log-likelihood minus 
 KL(q(z0)||p(z0)) and path KL).  The two ELBOs are the same function of the same parameters;
 the table also prints the loss per path at the first and last timed iteration of each.
 
-    python benchmarks/latent_sde_vs_torchsde.py                 # 256 paths x 100 times, 10 iterations
+    python benchmarks/latent_sde_vs_torchsde.py                 # 256 paths x 101 times, 10 iterations
     python benchmarks/latent_sde_vs_torchsde.py --paths 64 --iters 3   # a quick look
+
+Each implementation runs in its own subprocess (``--only ours|plain``), so each one's peak
+memory is its own: the table prints the process's peak resident set size
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) after training and its RSS after building the
+data and the module (before the first iteration); their difference is what training added.
+``LatentSDE`` solves one observation interval at a time with ``ceil(gap / dt)`` equal steps; the
+plain loop makes one ``sdeint`` call over all times (the example's way) with the same step
+(stretched by 1e-9 relative so that the steps stay on the observation times), so both take
+the same Euler steps.  ``LatentSDE`` itself makes one ``sdeint`` call on a regular float64
+grid, but one call per interval in float32 (whose time arithmetic is too coarse for the step
+alignment), which costs Python overhead; ``--dtype float64`` compares the one-call case.
 """
 
 import argparse
+import json
+import math
 import resource
+import subprocess
+import sys
 import time
 
 import pyro
@@ -86,64 +101,85 @@ class PlainLatentSDE(nn.Module):
         return -(loglik - beta * (kl0 + logr.sum()))
 
 
+def _rss_now_mib():
+    """Current resident set size (Linux /proc), MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
+def run_one(args, which):
+    torch.set_num_threads(args.threads)
+    ts, ys = lorenz_data(args.paths, args.times, args.t_end)
+    dtype = getattr(torch, args.dtype)
+    ts, ys = ts.to(dtype), ys.to(dtype)
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    m = LatentSDE(3, latent_dim=4, context_dim=64, hidden_dim=128, decoder="linear", obs_scale=0.01,
+                  dt=args.dt, name="bench").to(dtype)
+    gap = float(ts[1] - ts[0])
+    n = max(1, math.ceil(gap / args.dt - 1e-9))
+    step = gap / n  # the Euler step both implementations take
+    anneal = 100  # KL annealing length in iterations (the example uses 1000 over its longer runs)
+    rss0 = _rss_now_mib()
+    times, losses = [], []
+    if which == "ours":
+        svi = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-2}),
+                             pyro.infer.Trace_ELBO(max_plate_nesting=1))
+        for it in range(args.iters + 1):
+            m.kl_weight = min(1.0, it / anneal)
+            t = time.perf_counter()
+            losses.append(svi.step(ts, ys) / args.paths)
+            times.append(time.perf_counter() - t)
+    else:
+        plain = PlainLatentSDE(m)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        for it in range(args.iters + 1):
+            beta = min(1.0, it / anneal)
+            t = time.perf_counter()
+            opt.zero_grad()
+            loss = plain.loss(ts, ys, beta, step * (1 + 1e-9))
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t)
+            losses.append(float(loss) / args.paths)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(dict(times=times[1:], first=losses[1], last=losses[-1], rss0=rss0, peak=peak, step=step)))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--paths", type=int, default=256)
-    ap.add_argument("--times", type=int, default=100)
+    ap.add_argument("--times", type=int, default=101)
     ap.add_argument("--t-end", type=float, default=2.0)
     ap.add_argument("--dt", type=float, default=1e-2)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--only", choices=("ours", "plain"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    ts, ys = lorenz_data(args.paths, args.times, args.t_end)
-
-    def build():
-        pyro.clear_param_store()
-        torch.manual_seed(0)
-        return LatentSDE(3, latent_dim=4, context_dim=64, hidden_dim=128, decoder="linear", obs_scale=0.01,
-                         dt=args.dt, name="bench")
-
+    if args.only:
+        return run_one(args, args.only)
+    names = {"ours": "ppl_lvm LatentSDE + pyro SVI", "plain": "plain torch (torchsde example recipe)"}
     rows = {}
-    anneal = 100  # KL annealing length in iterations (the example uses 1000 over its longer runs)
-    # ---- ours: Pyro SVI over model/guide
-    m = build()
-    dt_used = m._solver_dt(ts)
-    svi = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO(max_plate_nesting=1))
-    times, losses = [], []
-    for it in range(args.iters + 1):
-        m.kl_weight = min(1.0, it / anneal)
-        t = time.perf_counter()
-        losses.append(svi.step(ts, ys) / args.paths)
-        times.append(time.perf_counter() - t)
-    rows["ppl_lvm LatentSDE + pyro SVI"] = (times[1:], losses[1], losses[-1])
-    rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    # ---- plain torch, the example's recipe
-    m = build()
-    plain = PlainLatentSDE(m)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    times, losses = [], []
-    for it in range(args.iters + 1):
-        beta = min(1.0, it / anneal)
-        t = time.perf_counter()
-        opt.zero_grad()
-        loss = plain.loss(ts, ys, beta, dt_used)
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-        losses.append(float(loss) / args.paths)
-    rows["plain torch (torchsde example recipe)"] = (times[1:], losses[1], losses[-1])
-
+    for which in ("ours", "plain"):
+        cmd = [sys.executable, __file__, "--only", which] + [f"--{k.replace('_', '-')}={v}" for k, v in
+                                                              vars(args).items() if k != "only" and v is not None]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        rows[which] = json.loads(out)
     print(f"{args.paths} paths x {args.times} times on [0, {args.t_end}], latent 4, context 64, hidden 128, "
-          f"euler, dt {dt_used:.5g} (asked {args.dt}), {args.iters} timed iterations after 1 warm-up, "
-          f"{args.threads} thread(s); peak RSS after the Pyro run {rss_ours:.0f} MiB")
-    print("| implementation | s / iteration (mean) | min | loss/path at first -> last timed iteration |")
-    print("| --- | --- | --- | --- |")
-    for name, (tt, l0, l1) in rows.items():
-        print(f"| {name} | {sum(tt) / len(tt):.3f} | {min(tt):.3f} | {l0:.1f} -> {l1:.1f} |")
-    a = sum(rows["ppl_lvm LatentSDE + pyro SVI"][0]) / args.iters
-    b = sum(rows["plain torch (torchsde example recipe)"][0]) / args.iters
-    print(f"ratio ours / plain = {a / b:.3f}")
+          f"euler, step {rows['ours']['step']:.5g} (dt {args.dt}), {args.iters} timed iterations after 1 warm-up, "
+          f"{args.threads} thread(s), {args.dtype}, each implementation in its own process")
+    print("| implementation | s / iteration (mean) | min | loss/path at first -> last timed iteration "
+          "| RSS before training (MiB) | peak RSS (MiB) | peak - before (MiB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for which, r in rows.items():
+        tt = r["times"]
+        print(f"| {names[which]} | {sum(tt) / len(tt):.3f} | {min(tt):.3f} | {r['first']:.1f} -> {r['last']:.1f} "
+              f"| {r['rss0']:.0f} | {r['peak']:.0f} | {r['peak'] - r['rss0']:.0f} |")
+    a = sum(rows["ours"]["times"]) / args.iters
+    b = sum(rows["plain"]["times"]) / args.iters
+    print(f"ratio ours / plain = {a / b:.3f} (means), {min(rows['ours']['times']) / min(rows['plain']['times']):.3f} "
+          f"(minima); peak memory ratio {rows['ours']['peak'] / rows['plain']['peak']:.3f}")
 
 
 if __name__ == "__main__":

@@ -29,11 +29,15 @@ def _bm(ts, n, d, seed):
 
 
 # ----------------------------------------------------------------------------- the ELBO
-def test_pyro_elbo_equals_the_latent_sde_elbo():
+@pytest.mark.parametrize("grid", ["regular", "irregular"])
+def test_pyro_elbo_equals_the_latent_sde_elbo(grid):
     """model.log_prob - guide.log_prob on one guide draw equals, term by term computed here by
     hand, E log p(y|z) + log p(z0) - log q(z0) - int |u|^2/2 dt with the same z0 and Brownian path."""
     pyro.clear_param_store()
     ts, ys, _ = simulate_ou(3, 6, t_end=1.0, seed=1)
+    if grid == "irregular":  # gaps 0.2, 0.2, 0.25, 0.15, 0.2: one solver call per interval
+        ts = ts.clone()
+        ts[3] += 0.05
     m = _tiny()
     bm = _bm(ts, 3, 2, seed=5)  # logqp: torchsde integrates the log-ratio as one more noise state
     pyro.set_rng_seed(3)
@@ -63,9 +67,18 @@ def test_pyro_elbo_equals_the_latent_sde_elbo():
             def g(self, t, y):
                 return sigma.expand(y.shape)
 
-        dt = m._solver_dt(ts)  # 0.1, shortened so that the last step is no rounding sliver
-        assert 0.09 < dt <= 0.1
-        zs, logr = torchsde.sdeint(SDE(), z0, ts, bm=_bm(ts, 3, 2, seed=5), dt=dt, method="euler", logqp=True)
+        # one torchsde call per observation interval, ceil(gap / dt) equal steps (observation
+        # times on the solver's grid; the library makes one call on a regular grid, the same steps)
+        bm = _bm(ts, 3, 2, seed=5)
+        zs, logr, y = [z0], [], z0
+        for a, b in zip(ts[:-1], ts[1:]):
+            n = math.ceil(float(b - a) / 0.1 - 1e-9)
+            out, lr = torchsde.sdeint(SDE(), y, torch.stack([a, b]), bm=bm, dt=float(b - a) / n * (1 + 1e-9),
+                                      method="euler", logqp=True)
+            y = out[-1]
+            zs.append(y)
+            logr.append(lr[-1])
+        zs, logr = torch.stack(zs), torch.stack(logr)
         loglik = dist.Normal(zs.transpose(0, 1), m.obs_scale).log_prob(ys).sum()
         kl_z0 = (dist.Normal(qloc, qscale).log_prob(z0) - dist.Normal(m.pz0_loc, m.pz0_scale).log_prob(z0)).sum()
         by_hand = float(loglik - kl_z0 - logr.sum())
@@ -166,9 +179,38 @@ def test_adjoint_gradients_converge_to_the_direct_ones_including_the_encoder():
         direct, n_enc = grads(False, dt)
         adj, _ = grads(True, dt)
         gaps.append(float((adj - direct).norm() / direct.norm()))
-    # measured (this seed): 0.032 at dt = 0.03, 0.0020 at dt = 0.015
+    # measured (this seed): 0.00049 at dt = 0.03, 0.00025 at dt = 0.015 (0.032, 0.0020 before the
+    # observation times were solver grid points)
     assert gaps[1] < 1e-2 and gaps[1] < gaps[0], gaps
     assert float(direct.abs().max()) > 0
+
+
+def test_adjoint_with_general_noise_girsanov_matches_the_direct_gradients():
+    """path_kl='girsanov' makes the augmented SDE general-noise; torchsde 0.2.6's sdeint_adjoint
+    handles Ito general noise (adjoint method euler).  Its gradients (encoder, posterior network,
+    sigma; same Brownian path) must approach the direct solve's as dt halves (measured relative
+    gaps 0.0015 at dt 0.04, 0.00073 at dt 0.02)."""
+    ts, ys, _ = simulate_ou(3, 6, t_end=1.0, seed=3)
+
+    def grads(adjoint, dt):
+        pyro.clear_param_store()
+        m = _tiny(drift="neural", adjoint=adjoint, dt=dt, path_kl="girsanov")
+        pyro.set_rng_seed(0)
+        loss = pyro.infer.Trace_ELBO(max_plate_nesting=1).differentiable_loss(m.model, m.guide, ts, ys,
+                                                                              bm=_bm(ts, 3, 1, seed=11))
+        params = list(m.encoder.parameters()) + list(m.posterior_net.parameters()) + [m.sigma_unconstrained]
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+    gaps = []
+    for dt in (0.04, 0.02):
+        direct = grads(False, dt)
+        gaps.append(float((grads(True, dt) - direct).norm() / direct.norm()))
+    assert gaps[1] < 2e-3 and gaps[1] < gaps[0], gaps
+
+
+def test_adjoint_with_fractional_noise_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="Hurst index, disagrees"):
+        LatentSDE(1, noise="fractional", adjoint=True)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -541,15 +583,55 @@ def _fit_ou(steps=500):
     return est, mle, se
 
 
+def _elbo_argmax(ts, ys, r, dt):
+    """The exact maximizer over (theta, mu, sigma, p(z0)) of the discretized ELBO with the best
+    posterior of the family (ou_euler_elbo_optimum), by Nelder-Mead."""
+    from scipy.optimize import minimize
+    from ppl_lvm.models.latent_sde import ou_euler_elbo_optimum
+
+    def neg(x):
+        return -ou_euler_elbo_optimum(ts, ys, math.exp(x[0]), x[1], math.exp(x[2]), r, x[3], math.exp(x[4]),
+                                      dt).sum()
+
+    x = minimize(neg, [0.0, 0.5, math.log(0.5), 0.5, math.log(0.35)], method="Nelder-Mead",
+                 options=dict(xatol=1e-6, fatol=1e-6, maxiter=6000)).x
+    return np.array([math.exp(x[0]), x[1], math.exp(x[2])])
+
+
 @pytest.mark.slow
-def test_ou_prior_recovers_the_drift():
-    """64 OU paths x 26 times (theta 1, mu 0.5, sigma 0.5, noise 0.1 known): the ELBO fit of an
-    OU prior puts theta and mu within 3 standard errors of the exact (Kalman) MLE on the same data
-    (SE from the MLE's observed information; measured: theta 0.906 vs 0.893 +- 0.082, mu 0.513
-    vs 0.502 +- 0.026 after 480 steps)."""
+def test_ou_prior_recovery_against_the_mle_and_the_objectives_optimum():
+    """64 OU paths x 26 times (theta 1, mu 0.5, sigma 0.5, noise 0.1 known), OU prior, neural
+    posterior, dt 0.1, 500 SVI steps.  References on the same data: the exact (Kalman) MLE with
+    its SE, and the exact maximizer of the discretized ELBO itself (``_elbo_argmax``: the best
+    posterior of the family, by dynamic programming), which is biased: at dt 0.1 it is theta
+    0.60, mu 0.54, sigma 0.29 against the MLE's 0.89, 0.50, 0.49 (the ELBO's per-step loss
+    0.5 (x - log(1 + x)), x = sigma^2 h P, shrinks with sigma; docs/latent_sde.md).
+    Checks: mu within 3 SE of the MLE; sigma between the
+    objective's optimum and the MLE (each widened by 3 SE of the MLE): the fit is on its way from
+    its start to the objective's optimum, and it must not leave that range.  theta within 3 SE
+    of the MLE holds at 500 steps only because the fit has not converged to the objective's
+    theta (measured: theta 0.923, sigma 0.372)."""
     est, mle, se = _fit_ou()
-    assert abs(est[0] - mle[0]) < 3 * se[0] and abs(est[1] - mle[1]) < 3 * se[1]
-    assert abs(mle[0] - 1.0) < 3 * se[0] and abs(mle[1] - 0.5) < 3 * se[1]  # the reference itself
+    ts, ys, _ = simulate_ou(64, 26, theta=1.0, mu=0.5, sigma=0.5, obs_scale=0.1, t_end=5.0, seed=0)
+    star = _elbo_argmax(ts, ys, 0.1, 0.1)
+    print("objective's exact optimum (theta, mu, sigma)", star.round(3))
+    assert abs(mle[0] - 1.0) < 3 * se[0] and abs(mle[1] - 0.5) < 3 * se[1] and abs(mle[2] - 0.5) < 3 * se[2]
+    assert abs(est[1] - mle[1]) < 3 * se[1]
+    assert star[2] - 3 * se[2] < est[2] < mle[2] + 3 * se[2]
+    assert abs(est[0] - mle[0]) < 3 * se[0]
+    assert star[2] < mle[2] - 3 * se[2]  # the objective's bias at dt 0.1 is real (measured 0.287 vs 0.494)
+
+
+def test_coarse_dt_warns_that_the_diffusion_will_be_underestimated():
+    ts, ys, _ = simulate_ou(2, 3, obs_scale=0.1, t_end=0.2)
+    m = _ou_module(0.1, 0.1)  # x = 0.5^2 * 0.1 / 0.1^2 = 2.5
+    with pytest.warns(UserWarning, match="too small diffusion.*O\(dt\)"):
+        m.guide(ts, ys)
+    m = _ou_module(0.002, 0.1)  # x = 0.05
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.guide(ts, ys)
 
 
 @pytest.mark.parametrize("path_kl", ["logqp", "girsanov"])
@@ -577,3 +659,190 @@ def test_fractional_control_kl(path_kl):
         assert abs(float(ell.mean()) - kl) < 4 * math.sqrt(T * delta ** 2 / n)
         w_se = math.sqrt(math.expm1(T * delta ** 2) / n)
         assert abs(float(torch.exp(-ell).mean()) - 1.0) < 4 * w_se
+
+
+# ----------------------------------------------------------------------------- exact optimum of the ELBO (OU)
+class _DPDrift(torch.nn.Module):
+    """The optimal posterior drift of :func:`ou_euler_elbo_optimum` as a ``posterior_net``:
+    input ``[z, ctx_t, left]`` with ``ctx`` channels ``(P_i, p_i, h_i, theta, mu, sigma, qloc,
+    qraw)``, ``(P_i, p_i)`` the message after the observation that ends the interval.  With
+    ``j = left / h`` steps left, the value function at the step's end is ``j - 1`` backward
+    steps before ``t_i``; the drift moves the Euler step's mean to ``m*(z)``."""
+
+    def forward(self, x):
+        z, P, p, h, th, mu, sg = (x[:, k:k + 1] for k in range(7))
+        left = x[:, -1:]
+        j = int(round(float(left[0, 0] / h[0, 0])))
+        a = 1 / (sg ** 2 * h)
+        for _ in range(j - 1):
+            Pn, pn = a * P / (a + P), a * p / (a + P)
+            P, p = Pn * (1 - th * h) ** 2, (1 - th * h) * (pn - Pn * th * mu * h)
+        F = z + th * (mu - z) * h
+        m = (F + sg ** 2 * h * p) / (1 + sg ** 2 * h * P)
+        return (m - z) / h
+
+
+def _install_dp_posterior(m, r, dt):
+    """Replace the encoder/posterior networks by the exact optimum of the ELBO family."""
+    from ppl_lvm.models.latent_sde import ou_euler_elbo_optimum
+
+    def ctx_fn(ts, ys, mask):
+        th, mu, sg, m0, s0 = (float(v) for v in (m.theta, m.mu, m.sigma, m.pz0_loc, m.pz0_scale))
+        _, steps, (P0, p0) = ou_euler_elbo_optimum(ts, ys, th, mu, sg, r, m0, s0, dt, return_messages=True)
+        T, B = ts.shape[0], ys.shape[0]
+        c = torch.zeros(T, B, 8, dtype=D64)
+        for i, seq in enumerate(steps):  # interval i ends at observation i + 1; seq[-1]: the message there
+            n = len(seq)
+            c[i + 1, :, 0], c[i + 1, :, 1] = torch.as_tensor(seq[-1][0]), torch.as_tensor(seq[-1][1])
+            c[i + 1, :, 2] = float(ts[i + 1] - ts[i]) / n
+        c[..., 3], c[..., 4], c[..., 5] = th, mu, sg
+        prec = 1 / s0 ** 2 + torch.as_tensor(P0)
+        c[0, :, 6] = (m0 / s0 ** 2 + torch.as_tensor(p0)) / prec
+        c[0, :, 7] = torch.log(torch.expm1(prec ** -0.5 - torch.finfo(D64).tiny ** 0.25))
+        return c
+
+    class Q0(torch.nn.Module):
+        def forward(self, c):
+            return c[:, 6:8]
+
+    m._context = ctx_fn
+    m.posterior_net = _DPDrift()
+    m.qz0_net = Q0()
+
+
+def _ou_module(dt, r, path_kl="logqp", theta=1.0, mu=0.5, sigma=0.5):
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    m = LatentSDE(1, latent_dim=1, context_dim=8, hidden_dim=8, drift="ou", diffusion="constant", decoder="identity",
+                  obs_scale=r, dt=dt, path_kl=path_kl).to(D64)
+    with torch.no_grad():
+        m.theta_unconstrained.fill_(math.log(theta))
+        m.mu_unconstrained.fill_(mu)
+        m.sigma_unconstrained.fill_(math.log(sigma))
+        m.pz0_loc_unconstrained.fill_(mu)
+        m.pz0_scale_unconstrained.fill_(math.log(sigma / math.sqrt(2 * theta)))
+    return m
+
+
+def test_ou_elbo_optimum_free_variance_is_the_kalman_evidence():
+    """Bookkeeping check of the dynamic program: with the posterior's transition variance free it
+    reaches the Euler chain's exact log-evidence (the state-space form's Kalman filter), to 1e-7;
+    with the variance tied to the prior's (the latent-SDE family) it is strictly below."""
+    from ppl_lvm.models.latent_sde import ou_euler_elbo_optimum
+
+    ts, ys, _ = simulate_ou(3, 8, obs_scale=0.1, t_end=2.0, seed=2)
+    ts = ts.clone()
+    ts[3] += 0.05  # irregular gaps: 2 and 3 Euler steps at dt 0.11
+    m = _ou_module(0.11, 0.1, theta=1.3, sigma=0.6)
+    ssm = m.state_space(ts, dt=0.11)
+    exact = np.array([float(ssm.kalman_log_evidence(ys[b])) for b in range(3)])
+    kw = dict(theta=1.3, mu=0.5, sigma=0.6, obs_scale=0.1, pz0_loc=0.5, pz0_scale=0.6 / math.sqrt(2.6), dt=0.11)
+    free = ou_euler_elbo_optimum(ts, ys, free_variance=True, **kw)
+    tied = ou_euler_elbo_optimum(ts, ys, **kw)
+    assert np.allclose(free, exact, rtol=0, atol=1e-7), (free, exact)  # terms of size y^2/r^2 ~ 1e2 cancel
+    assert np.all(tied < exact - 0.1)
+
+
+def test_library_elbo_with_the_exact_optimal_posterior_reaches_the_optimum():
+    """The library's ELBO (girsanov log-ratio, the model/guide code path) with the dynamic
+    program's optimal posterior plugged in as the posterior network: its Monte Carlo mean over
+    400 draws per sequence equals the exact optimum within 4 SE (SE from the draws' variance);
+    a neural posterior can only be below it.  So the ELBO's maximizer over the prior's
+    parameters is what the DP computes (measured in docs/latent_sde.md)."""
+    from ppl_lvm.models.latent_sde import ou_euler_elbo_optimum
+
+    ts, ys, _ = simulate_ou(4, 11, obs_scale=0.1, t_end=2.0, seed=3)
+    dt, r, N = 0.05, 0.1, 400
+    m = _ou_module(dt, r, path_kl="girsanov")
+    _install_dp_posterior(m, r, dt)
+    best = ou_euler_elbo_optimum(ts, ys, 1.0, 0.5, 0.5, r, 0.5, 0.5 / math.sqrt(2), dt)
+    yr = ys.repeat(N, 1, 1)
+    pyro.set_rng_seed(0)
+    with torch.no_grad():
+        g = pyro.poutine.trace(m.guide).get_trace(ts, yr)
+        tr = pyro.poutine.trace(pyro.poutine.replay(m.model, trace=g)).get_trace(ts, yr)
+    tr.compute_log_prob()
+    g.compute_log_prob()
+    e = (tr.nodes["z0"]["log_prob"] + tr.nodes["y"]["log_prob"] + tr.nodes["path_kl"]["log_prob"]
+         - g.nodes["z0"]["log_prob"]).detach().reshape(N, 4).numpy()
+    se = e.std(0, ddof=1) / math.sqrt(N)
+    assert np.all(np.abs(e.mean(0) - best) < 4 * se), (e.mean(0), best, se)
+    assert np.all(se < 0.3)
+
+
+@pytest.mark.parametrize("adjoint, n, t_end, dt", [(False, 50, 5.0, 0.05), (True, 6, 1.0, 0.02)])
+def test_grids_that_left_a_rounding_sliver_run_and_hit_the_observation_times(adjoint, n, t_end, dt):
+    """Grids on which a fixed-step solve over all of ts left a ~1e-15 last step (torchsde 0.2.6's
+    BrownianInterval never finishes on one): each interval is now split into ceil(gap / dt)
+    equal steps clipped onto its end, so these run (and, with the adjoint, backpropagate)."""
+    ts = torch.linspace(0, t_end, n, dtype=D64)
+    ys = torch.zeros(2, n, 1, dtype=D64)
+    m = _tiny(drift="neural", adjoint=adjoint, dt=dt)
+    loss = pyro.infer.Trace_ELBO(max_plate_nesting=1).differentiable_loss(m.model, m.guide, ts, ys)
+    if adjoint:
+        loss.backward()
+    assert math.isfinite(float(loss))
+
+
+def _euler_rts(ssm, y):
+    """Kalman filter + RTS smoother of the state-space form's Euler chain at the observation
+    times (1-d OU prior, identity decoder): smoothing means and variances ``(T,)``."""
+    m = ssm.owner
+    p = m._params_plain()
+    th, mu, sg, r = (float(p[k]) for k in ("theta", "mu", "sigma", "obs_scale"))
+    A, b, Q = [], [], []
+    for n, h in zip(ssm.substeps, ssm.h):  # n Euler steps: z -> a z + c, variance q
+        a, c, q = 1.0, 0.0, 0.0
+        for _ in range(n):
+            a, c, q = (1 - th * h) * a, (1 - th * h) * c + th * mu * h, (1 - th * h) ** 2 * q + sg ** 2 * h
+        A.append(a), b.append(c), Q.append(q)
+    T = y.shape[0]
+    mf, Pf, mp, Pp = (np.zeros(T) for _ in range(4))
+    mean, P = float(p["pz0_loc"]), float(p["pz0_scale"]) ** 2
+    for i in range(T):
+        if i > 0:
+            mean, P = A[i - 1] * mean + b[i - 1], A[i - 1] ** 2 * P + Q[i - 1]
+        mp[i], Pp[i] = mean, P
+        K = P / (P + r * r)
+        mean, P = mean + K * (float(y[i]) - mean), (1 - K) * P
+        mf[i], Pf[i] = mean, P
+    ms, Ps = mf.copy(), Pf.copy()
+    for i in range(T - 2, -1, -1):
+        G = Pf[i] * A[i] / Pp[i + 1]
+        ms[i] = mf[i] + G * (ms[i + 1] - mp[i + 1])
+        Ps[i] = Pf[i] + G * G * (Ps[i + 1] - Pp[i + 1])
+    return ms, Ps
+
+
+def test_smc_filter_smoother_matches_the_rts_smoother_on_a_fitted_latent_sde():
+    """A latent SDE fitted by backend='smc_filter' (particle maximum likelihood, 10 steps), then
+    Fit.posterior_samples (the filter's backward-simulation smoother) against the exact RTS
+    smoother of the same Euler chain at the fitted parameters.  R = 8 independent smoother runs
+    (400 particles, 100 trajectories each): per run the mean and variance of z at every
+    observation time; tolerance 4 SE of the mean over runs (SE = sd over runs / sqrt(R), so the
+    trajectories' correlation within a run is accounted for), at every time."""
+    import ppl_lvm
+
+    pyro.clear_param_store()
+    ts, ys, _ = simulate_ou(1, 11, t_end=2.0, obs_scale=0.2, seed=4)
+    torch.manual_seed(0)
+    m = LatentSDE(1, latent_dim=1, drift="ou", diffusion="constant", decoder="identity", dt=0.05,
+                  obs_scale=0.2).to(D64)
+    ssm = m.state_space(ts)
+    pyro.set_rng_seed(0)
+    fit = ppl_lvm.fit(ssm, None, ys[0, 1:], backend="smc_filter", num_steps=10, num_particles=400,
+                      optim=pyro.optim.Adam({"lr": 0.05}), init_kwargs={"initial": ys[0, 0]})
+    assert abs(float(m.theta) - 1.0) > 1e-3  # the parameters moved: a fitted model
+    ms, Ps = _euler_rts(ssm, ys[0, :, 0].numpy())
+    R = 8
+    means, variances = [], []
+    for _ in range(R):
+        z = fit.posterior_samples(100)["z"][..., 0].numpy()  # (100, 11)
+        means.append(z.mean(0))
+        variances.append(z.var(0, ddof=1))
+    means, variances = np.array(means), np.array(variances)
+    se_m = means.std(0, ddof=1) / math.sqrt(R)
+    se_v = variances.std(0, ddof=1) / math.sqrt(R)
+    assert np.all(np.abs(means.mean(0) - ms) < 4 * se_m), (means.mean(0) - ms, se_m)
+    assert np.all(np.abs(variances.mean(0) - Ps) < 4 * se_v), (variances.mean(0) / Ps, se_v / Ps)
+    assert np.all(se_m < 0.25 * np.sqrt(Ps))  # power: the means are resolved to a quarter of the smoother's sd

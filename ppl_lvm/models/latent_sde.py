@@ -86,6 +86,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -104,7 +105,7 @@ from ..validation import check_choice, check_positive, check_positive_int, check
 
 __all__ = ["LatentSDE", "LatentSDEStateSpace", "KLAnnealing", "fbm_weights", "fbm_b_closed_form", "fbm_b_quadrature",
            "fbm_gammas", "fbm_variance", "rl_fbm_covariance", "markov_fbm_variance", "union_grid", "simulate_ou",
-           "simulate_fractional_ou"]
+           "simulate_fractional_ou", "ou_euler_elbo_optimum"]
 
 LIKELIHOODS = ("gaussian", "laplace")
 NOISES = ("brownian", "fractional")
@@ -442,10 +443,12 @@ class LatentSDE(PyroModule):
         i.e. ``noise="fractional"`` or ``path_kl="girsanov"``: euler).
     :param dt: solver step (``None``: half the smallest spacing of the grid, and for fractional
         noise at most :math:`0.49/\gamma_{\max}`).  Larger than the smallest observation spacing
-        is refused.  It is shortened by at most a few percent so that the solver's last step is
-        not a rounding sliver (see :func:`_sliver_free_dt`: torchsde hangs on one).
+        is refused.  Each observation interval is split into ``ceil(gap / dt)`` equal steps, so
+        the observation times are points of the solver's grid (see ``_integrate``).
     :param bool adjoint: solve with ``torchsde.sdeint_adjoint`` (memory constant in the number of
-        steps), passing every parameter the SDE depends on and the context as ``adjoint_params``.
+        steps), passing every parameter the SDE depends on and the context as ``adjoint_params``;
+        with ``path_kl="girsanov"`` the augmented general-noise SDE uses torchsde's Itô
+        general-noise adjoint (Euler).  Refused with fractional noise (the error says why).
     :param str path_kl: ``"logqp"`` or ``"girsanov"`` (module docstring).
     :param obs_scale: a fixed observation scale (``None``: learned).
     :param int num_ou: K, OU processes per latent dimension (fractional noise).
@@ -487,9 +490,12 @@ class LatentSDE(PyroModule):
         self.dt = None if dt is None else check_positive(dt, "dt")
         if not isinstance(adjoint, bool):
             raise TypeError(f"adjoint must be True or False, got {adjoint!r}.")
-        if adjoint and general:
-            raise ValueError("adjoint=True needs diagonal noise (noise='brownian', path_kl='logqp'); "
-                             "torchsde's adjoint of general-noise SDEs is not supported here.")
+        if adjoint and self.noise == "fractional":
+            raise ValueError("adjoint=True is not available with noise='fractional': torchsde 0.2.6's sdeint_adjoint "
+                             "accepts this general-noise (Ito, adjoint method euler) SDE, but its gradient with respect "
+                             "to the fBM weights, hence the Hurst index, disagrees with the direct solver's (measured "
+                             "dloss/dH -12.7 direct vs +52.8 adjoint at dt 0.04, -24.6 vs -34.9 at dt 0.005, while the "
+                             "other gradients agree to 2e-3; docs/latent_sde.md). Use adjoint=False.")
         self.adjoint = adjoint
         self.kl_weight = 1.0
         self.num_ou = check_positive_int(num_ou, "num_ou")
@@ -639,7 +645,7 @@ class LatentSDE(PyroModule):
                                  f"(product {self.gamma_max * dt:g}). Use dt < {0.5 / self.gamma_max:g} or a "
                                  "smaller gamma_max.")
             dt = 0.49 / self.gamma_max
-        return _sliver_free_dt(ts, dt, per_gap=self.adjoint)
+        return dt
 
     def _fbm_params(self, p, ts):
         if self.noise != "fractional":
@@ -663,10 +669,61 @@ class LatentSDE(PyroModule):
         return self.context_head(out.flip(1)).transpose(0, 1)
 
     def _integrate(self, sde, y0, ts, dt, logqp=False, bm=None, adjoint_params=None):
-        kw = dict(method=self.method, dt=dt, bm=bm)
-        if self.adjoint and torch.is_grad_enabled():
-            return torchsde.sdeint_adjoint(sde, y0, ts, logqp=logqp, adjoint_params=adjoint_params, **kw)
-        return torchsde.sdeint(sde, y0, ts, logqp=logqp, **kw)
+        r"""Solve over ``ts`` one observation interval at a time, each split into
+        :math:`n_i = \lceil (t_i - t_{i-1}) / dt \rceil` equal steps, so that every observation
+        time is a point of the solver's grid.  (One ``sdeint`` call over all of ``ts`` with a
+        fixed ``dt`` steps across observation times and returns *linear interpolations* of the
+        two straddling steps there, torchsde's ``integrate``: the path at ``t_i`` is then not a
+        state of the Euler chain, and a step that straddles ``t_i`` uses the drift input of the
+        interval before it.)  Each step is stretched by a relative 1e-9 so that the ``n_i``-th
+        step is clipped exactly onto ``t_i`` (torchsde clips at ``ts[-1]``) instead of leaving a
+        rounding sliver, on which torchsde 0.2.6's ``BrownianInterval`` never finishes.
+        On a regular grid the same steps are taken in one ``sdeint`` call (Python overhead: one
+        call per interval made the torchsde-example benchmark 1.45x slower than one call).
+        Returns ``(T, N, S)`` states (and with ``logqp`` the ``(T - 1, N)`` per-interval
+        log-ratios), like ``sdeint``."""
+        kw = dict(method=self.method)
+        adjoint = self.adjoint and torch.is_grad_enabled()
+        if ts.shape[0] > 2:
+            gaps = ts[1:] - ts[:-1]
+            eps = torch.finfo(ts.dtype).eps
+            regular = float(gaps.max() - gaps.min()) <= 1e-12 * float(gaps.max())
+            n_all = math.ceil(float(gaps.max()) / dt - 1e-9) * (ts.shape[0] - 1)
+            h = float(gaps.max()) / math.ceil(float(gaps.max()) / dt - 1e-9)
+            # one call only if the 1e-9 stretch per step outgrows the time arithmetic's rounding
+            # (eps |t| per step: float64 yes, float32 no) and its accumulation over all steps stays
+            # below 1e-4 of a step
+            if regular and 1e-9 * h > 64 * eps * float(ts.abs().max()) and 1e-9 * n_all < 1e-4:
+                # a regular grid: one call, the same equal steps.  The 1e-9 stretch keeps the
+                # step grid a relative ~1e-9 of a step *after* each observation time, so the
+                # returned value there is the Euler state up to that fraction of one step's
+                # increment, and a step starting at an observation time sees the next interval.
+                gap = float(gaps.max())
+                n = max(1, math.ceil(gap / dt - 1e-9))
+                step = dict(kw, dt=gap / n * (1 + 1e-9), bm=bm)
+                if adjoint:
+                    return torchsde.sdeint_adjoint(sde, y0, ts, logqp=logqp, adjoint_params=adjoint_params, **step)
+                return torchsde.sdeint(sde, y0, ts, logqp=logqp, **step)
+        outs, logrs, y = [y0], [], y0
+        for a, b in zip(ts[:-1], ts[1:]):
+            gap = float(b - a)
+            n = max(1, math.ceil(gap / dt - 1e-9))
+            pair = torch.stack([a, b])
+            over = max(1e-9 * gap, 64 * torch.finfo(ts.dtype).eps * max(abs(float(a)), abs(float(b))))
+            step = dict(kw, dt=(gap + over) / n, bm=bm)  # the n-th step overshoots b and is clipped onto it
+            if adjoint:
+                res = torchsde.sdeint_adjoint(sde, y, pair, logqp=logqp, adjoint_params=adjoint_params, **step)
+            else:
+                res = torchsde.sdeint(sde, y, pair, logqp=logqp, **step)
+            if logqp:
+                res, lr = res
+                logrs.append(lr[-1])
+            y = res[-1]
+            outs.append(y)
+        path = torch.stack(outs, 0)
+        if logqp:
+            return path, (torch.stack(logrs, 0) if logrs else y0.new_zeros(0, y0.shape[0]))
+        return path
 
     def _adjoint_params(self, p, ctx, posterior):
         """Every tensor the SDE's drift and diffusion depend on: the networks' parameters, the
@@ -675,7 +732,7 @@ class LatentSDE(PyroModule):
         for n in ("prior_net", "diffusion_net") + (("posterior_net",) if posterior else ()):
             if hasattr(self, n):
                 out += list(getattr(self, n).parameters())
-        for k in ("theta", "mu", "sigma"):
+        for k in ("theta", "mu", "sigma", "omega"):  # omega: the fBM weights, a function of a learned H
             if k in p:
                 out.append(p[k])
         if ctx is not None:
@@ -769,9 +826,30 @@ class LatentSDE(PyroModule):
         loc, scale = h[..., :L], nn.functional.softplus(h[..., L:]) + tiny(ys.dtype) ** 0.25
         with pyro.plate("sequences", ys.shape[0], dim=-1):
             z0 = pyro.sample("z0", dist.Normal(loc, scale).to_event(1))
+            self._warn_coarse_dt(z0, p, dt)
             path, cum, _ = self._solve(p, z0, ts, dt, posterior=True, ctx=ctx, bm=bm)
             value = torch.cat([path, cum[..., None]], -1)
             pyro.sample("z_path", dist.Delta(value, event_dim=2))
+
+    def _warn_coarse_dt(self, z0, p, dt):
+        r"""Warn (once per module) when :math:`x = g^2 dt / \sigma_y^2 > 0.1` (largest diffusion at
+        the ``z0`` draws, smallest observation scale): the discretized ELBO then underestimates
+        the diffusion, because the posterior shares the prior's diffusion and each Euler step
+        before an observation loses :math:`\tfrac12[x - \log(1 + x)]` nats against the
+        chain's exact posterior (:func:`ou_euler_elbo_optimum`)."""
+        if getattr(self, "_warned_dt", False) or self.noise != "brownian":
+            return
+        with torch.no_grad():
+            g = self._diffusion(z0.detach(), p).max()
+            x = float(g * g * dt / p["obs_scale"].detach().min() ** 2)
+        if x > 0.1:
+            self._warned_dt = True
+            warnings.warn(f"diffusion^2 * dt / obs_scale^2 = {x:.3g} > 0.1: the posterior's Euler steps before "
+                          "each observation are wide against the observation noise, and the discretized latent-SDE "
+                          "ELBO is maximized at a too small diffusion (and drift rate). On OU data its exact "
+                          "maximizer has sigma 42% low at dt 0.1 and 10% low at dt 0.01 (noise 0.1, x = 2.5 and "
+                          "0.25; docs/latent_sde.md): the bias is O(dt). Use a smaller dt, "
+                          f"e.g. dt <= {dt * 0.1 / x:.3g} for x <= 0.1.", UserWarning, stacklevel=3)
 
     def _params_plain(self) -> dict:
         """The constrained parameter values outside a Pyro context."""
@@ -804,7 +882,7 @@ class LatentSDE(PyroModule):
         inside = ts_future[ts_future <= ts[-1]]
         after = ts_future[ts_future > ts[-1]]
         grid = torch.unique(torch.cat([ts, inside]))
-        path, _, state = self._solve(p, z0, grid, _sliver_free_dt(grid, min(dt, _min_gap(grid, dt))), posterior=True,
+        path, _, state = self._solve(p, z0, grid, dt, posterior=True,
                                      ctx=ctx, obs_ts=ts)
         outs = [path[..., torch.searchsorted(grid, inside), :]] if inside.numel() else []
         if after.numel():
@@ -814,7 +892,7 @@ class LatentSDE(PyroModule):
                 start = state[..., :L]
             else:  # fractional: keep Y, restart the log-ratio channel
                 start = torch.cat([state[..., :-1], state.new_zeros(state.shape[:-1] + (1,))], -1)
-            p2, _, _ = self._solve(p, start[..., :L], g2, _sliver_free_dt(g2, min(dt, _min_gap(g2, dt))), posterior=False,
+            p2, _, _ = self._solve(p, start[..., :L], g2, dt, posterior=False,
                                    state0=None if kind == "diagonal" else start)
             outs.append(p2[..., 1:, :])
         latent = torch.cat(outs, -2)
@@ -1004,31 +1082,6 @@ class _FracGirsanov(nn.Module):
         return inner.g(t, y)
 
 
-def _sliver_free_dt(ts, dt: float, per_gap: bool = False) -> float:
-    r"""The largest step :math:`\le` ``dt`` (within 40%) whose last step before ``ts[-1]`` (and,
-    with ``per_gap``, before every observation time: the adjoint solves each interval on its
-    own) is not a sliver: torchsde's fixed-step loop steps ``t + dt`` until it reaches the end,
-    and a last step of ~1e-15 left by rounding makes its ``BrownianInterval`` rebuild its tree
-    at that resolution, which never finishes (seen with torchsde 0.2.6: ``linspace(0, 5, 50)``
-    with ``dt = 0.05``; ``linspace(0, 1, 6)`` with ``dt = 0.02`` in the adjoint pass)."""
-    spans = [float(ts[-1] - ts[0])] if ts.numel() > 1 else []
-    if per_gap and ts.numel() > 1:
-        spans += (ts[1:] - ts[:-1]).tolist()
-    if not spans:
-        return dt
-    spans = np.asarray(spans)
-    best, best_score = dt, -1.0
-    for k in range(400):
-        cand = dt * (1 - 0.001 * k)
-        frac = spans / cand - np.floor(spans / cand)
-        score = float(np.minimum(frac, 1 - frac).min())
-        if score > 0.02:
-            return cand
-        if score > best_score:
-            best, best_score = cand, score
-    return best
-
-
 def _min_gap(grid, default):
     return float((grid[1:] - grid[:-1]).min()) if grid.numel() > 1 else default
 
@@ -1104,6 +1157,87 @@ def simulate_fractional_ou(hurst: float, num_sequences: int = 16, num_time_steps
     ys = torch.as_tensor(zc, dtype=dtype) + obs_scale * torch.as_tensor(
         rng.standard_normal(zc.shape), dtype=dtype)
     return ts, ys[..., None], dict(z=torch.as_tensor(zc, dtype=dtype), hurst=hurst, theta=theta, sigma=sigma)
+
+
+# =========================================================================== exact diagnostics (linear case)
+def ou_euler_elbo_optimum(ts, ys, theta: float, mu: float, sigma: float, obs_scale: float, pz0_loc: float,
+                          pz0_scale: float, dt: float, free_variance: bool = False, return_messages: bool = False):
+    r"""The largest ELBO that *any* posterior of the latent-SDE family can reach on a 1-d OU prior
+    with Gaussian observations, once the SDEs are discretized as :class:`LatentSDE` does (each
+    observation interval split into :math:`\lceil \mathrm{gap}/dt \rceil` equal Euler steps of
+    size :math:`h`), computed exactly by dynamic programming.
+
+    The discretized prior is the chain :math:`z_{k+1} \sim \mathcal N(F_k(z_k), \sigma^2 h)`,
+    :math:`F_k(z) = z + \theta(\mu - z)h`; the posterior family is
+    :math:`z_{k+1} \sim \mathcal N(m_k(z_k), \sigma^2 h)` with *any* mean function (the posterior
+    SDE shares the prior's diffusion, which keeps the continuous-time KL finite) and any
+    Gaussian :math:`q(z_0)`.  Entropy and transition terms cancel up to
+    :math:`-\sum_k \mathbb E(m_k - F_k)^2 / 2\sigma^2 h` (the path KL torchsde's ``logqp``
+    accumulates), so the ELBO is a linear-quadratic control problem: with the value function
+    :math:`V_k(z) = -\tfrac12 P_k z^2 + p_k z + c_k` (observations at grid point ``k`` and
+    later), :math:`a = 1/\sigma^2 h`,
+
+    .. math::
+
+        m_k^*(z) = \frac{F_k(z) + \sigma^2 h\,p_{k+1}}{1 + \sigma^2 h P_{k+1}},\qquad
+        V_k(z) = \mathrm{obs}_k(z) - \frac{aP_{k+1}}{2(a+P_{k+1})} F_k(z)^2 + \frac{a\,p_{k+1}}{a+P_{k+1}} F_k(z)
+            + \frac{p_{k+1}^2}{2(a+P_{k+1})} - \tfrac12 P_{k+1}\sigma^2 h + c_{k+1},
+
+    and the optimum is :math:`\log \int p(z_0) e^{V_0(z_0)} dz_0`.  Compared with the exact
+    posterior of the chain (whose transition variance is :math:`1/(a + P_{k+1})`), each step
+    loses :math:`\tfrac12[x_k - \log(1 + x_k)]`, :math:`x_k = \sigma^2 h P_{k+1}`: large on the
+    steps before an observation when :math:`\sigma^2 h` is not small against
+    :math:`\mathrm{obs\_scale}^2`, and smaller for a smaller :math:`\sigma`, which is why the
+    ELBO's maximizer shrinks the diffusion.  ``free_variance=True`` lets the posterior's
+    transition variance be free too; the optimum is then the chain's exact log-evidence (a
+    check of the bookkeeping against a Kalman filter).
+
+    :param ts: observation times ``(T,)``.  :param ys: observations ``(B, T)`` or ``(B, T, 1)``
+        (float64 numpy or tensor).  :returns: the optimum per sequence ``(B,)`` (numpy); with
+        ``return_messages`` also the per-interval lists of per-step ``(P_{k+1}, p_{k+1})``
+        (``steps[i][j]`` for the ``j``-th step of interval ``i``) and ``(P_0, p_0)``.
+    """
+    t = np.asarray(torch.as_tensor(ts).detach().cpu(), dtype=np.float64)
+    y = np.asarray(torch.as_tensor(ys).detach().cpu(), dtype=np.float64)
+    if y.ndim == 3:
+        if y.shape[-1] != 1:
+            raise ValueError(f"ou_euler_elbo_optimum is for 1-d observations, got ys of shape {y.shape}.")
+        y = y[..., 0]
+    if y.ndim != 2 or y.shape[1] != t.shape[0]:
+        raise ValueError(f"ys must have shape (sequences, len(ts)={t.shape[0]}), got {y.shape}.")
+    for name, v in (("theta", theta), ("sigma", sigma), ("obs_scale", obs_scale), ("pz0_scale", pz0_scale),
+                    ("dt", dt)):
+        check_positive(v, name)
+    r2 = obs_scale ** 2
+    obs_c = -0.5 * math.log(2 * math.pi * r2)
+    P = np.full(y.shape[0], 1 / r2)
+    p = y[:, -1] / r2
+    c = obs_c - y[:, -1] ** 2 / (2 * r2)
+    steps = []
+    for i in range(t.shape[0] - 1, 0, -1):
+        gap = t[i] - t[i - 1]
+        n = max(1, math.ceil(gap / dt - 1e-9))
+        h = gap / n
+        s2h, a = sigma ** 2 * h, 1 / (sigma ** 2 * h)
+        alpha, beta = 1 - theta * h, theta * mu * h
+        seq = []
+        for _ in range(n):  # backward over the steps of this interval
+            seq.append((P.copy(), p.copy()))
+            if free_variance:
+                c = c - 0.5 * np.log1p(s2h * P)
+            else:
+                c = c - 0.5 * P * s2h
+            Pn, pn = a * P / (a + P), a * p / (a + P)
+            c = c + p ** 2 / (2 * (a + P)) - 0.5 * Pn * beta ** 2 + pn * beta
+            P, p = Pn * alpha ** 2, alpha * (pn - Pn * beta)
+        steps.append(seq[::-1])
+        yo = y[:, i - 1]
+        P, p, c = P + 1 / r2, p + yo / r2, c + obs_c - yo ** 2 / (2 * r2)
+    s02 = pz0_scale ** 2
+    out = c - 0.5 * np.log1p(s02 * P) + 0.5 * ((pz0_loc / s02 + p) ** 2 / (1 / s02 + P) - pz0_loc ** 2 / s02)
+    if return_messages:
+        return out, steps[::-1], (P, p)
+    return out
 
 
 # =========================================================================== matrix case

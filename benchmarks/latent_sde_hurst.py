@@ -1,0 +1,124 @@
+"""Is the Hurst index identifiable, and where does the learned one go wrong?  On synthetic
+fractional OU paths (``simulate_fractional_ou``: 32 paths x 31 times on [0, 6], theta 1,
+sigma 0.5, observation noise 0.05, RL-fBM by Cholesky) this computes the *exact* log-likelihood
+of the Markov-fBM latent model (state (z, Y_1..Y_K), linear-Gaussian: Kalman filter with exact
+transitions by Van Loan's matrix exponential, or with the Euler chain that ``LatentSDE`` uses),
+maximized over H (theta, sigma at the truth) and jointly over (H, theta, sigma); and prints the
+instantaneous diffusion multiplier sum(omega), on which the ELBO's discretization loss depends
+(docs/latent_sde.md, "Findings").
+
+    python benchmarks/latent_sde_hurst.py                 # the likelihood table, ~5 s
+    python benchmarks/latent_sde_hurst.py --fit 0.3 400   # plus an SVI fit of H (gamma_max 20, dt 0.02), ~3 min
+
+Prior of the Markov model (module docstring of ppl_lvm.models.latent_sde): dY_k = -g_k Y_k dt + dW,
+dz = [-theta z - sigma sum_k omega_k g_k Y_k] dt + sigma (sum_k omega_k) dW, z(0) = 0, Y(0) = 0.
+"""
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+from scipy.linalg import expm
+from scipy.optimize import minimize, minimize_scalar
+
+from ppl_lvm.models.latent_sde import LatentSDE, fbm_gammas, fbm_weights, simulate_fractional_ou
+
+
+def log_likelihood(ts, y, hurst, theta, sigma, r, num_ou=5, gamma_max=5.0, horizon=6.0, dt=None, s0=1e-3):
+    """Exact log p(y) of the Markov-fBM OU model (dt None: exact transitions; else the Euler chain
+    with ceil(gap / dt) steps per interval); y (B, T)."""
+    K = num_ou
+    g = fbm_gammas(K, gamma_max).numpy()
+    om = fbm_weights(hurst, torch.as_tensor(g), horizon).numpy()
+    A = np.zeros((K + 1, K + 1))
+    A[0, 0], A[0, 1:], A[1:, 1:] = -theta, -sigma * om * g, -np.diag(g)
+    Bv = np.concatenate([[sigma * om.sum()], np.ones(K)])[:, None]
+
+    def transition(gap):
+        if dt is None:  # Van Loan: F = exp(A gap), Q = int_0^gap exp(A s) B B^T exp(A^T s) ds
+            M = np.zeros((2 * (K + 1),) * 2)
+            M[:K + 1, :K + 1], M[:K + 1, K + 1:], M[K + 1:, K + 1:] = -A, Bv @ Bv.T, A.T
+            E = expm(M * gap)
+            F = E[K + 1:, K + 1:].T
+            return F, F @ E[:K + 1, K + 1:]
+        n = max(1, math.ceil(gap / dt - 1e-9))
+        h = gap / n
+        F1, Q1 = np.eye(K + 1) + A * h, Bv @ Bv.T * h
+        F, Q = np.eye(K + 1), np.zeros((K + 1, K + 1))
+        for _ in range(n):
+            F, Q = F1 @ F, F1 @ Q @ F1.T + Q1
+        return F, Q
+
+    m = np.zeros((y.shape[0], K + 1))
+    P = np.zeros((K + 1, K + 1))
+    P[0, 0] = s0 ** 2
+    ll = 0.0
+    for i in range(len(ts)):
+        if i > 0:
+            F, Q = transition(ts[i] - ts[i - 1])
+            m, P = m @ F.T, F @ P @ F.T + Q
+        S = P[0, 0] + r * r
+        e = y[:, i] - m[:, 0]
+        ll += (-0.5 * (np.log(2 * np.pi * S) + e * e / S)).sum()
+        gain = P[:, 0] / S
+        m, P = m + e[:, None] * gain[None, :], P - np.outer(gain, P[0, :])
+    return ll
+
+
+def data(hurst):
+    ts, ys, _ = simulate_fractional_ou(hurst, num_sequences=32, num_time_steps=31, theta=1.0, sigma=0.5,
+                                       obs_scale=0.05, t_end=6.0, seed=0)
+    return ts, ys
+
+
+def table():
+    print("| true H | gamma_max | transitions | argmax H (theta, sigma true) | joint MLE (H, theta, sigma) "
+          "| log-lik at H 0.5 minus max |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for h_true in (0.3, 0.7):
+        ts, ys = data(h_true)
+        t, y = ts.numpy(), ys[..., 0].numpy()
+        for gmax, dt in ((5.0, None), (5.0, 0.09), (20.0, None), (20.0, 0.02)):
+            ll = lambda H, th=1.0, sg=0.5: log_likelihood(t, y, H, th, sg, 0.05, gamma_max=gmax, dt=dt)
+            best = minimize_scalar(lambda H: -ll(H), bounds=(0.05, 0.95), method="bounded").x
+            grid_max = max(ll(H) for H in np.arange(0.1, 0.95, 0.05))
+            x = minimize(lambda x: -ll(1 / (1 + math.exp(-x[0])), math.exp(x[1]), math.exp(x[2])),
+                         [0.0, 0.0, math.log(0.5)], method="Nelder-Mead", options=dict(xatol=1e-4, fatol=1e-4)).x
+            name = "exact" if dt is None else f"Euler dt {dt}"
+            print(f"| {h_true} | {gmax:g} | {name} | {best:.3f} | {1 / (1 + math.exp(-x[0])):.3f}, "
+                  f"{math.exp(x[1]):.3f}, {math.exp(x[2]):.3f} | {ll(0.5) - grid_max:.1f} |", flush=True)
+    g = fbm_gammas(5, 20.0)
+    print("sum(omega) (gamma_max 20, T 6): " + ", ".join(
+        f"H {H}: {float(fbm_weights(H, g, 6.0).sum()):.3f}" for H in (0.3, 0.4, 0.5, 0.6, 0.7)))
+
+
+def fit(h_true, steps):
+    import pyro
+
+    ts, ys = data(h_true)
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    m = LatentSDE(1, latent_dim=1, context_dim=16, hidden_dim=32, noise="fractional", drift="ou",
+                  diffusion="constant", decoder="identity", obs_scale=0.05, dt=0.02, gamma_max=20.0, hurst=0.5,
+                  horizon=6.0).to(torch.float64)
+    slow = ("theta", "mu", "sigma", "pz0")  # the prior's parameters at a tenth of the rate (as the tests)
+    optim = pyro.optim.Adam(lambda name: {"lr": 0.03 * (0.1 if any(k in name for k in slow) else 1.0)})
+    svi = pyro.infer.SVI(m.model, m.guide, optim, pyro.infer.Trace_ELBO(max_plate_nesting=1))
+    t0 = time.perf_counter()
+    for i in range(steps):
+        loss = svi.step(ts, ys)
+        if i % 50 == 0 or i == steps - 1:
+            with torch.no_grad():
+                print(f"step {i}: -ELBO {loss:.1f}, H {float(m.hurst):.3f}, theta {float(m.theta):.3f}, "
+                      f"sigma {float(m.sigma):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--fit", nargs=2, metavar=("H", "STEPS"), default=None)
+    args = ap.parse_args()
+    table()
+    if args.fit:
+        fit(float(args.fit[0]), int(args.fit[1]))
