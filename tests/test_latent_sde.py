@@ -625,7 +625,7 @@ def test_ou_prior_recovery_against_the_mle_and_the_objectives_optimum():
 def test_coarse_dt_warns_that_the_diffusion_will_be_underestimated():
     ts, ys, _ = simulate_ou(2, 3, obs_scale=0.1, t_end=0.2)
     m = _ou_module(0.1, 0.1)  # x = 0.5^2 * 0.1 / 0.1^2 = 2.5
-    with pytest.warns(UserWarning, match="too small diffusion.*O\(dt\)"):
+    with pytest.warns(UserWarning, match=r"too small diffusion.*O\(dt\)"):
         m.guide(ts, ys)
     m = _ou_module(0.002, 0.1)  # x = 0.05
     import warnings
@@ -846,3 +846,28 @@ def test_smc_filter_smoother_matches_the_rts_smoother_on_a_fitted_latent_sde():
     assert np.all(np.abs(means.mean(0) - ms) < 4 * se_m), (means.mean(0) - ms, se_m)
     assert np.all(np.abs(variances.mean(0) - Ps) < 4 * se_v), (variances.mean(0) / Ps, se_v / Ps)
     assert np.all(se_m < 0.25 * np.sqrt(Ps))  # power: the means are resolved to a quarter of the smoother's sd
+
+
+def test_solver_clock_is_float64_and_snaps_a_float32_regular_grid(monkeypatch):
+    """A float32 ``linspace`` grid (regular up to its rounding) is solved on the exact float64
+    grid in one ``sdeint`` call (the float64 one-call route is checked against the hand-computed
+    ELBO above); an irregular grid keeps its times (converted), one call per interval."""
+    from ppl_lvm.models.latent_sde import _solver_clock
+
+    ts32 = torch.linspace(0.0, 2.0, 101)
+    clock = _solver_clock(ts32)
+    assert clock.dtype == D64
+    gaps = clock[1:] - clock[:-1]
+    assert float(gaps.max() - gaps.min()) <= 1e-14 and float((clock - ts32.double()).abs().max()) < 1e-6
+    irregular = torch.tensor([0.0, 0.3, 0.5, 1.2])
+    assert torch.equal(_solver_clock(irregular), irregular.double())
+
+    calls = []
+    real = torchsde.sdeint
+    monkeypatch.setattr(torchsde, "sdeint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pyro.clear_param_store()
+    m = _tiny(dt=0.01).to(torch.float32)
+    for ts, expected in ((ts32[:21], 1), (irregular, 3)):
+        calls.clear()
+        pyro.poutine.trace(m.guide).get_trace(ts, torch.zeros(2, ts.shape[0], 1))
+        assert len(calls) == expected, (ts, len(calls))
