@@ -485,14 +485,37 @@ class SparseIBPFactorization(PyroModule):
     dense.  The rate gets a floor of the dtype's ``eps`` so that an all-zero row of ``z`` is
     improbable, not impossible.
 
-    **Guides.** :meth:`guide`: mean field over every latent site, Gamma for the positive sites,
-    Beta for the sticks; the binary sites ``z`` and ``phi_on`` are ``Bernoulli`` (score-function
-    gradients; ``binary_guide="score"``, the default: ppl_lvm's backends refuse a continuous
-    guide distribution at a discrete model site) or ``RelaxedBernoulliStraightThrough``
+    ``fixed_values`` (a dict with any of ``"probs"`` ``(K,)``, ``"weights"`` ``(N, K)``,
+    ``"loadings"`` ``(K, D)``) holds those quantities at given values: constants of the model
+    (buffers of the module, moved by ``.to()``, cast to the data's dtype), neither parameters nor
+    latent sites; with all three fixed the only latent site is ``z`` and its exact posterior is
+    enumerable row by row (``tests/test_ibp.py`` checks the variational backends against it).
+
+    **Guides.** :meth:`guide` with ``guide_family="structured"`` (the default) is the
+    spike-and-slab structured mean field of Titsias & Lázaro-Gredilla (2011):
+
+    .. math::
+
+        q(z, w) = \prod_{nk} q(z_{nk})\, q(w_{nk} \mid z_{nk}),\quad
+        q(w_{nk} \mid z_{nk} = 0) = p(w_{nk}) = \mathrm{Gamma}(a_w, b_w),\quad
+        q(w_{nk} \mid z_{nk} = 1) = \mathrm{Gamma}(\hat a_{nk}, \hat b_{nk}),
+
+    and the same for the loadings, :math:`q(b_{kd})\,q(g_{kd} \mid b_{kd})` with
+    :math:`q(g_{kd} \mid b_{kd} = 0)` the prior :math:`\mathrm{Gamma}(a_\phi, b_\phi)`.  A weight
+    (slab) whose feature (spike) is off does not enter the likelihood, so its exact conditional
+    posterior is its prior: this guide contains it, and the ELBO's KL term of that entry is
+    :math:`q(z_{nk}=1)\,\mathrm{KL}(\mathrm{Gamma}(\hat a, \hat b)\,\|\,\mathrm{Gamma}(a_w, b_w))`
+    instead of the full KL of the plain mean field.  ``guide_family="mean-field"`` is the plain
+    mean field :math:`q(z)q(w)q(b)q(g)` (every Gamma learned whatever the spike).  The sticks get
+    a Beta per variable in both.  The binary sites ``z`` and ``phi_on`` are ``Bernoulli``
+    (score-function gradients; ``binary_guide="score"``, the default: ppl_lvm's backends refuse a
+    continuous guide distribution at a discrete model site) or ``RelaxedBernoulliStraightThrough``
     (``binary_guide="relaxed"``, for plain ``pyro.infer.SVI``: hard 0/1 values forward, the
     relaxed sample's gradient backward, the relaxed density in :math:`\log q`, a biased but
-    low-variance estimator whose importance weights are not those of the discrete model).  :meth:`continuous_guide`: the same guide
-    without the binary sites, for ``gflownet_em``, whose policy builds ``z``.  GFlowNet-EM
+    low-variance estimator whose importance weights are not those of the discrete model); the
+    structured guide reads their hard 0/1 values.  :meth:`continuous_guide`: the plain mean field
+    without the binary sites, for ``gflownet_em``, whose policy builds ``z`` (the guide does not
+    see ``z``, so it cannot be structured).  GFlowNet-EM
     refuses a model with both local (``z``) and global (``phi_on``) discrete sites
     (``IncompatibleModelError``): use ``point_estimates=("loadings",)`` with it (the loadings then
     are parameters learned in its M-step), as ``tests/test_ibp.py`` does.
@@ -511,15 +534,21 @@ class SparseIBPFactorization(PyroModule):
     :param loading_shape, loading_rate: :math:`a_\phi, b_\phi` (default 1, 1).
     :param float loading_density: :math:`\rho`, prior probability that a loading is non-zero (0.2).
     :param point_estimates: sites held as parameters instead of latents (see above).
+    :param dict fixed_values: quantities held at given values, constants of the model (see above).
+    :param str guide_family: ``"structured"`` (default) or ``"mean-field"`` (see Guides).
     :param str binary_guide: ``"score"`` (default) or ``"relaxed"`` (see Guides).
     :param float temperature: of the relaxed binary guide sites (0.5).
+
+    Reference for the structured guide: Titsias, Lázaro-Gredilla. *Spike and slab variational
+    inference for multi-task and multiple kernel learning*. NeurIPS 2011.
     """
 
     def __init__(self, num_features_max: int, prior: str = "3ibp", alpha: float = 2.0,
                  concentration: Optional[float] = None, discount: Optional[float] = None, num_active=None,
                  weight_shape: float = 1.0, weight_rate: float = 1.0, loading_shape: float = 1.0,
                  loading_rate: float = 1.0, loading_density: float = 0.2, point_estimates: Sequence[str] = (),
-                 temperature: float = 0.5, binary_guide: str = "score", name: str = "ibp"):
+                 temperature: float = 0.5, binary_guide: str = "score", guide_family: str = "structured",
+                 fixed_values: Optional[Dict[str, torch.Tensor]] = None, name: str = "ibp"):
         super().__init__(name)
         self.K = check_positive_int(num_features_max, "num_features_max")
         self.prior = check_choice(prior, "prior", ("3ibp", "ibp", "restricted-3ibp"))
@@ -553,6 +582,10 @@ class SparseIBPFactorization(PyroModule):
         self.point_estimates = frozenset(point_estimates)
         self.temperature = check_positive(temperature, "temperature")
         self.binary_guide = check_choice(binary_guide, "binary_guide", ("score", "relaxed"))
+        self.guide_family = check_choice(guide_family, "guide_family", ("structured", "mean-field"))
+        self.fixed = self._check_fixed_values(fixed_values)
+        for key, value in self.fixed.items():
+            self.register_buffer(f"fixed_{key}", value)
         self.name = name
         # round of each slot (1-based) for the fixed-count rounds construction
         if self.prior == "ibp":
@@ -569,8 +602,59 @@ class SparseIBPFactorization(PyroModule):
             setattr(self, attr, PyroParam(init(), constraint=constraint))
         return getattr(self, attr)
 
+    _FIXED_CLASH = {"probs": "sticks", "weights": "weights", "loadings": "loadings"}
+
+    def _check_fixed_values(self, fixed_values):
+        """``fixed_values`` checked (keys, tensors, finite, ranges, the shapes known before the data)."""
+        if fixed_values is None:
+            return {}
+        if not isinstance(fixed_values, dict):
+            raise TypeError(f"fixed_values must be a dict with keys among 'probs', 'weights', 'loadings', got "
+                            f"{type(fixed_values).__name__}.")
+        out = {}
+        for key, value in fixed_values.items():
+            check_choice(key, "fixed_values keys", ("probs", "weights", "loadings"))
+            if self._FIXED_CLASH[key] in self.point_estimates:
+                raise ValueError(f"fixed_values[{key!r}] fixes what point_estimates={sorted(self.point_estimates)} "
+                                 f"learns ({self._FIXED_CLASH[key]!r}): use one or the other.")
+            if isinstance(value, np.ndarray):
+                value = torch.as_tensor(value)
+            if not torch.is_tensor(value) or not value.is_floating_point():
+                raise TypeError(f"fixed_values[{key!r}] must be a floating-point tensor, got "
+                                f"{type(value).__name__}{'' if not torch.is_tensor(value) else ' of ' + str(value.dtype)}.")
+            want_dim = 1 if key == "probs" else 2
+            if value.dim() != want_dim or value.shape[-1 if key != "loadings" else 0] != self.K:
+                shape = {"probs": "(K,)", "weights": "(num_rows, K)", "loadings": "(K, num_items)"}[key]
+                raise ValueError(f"fixed_values[{key!r}] must have shape {shape} with K = num_features_max = "
+                                 f"{self.K}, got {tuple(value.shape)}.")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"fixed_values[{key!r}] contains NaN or inf.")
+            if key == "probs" and not bool(((value > 0) & (value < 1)).all()):
+                raise ValueError(f"fixed_values['probs'] must lie in (0, 1), got min {value.min().item():g}, "
+                                 f"max {value.max().item():g}.")
+            if key == "weights" and not bool((value > 0).all()):
+                raise ValueError(f"fixed_values['weights'] must be > 0 (Gamma weights), got min {value.min().item():g}.")
+            if key == "loadings" and not bool((value >= 0).all()):
+                raise ValueError(f"fixed_values['loadings'] must be >= 0, got min {value.min().item():g}.")
+            out[key] = value.detach().clone()
+        return out
+
+    def _fixed(self, key, like):
+        """The fixed value of ``key`` in ``like``'s dtype and device."""
+        return getattr(self, f"fixed_{key}").to(dtype=like.dtype, device=like.device)
+
+    def _latent(self, key):
+        """Whether ``key`` (``"sticks"``, ``"weights"``, ``"loadings"``) is a latent site group."""
+        fixed_key = "probs" if key == "sticks" else key
+        return key not in self.point_estimates and fixed_key not in self.fixed
+
     def _set_dims(self, counts):
         N, D = counts.shape
+        if "weights" in self.fixed and self.fixed_weights.shape[0] != N:
+            raise ValueError(f"fixed_values['weights'] has {self.fixed_weights.shape[0]} rows but counts has {N}.")
+        if "loadings" in self.fixed and self.fixed_loadings.shape[1] != D:
+            raise ValueError(f"fixed_values['loadings'] has {self.fixed_loadings.shape[1]} items (columns) but "
+                             f"counts has {D}.")
         if self.num_items is None:
             self.num_rows, self.num_items = N, D
         elif (N, D) != (self.num_rows, self.num_items):
@@ -641,11 +725,15 @@ class SparseIBPFactorization(PyroModule):
         N, D = counts.shape
         K = self.K
         kw = dict(dtype=counts.dtype, device=counts.device)
-        if "sticks" in self.point_estimates:
+        if "probs" in self.fixed:
+            probs = self._fixed("probs", counts)
+        elif "sticks" in self.point_estimates:
             probs = self._param("probs_point", lambda: torch.full((K,), 0.5, **kw), constraints.unit_interval)
         else:
             probs = self.sticks_to_probs(pyro.sample(self.stick_site, self._stick_prior(counts)))
-        if "loadings" in self.point_estimates:
+        if "loadings" in self.fixed:
+            phi = self._fixed("loadings", counts)
+        elif "loadings" in self.point_estimates:
             phi = self._param("loadings_point", lambda: torch.ones(K, D, **kw) / D * counts.sum(1).mean(),
                               constraints.positive)
         else:
@@ -653,48 +741,75 @@ class SparseIBPFactorization(PyroModule):
             slab = pyro.sample("phi_slab", dist.Gamma(torch.full((K, D), self.loading_shape, **kw),
                                                       torch.full((K, D), self.loading_rate, **kw)).to_event(2))
             phi = _drop_plate_dim(on * slab, 2)
-        if "weights" in self.point_estimates:
+        if "weights" in self.fixed:
+            w_all = self._fixed("weights", counts)
+        elif "weights" in self.point_estimates:
             w_all = self._param("weights_point", lambda: torch.ones(N, K, **kw), constraints.positive)
         probs = _drop_plate_dim(probs, 1) if probs.dim() >= 3 else probs
         with pyro.plate("rows", N, subsample_size=subsample_size, dim=-1, device=counts.device) as idx:
             z = pyro.sample("z", self._rows_dist(probs.unsqueeze(-2)))
-            if "weights" in self.point_estimates:
-                w = w_all[idx]
-            else:
+            if self._latent("weights"):
                 w = pyro.sample("w", dist.Gamma(torch.full((K,), self.weight_shape, **kw),
                                                 torch.full((K,), self.weight_rate, **kw)).to_event(1))
+            else:
+                w = w_all[idx]
             rate = torch.matmul(z * w, phi) + eps(counts.dtype)
             pyro.sample("x", dist.Poisson(rate, validate_args=False).to_event(1), obs=counts.index_select(0, idx))
 
-    def _guide_continuous(self, counts, subsample_size, kw):
-        N, D = counts.shape
-        K = self.K
-        if "sticks" not in self.point_estimates:
+    @staticmethod
+    def _slab_given_spike(spike, shape, rate, prior_shape, prior_rate):
+        r"""The structured guide's :math:`q(\text{slab} \mid \text{spike})`: the learned Gamma where the
+        spike (a hard 0/1 value) is on, the prior Gamma where it is off (``spike=None``: the learned
+        Gamma everywhere, the plain mean field)."""
+        if spike is None:
+            return dist.Gamma(shape, rate)
+        on = spike > 0.5
+        return dist.Gamma(torch.where(on, shape, torch.full_like(shape, prior_shape)),
+                          torch.where(on, rate, torch.full_like(rate, prior_rate)))
+
+    def _guide_sticks(self, counts, kw):
+        if self._latent("sticks"):
             shape = tuple(self._stick_prior(counts).event_shape)
             a = self._param("q_sticks_a", lambda: torch.full(shape, 2.0, **kw), constraints.positive)
             b = self._param("q_sticks_b", lambda: torch.full(shape, 2.0, **kw), constraints.positive)
             pyro.sample(self.stick_site, dist.Beta(a, b).to_event(1))
-        if "loadings" not in self.point_estimates:
-            # started at a scale that puts the mean rate near the mean count, mostly switched on
-            scale = float(counts.mean()) / (K * self.weight_shape / self.weight_rate) + eps(counts.dtype)
-            sa = self._param("q_slab_shape", lambda: torch.full((K, D), 5.0, **kw), constraints.positive)
-            sb = self._param("q_slab_rate", lambda: torch.full((K, D), 5.0 / scale, **kw), constraints.positive)
-            pyro.sample("phi_slab", dist.Gamma(sa, sb).to_event(2))
+
+    def _guide_loadings(self, counts, kw, binary):
+        """``phi_on`` (when ``binary``) then ``phi_slab`` given it (structured) or not (mean field)."""
+        if not self._latent("loadings"):
+            return
+        N, D = counts.shape
+        K = self.K
+        on = None
+        if binary:
+            ol = self._param("q_on_logits", lambda: torch.full((K, D), 3.0, **kw), constraints.real)
+            on = pyro.sample("phi_on", self._binary_guide_dist(ol, kw).to_event(2))
+        # started at a scale that puts the mean rate near the mean count, mostly switched on
+        scale = float(counts.mean()) / (K * self.weight_shape / self.weight_rate) + eps(counts.dtype)
+        sa = self._param("q_slab_shape", lambda: torch.full((K, D), 5.0, **kw), constraints.positive)
+        sb = self._param("q_slab_rate", lambda: torch.full((K, D), 5.0 / scale, **kw), constraints.positive)
+        spike = on if (binary and self.guide_family == "structured") else None
+        pyro.sample("phi_slab", self._slab_given_spike(spike, sa, sb, self.loading_shape,
+                                                       self.loading_rate).to_event(2))
 
     def _guide_rows(self, counts, subsample_size, kw, binary):
         N, D = counts.shape
         K = self.K
         if binary:
             zl = self._param("q_z_logits", lambda: torch.full((N, K), 3.0, **kw), constraints.real)
-        if "weights" not in self.point_estimates:
+        weights = self._latent("weights")
+        if weights:
             wm = self.weight_shape / self.weight_rate
             wa = self._param("q_w_shape", lambda: torch.full((N, K), 5.0, **kw), constraints.positive)
             wb = self._param("q_w_rate", lambda: torch.full((N, K), 5.0 / wm, **kw), constraints.positive)
         with pyro.plate("rows", N, subsample_size=subsample_size, dim=-1, device=counts.device) as idx:
+            z = None
             if binary:
-                pyro.sample("z", self._binary_guide_dist(zl[idx], kw).to_event(1))
-            if "weights" not in self.point_estimates:
-                pyro.sample("w", dist.Gamma(wa[idx], wb[idx]).to_event(1))
+                z = pyro.sample("z", self._binary_guide_dist(zl[idx], kw).to_event(1))
+            if weights:
+                spike = z if (binary and self.guide_family == "structured") else None
+                pyro.sample("w", self._slab_given_spike(spike, wa[idx], wb[idx], self.weight_shape,
+                                                        self.weight_rate).to_event(1))
 
     def _binary_guide_dist(self, logits, kw):
         if self.binary_guide == "score":
@@ -703,23 +818,23 @@ class SparseIBPFactorization(PyroModule):
 
     @pyro_method
     def guide(self, counts, subsample_size: Optional[int] = None):
-        """Mean-field guide over every latent site (class docstring)."""
+        """The guide over every latent site: structured spike-and-slab (default) or plain mean
+        field, ``guide_family`` (class docstring)."""
         counts = _check_counts(counts)
         self._set_dims(counts)
         kw = dict(dtype=counts.dtype, device=counts.device)
-        self._guide_continuous(counts, subsample_size, kw)
-        if "loadings" not in self.point_estimates:
-            ol = self._param("q_on_logits", lambda: torch.full((self.K, counts.shape[1]), 3.0, **kw), constraints.real)
-            pyro.sample("phi_on", self._binary_guide_dist(ol, kw).to_event(2))
+        self._guide_sticks(counts, kw)
+        self._guide_loadings(counts, kw, binary=True)
         self._guide_rows(counts, subsample_size, kw, binary=True)
 
     @pyro_method
     def continuous_guide(self, counts, subsample_size: Optional[int] = None):
-        """The guide over the continuous latent sites only (for ``gflownet_em``)."""
+        """The plain mean-field guide over the continuous latent sites only (for ``gflownet_em``)."""
         counts = _check_counts(counts)
         self._set_dims(counts)
         kw = dict(dtype=counts.dtype, device=counts.device)
-        self._guide_continuous(counts, subsample_size, kw)
+        self._guide_sticks(counts, kw)
+        self._guide_loadings(counts, kw, binary=False)
         self._guide_rows(counts, subsample_size, kw, binary=False)
 
     # ------------------------------------------------------------------ simulation
@@ -1086,6 +1201,10 @@ class SparseIBPFactorization(PyroModule):
         """
         from ..errors import DivergenceError
 
+        if self.fixed:
+            raise ValueError(f"fit_gibbs samples every quantity of the model; fixed_values ({sorted(self.fixed)}) "
+                             "applies to the Pyro model and guide only. Build the model without fixed_values "
+                             "for fit_gibbs.")
         counts = _check_counts(counts)
         num_steps = check_positive_int(num_steps, "num_steps")
         warmup = num_steps // 2 if warmup is None else int(warmup)
