@@ -420,8 +420,14 @@ def test_everything_follows_the_data_device(device):
 # --------------------------------------------------------------------------- the whole sampler
 def _prior_state(m, N, D, like):
     K, kw = m.K, dict(dtype=like.dtype)
+    alpha = None
+    if m.alpha_prior is not None:
+        alpha = float(torch.distributions.Gamma(torch.tensor(m.alpha_prior[0], **kw),
+                                                torch.tensor(m.alpha_prior[1], **kw)).sample())
     if m.prior == "ibp":
-        sticks, mask = torch.distributions.Beta(torch.full((K,), m.alpha, **kw), torch.ones(K, **kw)).sample(), None
+        sticks = torch.distributions.Beta(torch.full((K,), m.alpha if alpha is None else alpha, **kw),
+                                          torch.ones(K, **kw)).sample()
+        mask = None
     else:
         a, b, mask = m._stick_matrix_prior(like)
         sticks = torch.distributions.Beta(a, b).sample()
@@ -430,17 +436,18 @@ def _prior_state(m, N, D, like):
     Bm = torch.bernoulli(torch.full((K, D), m.loading_density, **kw))
     G = torch.distributions.Gamma(torch.full((K, D), m.loading_shape, **kw),
                                   torch.full((K, D), m.loading_rate, **kw)).sample()
-    return dict(Z=Z, W=W, Bm=Bm, G=G, sticks=sticks, stick_step=0.8), mask
+    return dict(Z=Z, W=W, Bm=Bm, G=G, sticks=sticks, stick_step=0.8, alpha=alpha), mask
 
 
 def _state_stats(m, st):
     p = m._gibbs_probs(st["sticks"])
-    return [st["Z"].sum().item(), st["W"].mean().item(), st["Bm"].mean().item(), st["G"].mean().item(),
-            p[0].item(), p.sum().item()]
+    out = [st["Z"].sum().item(), st["W"].mean().item(), st["Bm"].mean().item(), st["G"].mean().item(),
+           p[0].item(), p.sum().item()]
+    return out + ([st["alpha"]] if st["alpha"] is not None else [])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prior", ["ibp", "3ibp", "restricted-3ibp"])
+@pytest.mark.parametrize("prior", ["ibp", "3ibp", "restricted-3ibp", "ibp+alpha_prior"])
 def test_gibbs_sweep_leaves_the_joint_invariant(prior):
     """Geweke's successive-conditional check: alternating x ~ p(x | state) and one Gibbs sweep
     (every move, relabeling included) must keep the state's prior as its marginal.  Six
@@ -453,8 +460,9 @@ def test_gibbs_sweep_leaves_the_joint_invariant(prior):
 
     torch.manual_seed(0)
     N, D, K, T, burn = 3, 3, 3, 2000, 200
-    m = SparseIBPFactorization(K, prior=prior, alpha=1.5, weight_shape=2.0, weight_rate=1.0, loading_shape=2.0,
-                               loading_rate=1.0, loading_density=0.5)
+    hyper = dict(prior="ibp", alpha_prior=(3.0, 2.0)) if prior == "ibp+alpha_prior" else dict(prior=prior)
+    m = SparseIBPFactorization(K, alpha=1.5, weight_shape=2.0, weight_rate=1.0, loading_shape=2.0,
+                               loading_rate=1.0, loading_density=0.5, **hyper)
     like = torch.zeros(1, dtype=torch.float64)
     st, mask = _prior_state(m, N, D, like)
     log_f = _num_active_log_pmf(m.num_active, K, like) if m.num_active is not None else None
@@ -763,3 +771,58 @@ def test_gibbs_z_conditional_is_exact_when_one_contribution_is_below_rounding():
     z0[0, 0] = 0.0
     want = _joint(m, counts, z, w, phi, probs) - _joint(m, counts, z0, w, phi, probs)
     assert math.isfinite(want.item()) and got[0].item() == pytest.approx(want.item(), abs=1e-9)
+
+
+# --------------------------------------------------------------------------- the hyperprior on alpha
+def test_alpha_hyperprior_moves_target_the_exact_joint_of_stick_and_mass():
+    r"""K = 1, Z fixed (m of N rows on): the stick move with the current alpha, then the conjugate
+    draw alpha | nu ~ Gamma(a0 + 1, b0 - log nu), must leave p(nu, alpha | Z) invariant.  With alpha
+    integrated out, p(nu | Z) is proportional to nu^(m-1) (1-nu)^(N-m) / (b0 - log nu)^(a0+1), and
+    E[alpha | Z] = E[(a0 + 1) / (b0 - log nu)]: both by 1-D quadrature; the chain's means within 4
+    batch-means SE."""
+    from scipy.integrate import quad
+
+    a0, b0, N, used = 20.0, 2.0, 30, 9  # prior mean alpha 10: far from the starting alpha = 1
+    dens = lambda v: v ** (used - 1) * (1 - v) ** (N - used) / (b0 - math.log(v)) ** (a0 + 1)
+    norm = quad(dens, 0, 1, epsabs=0, epsrel=1e-12)[0]
+    mean_nu = quad(lambda v: v * dens(v), 0, 1, epsabs=0, epsrel=1e-12)[0] / norm
+    mean_alpha = quad(lambda v: (a0 + 1) / (b0 - math.log(v)) * dens(v), 0, 1, epsabs=0, epsrel=1e-12)[0] / norm
+    torch.manual_seed(9)
+    m = SparseIBPFactorization(1, prior="ibp", alpha=1.0, alpha_prior=(a0, b0))
+    Z = torch.zeros(N, 1, dtype=torch.float64)
+    Z[:used] = 1.0
+    sticks, alpha = torch.tensor([0.5], dtype=torch.float64), 1.0
+    draws = []
+    for _ in range(4000):
+        sticks, _ = m._update_sticks(sticks, None, Z, 1.0, 1, alpha)
+        alpha = m._sample_alpha(sticks)
+        draws.append((float(sticks[0]), alpha))
+    draws = np.asarray(draws[1000:])
+    for j, want in enumerate([mean_nu, mean_alpha]):
+        se = _batch_means_se(draws[:, j])
+        assert abs(draws[:, j].mean() - want) < 4 * se, (j, draws[:, j].mean(), want, se)
+    # and the hyperprior matters: the fixed-alpha chain's target mean of nu differs by > 8 SE
+    assert abs(mean_nu - (1.0 + used) / (1.0 + N + 1)) > 8 * _batch_means_se(draws[:, 0])
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(prior="3ibp", alpha_prior=(2.0, 1.0)), ValueError, "prior='ibp'"),
+    (dict(prior="ibp", alpha_prior=2.0), TypeError, "pair"),
+    (dict(prior="ibp", alpha_prior=(2.0, -1.0)), ValueError, "alpha_prior rate"),
+])
+def test_bad_alpha_prior_is_refused(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        SparseIBPFactorization(3, **kwargs)
+
+
+def test_alpha_hyperprior_draws_are_kept_and_the_pyro_programs_refuse_it():
+    counts, _ = SparseIBPFactorization.simulate(num_rows=15, num_items=6, num_features=2, seed=7)
+    m = SparseIBPFactorization(4, prior="ibp", alpha_prior=(2.0, 1.0))
+    with pytest.raises(ValueError, match="fit_gibbs only"):
+        m.model(counts)
+    with pytest.raises(ValueError, match="fit_gibbs only"):
+        m.guide(counts)
+    fit = m.fit_gibbs(counts, num_steps=12, warmup=6, seed=0, progress=False)
+    assert fit.alpha.shape == (6,) and np.all(fit.alpha > 0) and len(set(fit.alpha.tolist())) > 1
+    assert fit.to_inferencedata().posterior["alpha"].shape == (1, 6)
+    assert SparseIBPFactorization(4, prior="ibp").fit_gibbs(counts, num_steps=4, seed=0, progress=False).alpha is None

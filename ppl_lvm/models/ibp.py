@@ -562,6 +562,11 @@ class SparseIBPFactorization(PyroModule):
     :param point_estimates: sites held as parameters instead of latents (see above).
     :param dict fixed_values: quantities held at given values, constants of the model (see above).
     :param str guide_family: ``"structured"`` (default) or ``"mean-field"`` (see Guides).
+    :param alpha_prior: ``(a0, b0)``: a Gamma(a0, b0) hyperprior on :math:`\alpha` (``prior="ibp"``
+        only, sampled by :meth:`fit_gibbs`, whose kept draws are ``IBPGibbsFit.alpha``; ``alpha``
+        is then the chain's starting value).  Given the sticks :math:`\nu_k \sim \mathrm{Beta}(\alpha, 1)`
+        it is conjugate: :math:`\alpha \mid \nu \sim \mathrm{Gamma}(a_0 + K, b_0 - \sum_k \log\nu_k)`.
+        The Pyro model and guides refuse it (they use the fixed ``alpha``).
     :param str binary_guide: ``"score"`` (default) or ``"relaxed"`` (see Guides).
     :param float temperature: of the relaxed binary guide sites (0.5).
 
@@ -574,7 +579,7 @@ class SparseIBPFactorization(PyroModule):
                  weight_shape: float = 1.0, weight_rate: float = 1.0, loading_shape: float = 1.0,
                  loading_rate: float = 1.0, loading_density: float = 0.2, point_estimates: Sequence[str] = (),
                  temperature: float = 0.5, binary_guide: str = "score", guide_family: str = "structured",
-                 fixed_values: Optional[Dict[str, torch.Tensor]] = None, name: str = "ibp"):
+                 fixed_values: Optional[Dict[str, torch.Tensor]] = None, alpha_prior=None, name: str = "ibp"):
         super().__init__(name)
         self.K = check_positive_int(num_features_max, "num_features_max")
         self.prior = check_choice(prior, "prior", ("3ibp", "ibp", "restricted-3ibp"))
@@ -610,6 +615,7 @@ class SparseIBPFactorization(PyroModule):
         self.binary_guide = check_choice(binary_guide, "binary_guide", ("score", "relaxed"))
         self.guide_family = check_choice(guide_family, "guide_family", ("structured", "mean-field"))
         self.fixed = self._check_fixed_values(fixed_values)
+        self.alpha_prior = self._check_alpha_prior(alpha_prior)
         for key, value in self.fixed.items():
             self.register_buffer(f"fixed_{key}", value)
         self.name = name
@@ -664,6 +670,23 @@ class SparseIBPFactorization(PyroModule):
                 raise ValueError(f"fixed_values['loadings'] must be >= 0, got min {value.min().item():g}.")
             out[key] = value.detach().clone()
         return out
+
+    def _check_alpha_prior(self, alpha_prior):
+        """``(shape, rate)`` of the Gamma hyperprior on alpha, or None."""
+        if alpha_prior is None:
+            return None
+        if self.prior != "ibp":
+            raise ValueError("alpha_prior is the Gamma hyperprior on the one-parameter IBP's mass (conjugate "
+                             f"given its sticks): use it with prior='ibp', not prior={self.prior!r}.")
+        if not isinstance(alpha_prior, (tuple, list)) or len(alpha_prior) != 2:
+            raise TypeError(f"alpha_prior must be a pair (shape, rate) of the Gamma hyperprior on alpha, got "
+                            f"{alpha_prior!r}.")
+        return (check_positive(alpha_prior[0], "alpha_prior shape"), check_positive(alpha_prior[1], "alpha_prior rate"))
+
+    def _check_pyro_program_options(self):
+        if self.alpha_prior is not None:
+            raise ValueError("alpha_prior (the Gamma hyperprior on alpha) is sampled by fit_gibbs only; the Pyro "
+                             "model and guides use the fixed alpha. Build the model without alpha_prior for them.")
 
     def _fixed(self, key, like):
         """The fixed value of ``key`` in ``like``'s dtype and device."""
@@ -746,6 +769,7 @@ class SparseIBPFactorization(PyroModule):
     # ------------------------------------------------------------------ Pyro programs
     @pyro_method
     def model(self, counts, subsample_size: Optional[int] = None):
+        self._check_pyro_program_options()
         counts = _check_counts(counts)
         self._set_dims(counts)
         N, D = counts.shape
@@ -846,6 +870,7 @@ class SparseIBPFactorization(PyroModule):
     def guide(self, counts, subsample_size: Optional[int] = None):
         """The guide over every latent site: structured spike-and-slab (default) or plain mean
         field, ``guide_family`` (class docstring)."""
+        self._check_pyro_program_options()
         counts = _check_counts(counts)
         self._set_dims(counts)
         kw = dict(dtype=counts.dtype, device=counts.device)
@@ -856,6 +881,7 @@ class SparseIBPFactorization(PyroModule):
     @pyro_method
     def continuous_guide(self, counts, subsample_size: Optional[int] = None):
         """The plain mean-field guide over the continuous latent sites only (for ``gflownet_em``)."""
+        self._check_pyro_program_options()
         counts = _check_counts(counts)
         self._set_dims(counts)
         kw = dict(dtype=counts.dtype, device=counts.device)
@@ -909,15 +935,15 @@ class SparseIBPFactorization(PyroModule):
         """Feature probabilities from the Gibbs sampler's sticks (``nu`` (K,) or the (K, R) matrix)."""
         return self.sticks_to_probs(sticks) if self.prior == "ibp" else self._matrix_to_probs(sticks)
 
-    def _stick_log_prior(self, sticks, mask):
+    def _stick_log_prior(self, sticks, mask, alpha=None):
         if self.prior == "ibp":
-            return (self.alpha - 1) * torch.log(sticks)
+            return ((self.alpha if alpha is None else alpha) - 1) * torch.log(sticks)
         R = sticks.shape[-1]
         ls = torch.arange(1, R + 1, dtype=sticks.dtype, device=sticks.device)
         lp = (-self.discount) * torch.log(sticks) + (self.concentration + ls * self.discount - 1) * torch.log1p(-sticks)
         return lp * mask
 
-    def _update_sticks(self, sticks, mask, Z, step_size, num_moves):
+    def _update_sticks(self, sticks, mask, Z, step_size, num_moves, alpha=None):
         """Random-walk Metropolis on the logits of the stick variables given Z (exact target:
         stick prior times :math:`p(Z \\mid \\pi)`), coordinate by coordinate."""
         N = Z.shape[0]
@@ -933,12 +959,13 @@ class SparseIBPFactorization(PyroModule):
         for _ in range(num_moves):
             if self.prior == "ibp":
                 for l in range(self.K):
-                    cur = target(sticks).sum() + self._stick_log_prior(sticks, mask).sum() \
+                    cur = target(sticks).sum() + self._stick_log_prior(sticks, mask, alpha).sum() \
                         + torch.log(sticks[l] * (1 - sticks[l]))
                     prop = sticks.clone()
                     u = torch.logit(sticks[l]) + step_size * torch.randn((), dtype=Z.dtype, device=Z.device)
                     prop[l] = torch.sigmoid(u).clamp(fl, 1 - fl)
-                    new = target(prop).sum() + self._stick_log_prior(prop, mask).sum() + torch.log(prop[l] * (1 - prop[l]))
+                    new = (target(prop).sum() + self._stick_log_prior(prop, mask, alpha).sum()
+                           + torch.log(prop[l] * (1 - prop[l])))
                     if torch.log(torch.rand((), dtype=Z.dtype, device=Z.device)) < new - cur:
                         sticks = prop
                         accepted += 1
@@ -974,6 +1001,15 @@ class SparseIBPFactorization(PyroModule):
                             accepted += 1
                         total += 1
         return sticks, accepted / max(total, 1)
+
+    def _sample_alpha(self, sticks):
+        r"""One draw of :math:`\alpha \mid \nu \sim \mathrm{Gamma}(a_0 + K,\ b_0 - \sum_k \log \nu_k)`, the
+        conditional of the Gamma hyperprior given the one-parameter sticks
+        :math:`\nu_k \sim \mathrm{Beta}(\alpha, 1)` (density :math:`\alpha \nu^{\alpha - 1}`)."""
+        a0, b0 = self.alpha_prior
+        shape = torch.tensor(a0 + sticks.shape[-1], dtype=sticks.dtype, device=sticks.device)
+        rate = b0 - torch.log(sticks).sum()
+        return float(torch.distributions.Gamma(shape, rate).sample())
 
     def _z_log_odds_prior(self, probs, J_minus):
         """Prior log odds of :math:`z_{nk} = 1` given the row's other features (``J_minus`` ``(N,)``)."""
@@ -1162,10 +1198,13 @@ class SparseIBPFactorization(PyroModule):
                 m_k = m_k[perm]
                 phi_tot = phi_tot[perm]
         # 5. sticks
-        sticks, acc = self._update_sticks(sticks, mask, Z, stick_step, stick_moves)
+        alpha = st.get("alpha")
+        sticks, acc = self._update_sticks(sticks, mask, Z, stick_step, stick_moves, alpha)
+        if self.alpha_prior is not None:
+            alpha = self._sample_alpha(sticks)
         if adapt:  # adapt the step toward acceptance 0.35 during warmup only
             stick_step *= math.exp((acc - 0.35) / math.sqrt(it + 1.0))
-        st.update(Z=Z, W=W, Bm=Bm, G=G, sticks=sticks, stick_step=stick_step)
+        st.update(Z=Z, W=W, Bm=Bm, G=G, sticks=sticks, stick_step=stick_step, alpha=alpha)
         return acc, rate_nz, Phi
 
     def _prepare_counts(self, counts):
@@ -1217,7 +1256,10 @@ class SparseIBPFactorization(PyroModule):
         two); after warmup the labels stay put, so that the kept draws' per-feature summaries
         (usage, mean loadings) do not mix features.
 
-        The concentration, discount, mass and :math:`\rho` are fixed.  Returns an
+        The concentration, discount and :math:`\rho` are fixed; the mass :math:`\alpha` too, unless
+        ``alpha_prior`` is given (one-parameter IBP): then after the sticks, step 6 draws
+        :math:`\alpha \sim \mathrm{Gamma}(a_0 + K, b_0 - \sum_k \log \nu_k)` and the stick moves use
+        the current :math:`\alpha`.  Returns an
         :class:`IBPGibbsFit` (also kept as ``self.gibbs_``), with the kept draws.  A NaN in the
         log-likelihood stops the run with ``DivergenceError`` whose ``fit`` holds the draws so far.
         Warns when the truncation binds or the chain has visibly not converged
@@ -1283,10 +1325,11 @@ class SparseIBPFactorization(PyroModule):
         W = torch.distributions.Gamma(torch.full((N, K), a_w, **kw), torch.full((N, K), b_w, **kw)).sample()
         Bm = torch.ones(K, D, **kw)
         G = torch.distributions.Gamma(torch.full((K, D), a_p, **kw), torch.full((K, D), b_p, **kw)).sample()
-        keep = {"zw": [], "loadings": [], "z": [], "probs": [], "num_active": []}
+        keep = {"zw": [], "loadings": [], "z": [], "probs": [], "num_active": [], "alpha": []}
         trace_ll, stick_acc = [], []
         bar = _progress(num_steps, "IBP Gibbs", progress)
-        st = dict(Z=Z, W=W, Bm=Bm, G=G, sticks=sticks, stick_step=stick_step_size)
+        st = dict(Z=Z, W=W, Bm=Bm, G=G, sticks=sticks, stick_step=stick_step_size,
+                  alpha=self.alpha if self.alpha_prior is not None else None)
         dat = dict(nz=nz, vals=vals, tok_r=tok_r, tok_c=tok_c, mask=mask,
                    log_f=log_f if self.num_active is not None else None, swap_pairs=swap_pairs,
                    stick_moves=stick_moves)
@@ -1313,6 +1356,8 @@ class SparseIBPFactorization(PyroModule):
                     keep["z"].append(Z.clone())
                     keep["probs"].append(self._gibbs_probs(sticks).clone())
                     keep["num_active"].append(int((Z.sum(0) > 0).sum()))
+                    if st["alpha"] is not None:
+                        keep["alpha"].append(st["alpha"])
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -1336,6 +1381,8 @@ class IBPGibbsFit:
         self.model, self.counts = model, counts
         self.zw, self.loadings, self.z, self.probs = keep["zw"], keep["loadings"], keep["z"], keep["probs"]
         self.num_active = np.asarray(keep["num_active"], dtype=np.int64)
+        #: kept draws of the IBP mass (``alpha_prior``; None when alpha is fixed)
+        self.alpha = np.asarray(keep["alpha"], dtype=np.float64) if keep.get("alpha") else None
         self.log_likelihood_trace = np.asarray(trace_ll)
         self.stick_acceptance = np.asarray(stick_acc)
         self.elapsed, self.warmup, self.thin = elapsed, warmup, thin
@@ -1453,8 +1500,11 @@ class IBPGibbsFit:
 
         self._need()
         kept = self.log_likelihood_trace[self.warmup::self.thin][: self.num_samples]
-        return az.from_dict(posterior={"num_active": self.num_active[None].astype(np.float64),
-                                       "probs": torch.stack(self.probs).cpu().numpy()[None]},
+        posterior = {"num_active": self.num_active[None].astype(np.float64),
+                     "probs": torch.stack(self.probs).cpu().numpy()[None]}
+        if self.alpha is not None:
+            posterior["alpha"] = self.alpha[None]
+        return az.from_dict(posterior=posterior,
                             sample_stats={"log_likelihood_counts": np.asarray(kept)[None]})
 
     # ---- plots
