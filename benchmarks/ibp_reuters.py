@@ -8,14 +8,21 @@ models: the log posterior predictive over the kept Gibbs draws; NMF: the plug-in
 get the floor eps(float64) (a held-out token on a zero rate scores about -36).
 
 Columns: held-out log-likelihood per token, number of active features (IBP: posterior mean
-over kept draws; NMF: components with a non-zero loading row), fraction of exactly-zero
-loadings among the active features (IBP: mean over draws; NMF: of H), fit time.  NMF is run at
+over kept draws; NMF: components with a non-zero loading row), the fraction of kept draws in
+which every one of the K columns is used (the truncation binds where this is near 1), mean
+active features per document (the sparsity of Z; IBP: posterior mean of sum_k z_nk averaged
+over documents; NMF: exactly non-zero entries of W per row), fraction of exactly-zero loadings
+among the active features (IBP: mean over draws; NMF: of H), fit time.  NMF is run at
 the restricted 3-IBP's number of active features (rounded posterior mean).  Top words of the
 restricted 3-IBP's most used features are printed.
 
+The IBP models: the restricted three-parameter IBP with f = Poisson(``--num-active-rate``)
+features per document (default 2 = alpha, the unrestricted per-row law), the one-parameter IBP,
+and, with ``--small-law-rate R``, the restricted 3-IBP with the smaller law f = Poisson(R).
+
 Run by hand::
 
-    python benchmarks/ibp_reuters.py --num-steps 150 --truncation 30
+    PPL_LVM_PROGRESS=0 python benchmarks/ibp_reuters.py --num-steps 120 --truncation 80 --small-law-rate 1
 """
 
 import argparse
@@ -31,8 +38,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-steps", type=int, default=150, help="Gibbs sweeps per IBP model (half warmup)")
     ap.add_argument("--truncation", type=int, default=30, help="num_features_max K")
+    ap.add_argument("--alpha", type=float, default=2.0, help="IBP mass of every IBP model")
+    ap.add_argument("--num-active-rate", type=float, default=2.0,
+                    help="restricted 3-IBP: f = Poisson(rate) features per document")
+    ap.add_argument("--small-law-rate", type=float, default=None,
+                    help="also fit the restricted 3-IBP with f = Poisson(this rate)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    import pyro.distributions as dist
+    t_start = time.perf_counter()
 
     import lda.datasets
 
@@ -48,15 +62,27 @@ def main():
 
     rows = []
     fits = {}
-    for label, kw in [("restricted-3IBP", dict(prior="restricted-3ibp", alpha=2.0, concentration=1.0, discount=0.25)),
-                      ("one-parameter IBP", dict(prior="ibp", alpha=2.0))]:
+    configs = [(f"restricted-3IBP (alpha {args.alpha:g}, c 1, sigma 0.25, f = Poisson({args.num_active_rate:g}))",
+                dict(prior="restricted-3ibp", alpha=args.alpha, concentration=1.0, discount=0.25,
+                     num_active=dist.Poisson(torch.tensor(args.num_active_rate)))),
+               (f"one-parameter IBP (alpha {args.alpha:g})", dict(prior="ibp", alpha=args.alpha))]
+    if args.small_law_rate is not None:
+        configs.append((f"restricted-3IBP (alpha {args.alpha:g}, c 1, sigma 0.25, f = Poisson({args.small_law_rate:g}))",
+                        dict(prior="restricted-3ibp", alpha=args.alpha, concentration=1.0, discount=0.25,
+                             num_active=dist.Poisson(torch.tensor(args.small_law_rate)))))
+    for label, kw in configs:
         m = SparseIBPFactorization(args.truncation, loading_density=0.2, **kw)
         t0 = time.perf_counter()
         fit = m.fit_gibbs(xtr, num_steps=args.num_steps, seed=args.seed)
         el = time.perf_counter() - t0
         fits[label] = fit
-        rows.append((label, fit.heldout_log_likelihood(xte, scale=scale), float(fit.num_active.mean()),
-                     fit.zero_loading_fraction(), el))
+        per_doc = float(torch.stack([z.sum(1).mean() for z in fit.z]).mean())
+        binds = float((fit.num_active >= args.truncation).mean())
+        rows.append((label, fit.heldout_log_likelihood(xte, scale=scale), float(fit.num_active.mean()), binds,
+                     per_doc, fit.zero_loading_fraction(), el))
+        print(f"  {label}: {el:.0f} s, active features over the kept draws {fit.num_active.min()}-"
+              f"{fit.num_active.max()}, log-lik first/last sweep {fit.log_likelihood_trace[0]:.0f} / "
+              f"{fit.log_likelihood_trace[-1]:.0f}, stick acceptance {fit.stick_acceptance.mean():.2f}", flush=True)
 
     from sklearn.decomposition import NMF
 
@@ -71,17 +97,20 @@ def main():
     from scipy.special import gammaln
     ll = float((test * np.log(rate) - rate - gammaln(test + 1)).sum() / test.sum())
     active = np.flatnonzero(H.sum(1) > 0)
-    rows.append((f"sklearn NMF (KL, mu), {k_nmf} comps", ll, float(len(active)), float((H[active] == 0).mean()), el))
+    rows.append((f"sklearn NMF (KL, mu), {k_nmf} comps", ll, float(len(active)), float("nan"),
+                 float((W > 0).sum(1).mean()), float((H[active] == 0).mean()), el))
 
     print()
-    print("| method | held-out log-lik / token | active features | zero loadings | fit time (s) |")
-    print("| --- | --- | --- | --- | --- |")
-    for label, ll, act, zf, el in rows:
-        print(f"| {label} | {ll:.3f} | {act:.1f} | {zf:.3f} | {el:.1f} |")
+    print("| method | held-out log-lik / token | active features | draws with all K used | features / doc "
+          "| zero loadings | fit time (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for label, ll, act, binds, per_doc, zf, el in rows:
+        b = "-" if binds != binds else f"{binds:.2f}"
+        print(f"| {label} | {ll:.3f} | {act:.1f} | {b} | {per_doc:.2f} | {zf:.3f} | {el:.1f} |")
     print(f"\n(K = {args.truncation}, {args.num_steps} Gibbs sweeps, half warmup; NMF max_iter=500, "
-          f"{nmf.n_iter_} iterations)")
+          f"{nmf.n_iter_} iterations; whole script {time.perf_counter() - t_start:.0f} s)")
 
-    fit = fits["restricted-3IBP"]
+    fit = fits[configs[0][0]]
     print("\nrestricted-3IBP: top words of the 8 most used features")
     use = fit.feature_usage().sum(0)
     for k, items in fit.top_items(vocab, num_items=8)[:8]:

@@ -455,6 +455,32 @@ def _progress(total, desc, progress=None):
     return progress_bar_class()(total=total, desc=desc, leave=False)
 
 
+def _exact_where_cancelled(new_rate, bound, zw, phi, nz, columns):
+    r"""Rates at the non-zero counts after a move, exact where the incremental update may have
+    cancelled.  ``new_rate`` is an incremental value (old rate plus changes) and ``bound`` a bound on
+    its accumulated rounding error; where ``new_rate <= 1000 * bound`` (a rounding residue or a
+    true 0 cannot be told apart, or the relative error could exceed 1e-3) the rate is recomputed as the sum of its non-negative terms, with the
+    moved features' columns of ``zw`` (``z * w``, ``(N, K)``) replaced by ``columns``
+    (``{feature: (N,) new z * w}``).  Returns the rates and their new error bounds (``K eps``
+    times the rate where recomputed).  A rate is then exactly 0 only when no active feature
+    has a non-zero loading there.  Without this, a residue of about :math:`10^{-16}` times an
+    earlier, larger rate, taken for a true rate, scores :math:`x \log(\text{residue})` and can be
+    accepted against prior odds of that size (the ordered sticks' late columns have them):
+    the one-parameter sampler at K = 80 on Reuters reached a count with rate 0."""
+    fl = eps(new_rate.dtype)
+    suspect = new_rate <= 1000.0 * bound
+    if not bool(suspect.any()):
+        return new_rate, bound
+    rows, cols = nz[0][suspect], nz[1][suspect]
+    part = zw[rows].clone()
+    for k, value in columns.items():
+        part[:, k] = value[rows]
+    out, out_bound = new_rate.clone(), bound.clone()
+    out[suspect] = (part * phi[:, cols].T).sum(-1)
+    out_bound[suspect] = fl * zw.shape[1] * out[suspect]
+    return out, out_bound
+
+
 # --------------------------------------------------------------------------- the factorization
 class SparseIBPFactorization(PyroModule):
     r"""Non-negative doubly sparse Poisson factorization with an Indian buffet prior on the
@@ -485,14 +511,37 @@ class SparseIBPFactorization(PyroModule):
     dense.  The rate gets a floor of the dtype's ``eps`` so that an all-zero row of ``z`` is
     improbable, not impossible.
 
-    **Guides.** :meth:`guide`: mean field over every latent site, Gamma for the positive sites,
-    Beta for the sticks; the binary sites ``z`` and ``phi_on`` are ``Bernoulli`` (score-function
-    gradients; ``binary_guide="score"``, the default: ppl_lvm's backends refuse a continuous
-    guide distribution at a discrete model site) or ``RelaxedBernoulliStraightThrough``
+    ``fixed_values`` (a dict with any of ``"probs"`` ``(K,)``, ``"weights"`` ``(N, K)``,
+    ``"loadings"`` ``(K, D)``) holds those quantities at given values: constants of the model
+    (buffers of the module, moved by ``.to()``, cast to the data's dtype), neither parameters nor
+    latent sites; with all three fixed the only latent site is ``z`` and its exact posterior is
+    enumerable row by row (``tests/test_ibp.py`` checks the variational backends against it).
+
+    **Guides.** :meth:`guide` with ``guide_family="structured"`` (the default) is the
+    spike-and-slab structured mean field of Titsias & Lázaro-Gredilla (2011):
+
+    .. math::
+
+        q(z, w) = \prod_{nk} q(z_{nk})\, q(w_{nk} \mid z_{nk}),\quad
+        q(w_{nk} \mid z_{nk} = 0) = p(w_{nk}) = \mathrm{Gamma}(a_w, b_w),\quad
+        q(w_{nk} \mid z_{nk} = 1) = \mathrm{Gamma}(\hat a_{nk}, \hat b_{nk}),
+
+    and the same for the loadings, :math:`q(b_{kd})\,q(g_{kd} \mid b_{kd})` with
+    :math:`q(g_{kd} \mid b_{kd} = 0)` the prior :math:`\mathrm{Gamma}(a_\phi, b_\phi)`.  A weight
+    (slab) whose feature (spike) is off does not enter the likelihood, so its exact conditional
+    posterior is its prior: this guide contains it, and the ELBO's KL term of that entry is
+    :math:`q(z_{nk}=1)\,\mathrm{KL}(\mathrm{Gamma}(\hat a, \hat b)\,\|\,\mathrm{Gamma}(a_w, b_w))`
+    instead of the full KL of the plain mean field.  ``guide_family="mean-field"`` is the plain
+    mean field :math:`q(z)q(w)q(b)q(g)` (every Gamma learned whatever the spike).  The sticks get
+    a Beta per variable in both.  The binary sites ``z`` and ``phi_on`` are ``Bernoulli``
+    (score-function gradients; ``binary_guide="score"``, the default: ppl_lvm's backends refuse a
+    continuous guide distribution at a discrete model site) or ``RelaxedBernoulliStraightThrough``
     (``binary_guide="relaxed"``, for plain ``pyro.infer.SVI``: hard 0/1 values forward, the
     relaxed sample's gradient backward, the relaxed density in :math:`\log q`, a biased but
-    low-variance estimator whose importance weights are not those of the discrete model).  :meth:`continuous_guide`: the same guide
-    without the binary sites, for ``gflownet_em``, whose policy builds ``z``.  GFlowNet-EM
+    low-variance estimator whose importance weights are not those of the discrete model); the
+    structured guide reads their hard 0/1 values.  :meth:`continuous_guide`: the plain mean field
+    without the binary sites, for ``gflownet_em``, whose policy builds ``z`` (the guide does not
+    see ``z``, so it cannot be structured).  GFlowNet-EM
     refuses a model with both local (``z``) and global (``phi_on``) discrete sites
     (``IncompatibleModelError``): use ``point_estimates=("loadings",)`` with it (the loadings then
     are parameters learned in its M-step), as ``tests/test_ibp.py`` does.
@@ -511,15 +560,26 @@ class SparseIBPFactorization(PyroModule):
     :param loading_shape, loading_rate: :math:`a_\phi, b_\phi` (default 1, 1).
     :param float loading_density: :math:`\rho`, prior probability that a loading is non-zero (0.2).
     :param point_estimates: sites held as parameters instead of latents (see above).
+    :param dict fixed_values: quantities held at given values, constants of the model (see above).
+    :param str guide_family: ``"structured"`` (default) or ``"mean-field"`` (see Guides).
+    :param alpha_prior: ``(a0, b0)``: a Gamma(a0, b0) hyperprior on :math:`\alpha` (``prior="ibp"``
+        only, sampled by :meth:`fit_gibbs`, whose kept draws are ``IBPGibbsFit.alpha``; ``alpha``
+        is then the chain's starting value).  Given the sticks :math:`\nu_k \sim \mathrm{Beta}(\alpha, 1)`
+        it is conjugate: :math:`\alpha \mid \nu \sim \mathrm{Gamma}(a_0 + K, b_0 - \sum_k \log\nu_k)`.
+        The Pyro model and guides refuse it (they use the fixed ``alpha``).
     :param str binary_guide: ``"score"`` (default) or ``"relaxed"`` (see Guides).
     :param float temperature: of the relaxed binary guide sites (0.5).
+
+    Reference for the structured guide: Titsias, Lázaro-Gredilla. *Spike and slab variational
+    inference for multi-task and multiple kernel learning*. NeurIPS 2011.
     """
 
     def __init__(self, num_features_max: int, prior: str = "3ibp", alpha: float = 2.0,
                  concentration: Optional[float] = None, discount: Optional[float] = None, num_active=None,
                  weight_shape: float = 1.0, weight_rate: float = 1.0, loading_shape: float = 1.0,
                  loading_rate: float = 1.0, loading_density: float = 0.2, point_estimates: Sequence[str] = (),
-                 temperature: float = 0.5, binary_guide: str = "score", name: str = "ibp"):
+                 temperature: float = 0.5, binary_guide: str = "score", guide_family: str = "structured",
+                 fixed_values: Optional[Dict[str, torch.Tensor]] = None, alpha_prior=None, name: str = "ibp"):
         super().__init__(name)
         self.K = check_positive_int(num_features_max, "num_features_max")
         self.prior = check_choice(prior, "prior", ("3ibp", "ibp", "restricted-3ibp"))
@@ -553,6 +613,11 @@ class SparseIBPFactorization(PyroModule):
         self.point_estimates = frozenset(point_estimates)
         self.temperature = check_positive(temperature, "temperature")
         self.binary_guide = check_choice(binary_guide, "binary_guide", ("score", "relaxed"))
+        self.guide_family = check_choice(guide_family, "guide_family", ("structured", "mean-field"))
+        self.fixed = self._check_fixed_values(fixed_values)
+        self.alpha_prior = self._check_alpha_prior(alpha_prior)
+        for key, value in self.fixed.items():
+            self.register_buffer(f"fixed_{key}", value)
         self.name = name
         # round of each slot (1-based) for the fixed-count rounds construction
         if self.prior == "ibp":
@@ -569,8 +634,76 @@ class SparseIBPFactorization(PyroModule):
             setattr(self, attr, PyroParam(init(), constraint=constraint))
         return getattr(self, attr)
 
+    _FIXED_CLASH = {"probs": "sticks", "weights": "weights", "loadings": "loadings"}
+
+    def _check_fixed_values(self, fixed_values):
+        """``fixed_values`` checked (keys, tensors, finite, ranges, the shapes known before the data)."""
+        if fixed_values is None:
+            return {}
+        if not isinstance(fixed_values, dict):
+            raise TypeError(f"fixed_values must be a dict with keys among 'probs', 'weights', 'loadings', got "
+                            f"{type(fixed_values).__name__}.")
+        out = {}
+        for key, value in fixed_values.items():
+            check_choice(key, "fixed_values keys", ("probs", "weights", "loadings"))
+            if self._FIXED_CLASH[key] in self.point_estimates:
+                raise ValueError(f"fixed_values[{key!r}] fixes what point_estimates={sorted(self.point_estimates)} "
+                                 f"learns ({self._FIXED_CLASH[key]!r}): use one or the other.")
+            if isinstance(value, np.ndarray):
+                value = torch.as_tensor(value)
+            if not torch.is_tensor(value) or not value.is_floating_point():
+                raise TypeError(f"fixed_values[{key!r}] must be a floating-point tensor, got "
+                                f"{type(value).__name__}{'' if not torch.is_tensor(value) else ' of ' + str(value.dtype)}.")
+            want_dim = 1 if key == "probs" else 2
+            if value.dim() != want_dim or value.shape[-1 if key != "loadings" else 0] != self.K:
+                shape = {"probs": "(K,)", "weights": "(num_rows, K)", "loadings": "(K, num_items)"}[key]
+                raise ValueError(f"fixed_values[{key!r}] must have shape {shape} with K = num_features_max = "
+                                 f"{self.K}, got {tuple(value.shape)}.")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"fixed_values[{key!r}] contains NaN or inf.")
+            if key == "probs" and not bool(((value > 0) & (value < 1)).all()):
+                raise ValueError(f"fixed_values['probs'] must lie in (0, 1), got min {value.min().item():g}, "
+                                 f"max {value.max().item():g}.")
+            if key == "weights" and not bool((value > 0).all()):
+                raise ValueError(f"fixed_values['weights'] must be > 0 (Gamma weights), got min {value.min().item():g}.")
+            if key == "loadings" and not bool((value >= 0).all()):
+                raise ValueError(f"fixed_values['loadings'] must be >= 0, got min {value.min().item():g}.")
+            out[key] = value.detach().clone()
+        return out
+
+    def _check_alpha_prior(self, alpha_prior):
+        """``(shape, rate)`` of the Gamma hyperprior on alpha, or None."""
+        if alpha_prior is None:
+            return None
+        if self.prior != "ibp":
+            raise ValueError("alpha_prior is the Gamma hyperprior on the one-parameter IBP's mass (conjugate "
+                             f"given its sticks): use it with prior='ibp', not prior={self.prior!r}.")
+        if not isinstance(alpha_prior, (tuple, list)) or len(alpha_prior) != 2:
+            raise TypeError(f"alpha_prior must be a pair (shape, rate) of the Gamma hyperprior on alpha, got "
+                            f"{alpha_prior!r}.")
+        return (check_positive(alpha_prior[0], "alpha_prior shape"), check_positive(alpha_prior[1], "alpha_prior rate"))
+
+    def _check_pyro_program_options(self):
+        if self.alpha_prior is not None:
+            raise ValueError("alpha_prior (the Gamma hyperprior on alpha) is sampled by fit_gibbs only; the Pyro "
+                             "model and guides use the fixed alpha. Build the model without alpha_prior for them.")
+
+    def _fixed(self, key, like):
+        """The fixed value of ``key`` in ``like``'s dtype and device."""
+        return getattr(self, f"fixed_{key}").to(dtype=like.dtype, device=like.device)
+
+    def _latent(self, key):
+        """Whether ``key`` (``"sticks"``, ``"weights"``, ``"loadings"``) is a latent site group."""
+        fixed_key = "probs" if key == "sticks" else key
+        return key not in self.point_estimates and fixed_key not in self.fixed
+
     def _set_dims(self, counts):
         N, D = counts.shape
+        if "weights" in self.fixed and self.fixed_weights.shape[0] != N:
+            raise ValueError(f"fixed_values['weights'] has {self.fixed_weights.shape[0]} rows but counts has {N}.")
+        if "loadings" in self.fixed and self.fixed_loadings.shape[1] != D:
+            raise ValueError(f"fixed_values['loadings'] has {self.fixed_loadings.shape[1]} items (columns) but "
+                             f"counts has {D}.")
         if self.num_items is None:
             self.num_rows, self.num_items = N, D
         elif (N, D) != (self.num_rows, self.num_items):
@@ -636,16 +769,21 @@ class SparseIBPFactorization(PyroModule):
     # ------------------------------------------------------------------ Pyro programs
     @pyro_method
     def model(self, counts, subsample_size: Optional[int] = None):
+        self._check_pyro_program_options()
         counts = _check_counts(counts)
         self._set_dims(counts)
         N, D = counts.shape
         K = self.K
         kw = dict(dtype=counts.dtype, device=counts.device)
-        if "sticks" in self.point_estimates:
+        if "probs" in self.fixed:
+            probs = self._fixed("probs", counts)
+        elif "sticks" in self.point_estimates:
             probs = self._param("probs_point", lambda: torch.full((K,), 0.5, **kw), constraints.unit_interval)
         else:
             probs = self.sticks_to_probs(pyro.sample(self.stick_site, self._stick_prior(counts)))
-        if "loadings" in self.point_estimates:
+        if "loadings" in self.fixed:
+            phi = self._fixed("loadings", counts)
+        elif "loadings" in self.point_estimates:
             phi = self._param("loadings_point", lambda: torch.ones(K, D, **kw) / D * counts.sum(1).mean(),
                               constraints.positive)
         else:
@@ -653,48 +791,75 @@ class SparseIBPFactorization(PyroModule):
             slab = pyro.sample("phi_slab", dist.Gamma(torch.full((K, D), self.loading_shape, **kw),
                                                       torch.full((K, D), self.loading_rate, **kw)).to_event(2))
             phi = _drop_plate_dim(on * slab, 2)
-        if "weights" in self.point_estimates:
+        if "weights" in self.fixed:
+            w_all = self._fixed("weights", counts)
+        elif "weights" in self.point_estimates:
             w_all = self._param("weights_point", lambda: torch.ones(N, K, **kw), constraints.positive)
         probs = _drop_plate_dim(probs, 1) if probs.dim() >= 3 else probs
         with pyro.plate("rows", N, subsample_size=subsample_size, dim=-1, device=counts.device) as idx:
             z = pyro.sample("z", self._rows_dist(probs.unsqueeze(-2)))
-            if "weights" in self.point_estimates:
-                w = w_all[idx]
-            else:
+            if self._latent("weights"):
                 w = pyro.sample("w", dist.Gamma(torch.full((K,), self.weight_shape, **kw),
                                                 torch.full((K,), self.weight_rate, **kw)).to_event(1))
+            else:
+                w = w_all[idx]
             rate = torch.matmul(z * w, phi) + eps(counts.dtype)
             pyro.sample("x", dist.Poisson(rate, validate_args=False).to_event(1), obs=counts.index_select(0, idx))
 
-    def _guide_continuous(self, counts, subsample_size, kw):
-        N, D = counts.shape
-        K = self.K
-        if "sticks" not in self.point_estimates:
+    @staticmethod
+    def _slab_given_spike(spike, shape, rate, prior_shape, prior_rate):
+        r"""The structured guide's :math:`q(\text{slab} \mid \text{spike})`: the learned Gamma where the
+        spike (a hard 0/1 value) is on, the prior Gamma where it is off (``spike=None``: the learned
+        Gamma everywhere, the plain mean field)."""
+        if spike is None:
+            return dist.Gamma(shape, rate)
+        on = spike > 0.5
+        return dist.Gamma(torch.where(on, shape, torch.full_like(shape, prior_shape)),
+                          torch.where(on, rate, torch.full_like(rate, prior_rate)))
+
+    def _guide_sticks(self, counts, kw):
+        if self._latent("sticks"):
             shape = tuple(self._stick_prior(counts).event_shape)
             a = self._param("q_sticks_a", lambda: torch.full(shape, 2.0, **kw), constraints.positive)
             b = self._param("q_sticks_b", lambda: torch.full(shape, 2.0, **kw), constraints.positive)
             pyro.sample(self.stick_site, dist.Beta(a, b).to_event(1))
-        if "loadings" not in self.point_estimates:
-            # started at a scale that puts the mean rate near the mean count, mostly switched on
-            scale = float(counts.mean()) / (K * self.weight_shape / self.weight_rate) + eps(counts.dtype)
-            sa = self._param("q_slab_shape", lambda: torch.full((K, D), 5.0, **kw), constraints.positive)
-            sb = self._param("q_slab_rate", lambda: torch.full((K, D), 5.0 / scale, **kw), constraints.positive)
-            pyro.sample("phi_slab", dist.Gamma(sa, sb).to_event(2))
+
+    def _guide_loadings(self, counts, kw, binary):
+        """``phi_on`` (when ``binary``) then ``phi_slab`` given it (structured) or not (mean field)."""
+        if not self._latent("loadings"):
+            return
+        N, D = counts.shape
+        K = self.K
+        on = None
+        if binary:
+            ol = self._param("q_on_logits", lambda: torch.full((K, D), 3.0, **kw), constraints.real)
+            on = pyro.sample("phi_on", self._binary_guide_dist(ol, kw).to_event(2))
+        # started at a scale that puts the mean rate near the mean count, mostly switched on
+        scale = float(counts.mean()) / (K * self.weight_shape / self.weight_rate) + eps(counts.dtype)
+        sa = self._param("q_slab_shape", lambda: torch.full((K, D), 5.0, **kw), constraints.positive)
+        sb = self._param("q_slab_rate", lambda: torch.full((K, D), 5.0 / scale, **kw), constraints.positive)
+        spike = on if (binary and self.guide_family == "structured") else None
+        pyro.sample("phi_slab", self._slab_given_spike(spike, sa, sb, self.loading_shape,
+                                                       self.loading_rate).to_event(2))
 
     def _guide_rows(self, counts, subsample_size, kw, binary):
         N, D = counts.shape
         K = self.K
         if binary:
             zl = self._param("q_z_logits", lambda: torch.full((N, K), 3.0, **kw), constraints.real)
-        if "weights" not in self.point_estimates:
+        weights = self._latent("weights")
+        if weights:
             wm = self.weight_shape / self.weight_rate
             wa = self._param("q_w_shape", lambda: torch.full((N, K), 5.0, **kw), constraints.positive)
             wb = self._param("q_w_rate", lambda: torch.full((N, K), 5.0 / wm, **kw), constraints.positive)
         with pyro.plate("rows", N, subsample_size=subsample_size, dim=-1, device=counts.device) as idx:
+            z = None
             if binary:
-                pyro.sample("z", self._binary_guide_dist(zl[idx], kw).to_event(1))
-            if "weights" not in self.point_estimates:
-                pyro.sample("w", dist.Gamma(wa[idx], wb[idx]).to_event(1))
+                z = pyro.sample("z", self._binary_guide_dist(zl[idx], kw).to_event(1))
+            if weights:
+                spike = z if (binary and self.guide_family == "structured") else None
+                pyro.sample("w", self._slab_given_spike(spike, wa[idx], wb[idx], self.weight_shape,
+                                                        self.weight_rate).to_event(1))
 
     def _binary_guide_dist(self, logits, kw):
         if self.binary_guide == "score":
@@ -703,23 +868,25 @@ class SparseIBPFactorization(PyroModule):
 
     @pyro_method
     def guide(self, counts, subsample_size: Optional[int] = None):
-        """Mean-field guide over every latent site (class docstring)."""
+        """The guide over every latent site: structured spike-and-slab (default) or plain mean
+        field, ``guide_family`` (class docstring)."""
+        self._check_pyro_program_options()
         counts = _check_counts(counts)
         self._set_dims(counts)
         kw = dict(dtype=counts.dtype, device=counts.device)
-        self._guide_continuous(counts, subsample_size, kw)
-        if "loadings" not in self.point_estimates:
-            ol = self._param("q_on_logits", lambda: torch.full((self.K, counts.shape[1]), 3.0, **kw), constraints.real)
-            pyro.sample("phi_on", self._binary_guide_dist(ol, kw).to_event(2))
+        self._guide_sticks(counts, kw)
+        self._guide_loadings(counts, kw, binary=True)
         self._guide_rows(counts, subsample_size, kw, binary=True)
 
     @pyro_method
     def continuous_guide(self, counts, subsample_size: Optional[int] = None):
-        """The guide over the continuous latent sites only (for ``gflownet_em``)."""
+        """The plain mean-field guide over the continuous latent sites only (for ``gflownet_em``)."""
+        self._check_pyro_program_options()
         counts = _check_counts(counts)
         self._set_dims(counts)
         kw = dict(dtype=counts.dtype, device=counts.device)
-        self._guide_continuous(counts, subsample_size, kw)
+        self._guide_sticks(counts, kw)
+        self._guide_loadings(counts, kw, binary=False)
         self._guide_rows(counts, subsample_size, kw, binary=False)
 
     # ------------------------------------------------------------------ simulation
@@ -768,15 +935,15 @@ class SparseIBPFactorization(PyroModule):
         """Feature probabilities from the Gibbs sampler's sticks (``nu`` (K,) or the (K, R) matrix)."""
         return self.sticks_to_probs(sticks) if self.prior == "ibp" else self._matrix_to_probs(sticks)
 
-    def _stick_log_prior(self, sticks, mask):
+    def _stick_log_prior(self, sticks, mask, alpha=None):
         if self.prior == "ibp":
-            return (self.alpha - 1) * torch.log(sticks)
+            return ((self.alpha if alpha is None else alpha) - 1) * torch.log(sticks)
         R = sticks.shape[-1]
         ls = torch.arange(1, R + 1, dtype=sticks.dtype, device=sticks.device)
         lp = (-self.discount) * torch.log(sticks) + (self.concentration + ls * self.discount - 1) * torch.log1p(-sticks)
         return lp * mask
 
-    def _update_sticks(self, sticks, mask, Z, step_size, num_moves):
+    def _update_sticks(self, sticks, mask, Z, step_size, num_moves, alpha=None):
         """Random-walk Metropolis on the logits of the stick variables given Z (exact target:
         stick prior times :math:`p(Z \\mid \\pi)`), coordinate by coordinate."""
         N = Z.shape[0]
@@ -792,12 +959,13 @@ class SparseIBPFactorization(PyroModule):
         for _ in range(num_moves):
             if self.prior == "ibp":
                 for l in range(self.K):
-                    cur = target(sticks).sum() + self._stick_log_prior(sticks, mask).sum() \
+                    cur = target(sticks).sum() + self._stick_log_prior(sticks, mask, alpha).sum() \
                         + torch.log(sticks[l] * (1 - sticks[l]))
                     prop = sticks.clone()
                     u = torch.logit(sticks[l]) + step_size * torch.randn((), dtype=Z.dtype, device=Z.device)
                     prop[l] = torch.sigmoid(u).clamp(fl, 1 - fl)
-                    new = target(prop).sum() + self._stick_log_prior(prop, mask).sum() + torch.log(prop[l] * (1 - prop[l]))
+                    new = (target(prop).sum() + self._stick_log_prior(prop, mask, alpha).sum()
+                           + torch.log(prop[l] * (1 - prop[l])))
                     if torch.log(torch.rand((), dtype=Z.dtype, device=Z.device)) < new - cur:
                         sticks = prop
                         accepted += 1
@@ -834,6 +1002,15 @@ class SparseIBPFactorization(PyroModule):
                         total += 1
         return sticks, accepted / max(total, 1)
 
+    def _sample_alpha(self, sticks):
+        r"""One draw of :math:`\alpha \mid \nu \sim \mathrm{Gamma}(a_0 + K,\ b_0 - \sum_k \log \nu_k)`, the
+        conditional of the Gamma hyperprior given the one-parameter sticks
+        :math:`\nu_k \sim \mathrm{Beta}(\alpha, 1)` (density :math:`\alpha \nu^{\alpha - 1}`)."""
+        a0, b0 = self.alpha_prior
+        shape = torch.tensor(a0 + sticks.shape[-1], dtype=sticks.dtype, device=sticks.device)
+        rate = b0 - torch.log(sticks).sum()
+        return float(torch.distributions.Gamma(shape, rate).sample())
+
     def _z_log_odds_prior(self, probs, J_minus):
         """Prior log odds of :math:`z_{nk} = 1` given the row's other features (``J_minus`` ``(N,)``)."""
         fl = eps(probs.dtype)
@@ -843,22 +1020,24 @@ class SparseIBPFactorization(PyroModule):
             return lo.expand(J_minus.shape)
         return lo + self._count_delta[J_minus]
 
-    def _z_log_odds(self, vals, nz, rate_nz, Z, W, Phi, phi_tot, J, probs, k):
+    def _z_log_odds(self, vals, nz, rate_nz, err_nz, Z, W, Phi, phi_tot, J, probs, k):
         """Log odds of :math:`z_{nk} = 1` against 0 for every row given everything else (the Poisson
         likelihood of the row's counts and the prior odds); also the rate without feature k at
-        the non-zero counts and feature k's contribution there."""
+        the non-zero counts (with its rounding-error bound; ``err_nz`` bounds that of ``rate_nz``)
+        and feature k's contribution there."""
         N, K = Z.shape
         dtype = Z.dtype
         fl = eps(dtype)
         contrib = W[nz[0], k] * Phi[k, nz[1]]
         zk = Z[:, k]
         r0 = rate_nz - zk[nz[0]] * contrib
-        r0 = torch.where(r0 <= fl * K * rate_nz, torch.zeros_like(r0), r0)  # cancellation: exactly 0
+        err0 = err_nz + fl * rate_nz
+        r0, err0 = _exact_where_cancelled(r0, err0, Z * W, Phi, nz, {k: torch.zeros_like(zk)})
         r1 = r0 + contrib
         term = vals * (torch.log(r1.clamp_min(tiny(dtype))) - torch.log(r0.clamp_min(tiny(dtype))))
         term = torch.where(r0 > 0, term, torch.where(r1 > 0, torch.full_like(term, math.inf), torch.zeros_like(term)))
         ll = torch.zeros(N, dtype=dtype, device=Z.device).index_add_(0, nz[0], term) - W[:, k] * phi_tot[k]
-        return ll + self._z_log_odds_prior(probs[k], J - zk.long()), r0, contrib
+        return ll + self._z_log_odds_prior(probs[k], J - zk.long()), r0, err0, contrib
 
     def _set_count_delta(self, probs, log_f):
         fl = eps(probs.dtype)
@@ -876,7 +1055,9 @@ class SparseIBPFactorization(PyroModule):
             self._set_count_delta(probs, _num_active_log_pmf(self.num_active, self.K, counts))
         rate_nz = ((z * weights)[nz[0]] * loadings[:, nz[1]].T).sum(-1)
         J = z.sum(1).long()
-        return self._z_log_odds(counts[nz], nz, rate_nz, z, weights, loadings, loadings.sum(1), J, probs, int(feature))[0]
+        err_nz = eps(counts.dtype) * self.K * rate_nz
+        return self._z_log_odds(counts[nz], nz, rate_nz, err_nz, z, weights, loadings, loadings.sum(1), J, probs,
+                                int(feature))[0]
 
     def _gibbs_sweep(self, st: dict, dat: dict, it: int, relabel: bool, adapt: bool):
         """One sweep of :meth:`fit_gibbs` (steps 1-5 of its docstring) on the state ``st`` (``Z``,
@@ -921,15 +1102,17 @@ class SparseIBPFactorization(PyroModule):
         if self.num_active is not None:
             self._set_count_delta(probs, log_f)
         rate_nz = ((Z * W)[nz[0]] * Phi[:, nz[1]].T).sum(-1)
+        err_nz = fl * K * rate_nz  # a bound on rate_nz's rounding error, grown by every update below
         phi_tot = Phi.sum(1)
         J = Z.sum(1).long()
         for k in range(K):
-            logit, r0, contrib = self._z_log_odds(vals, nz, rate_nz, Z, W, Phi, phi_tot, J, probs, k)
+            logit, r0, err0, contrib = self._z_log_odds(vals, nz, rate_nz, err_nz, Z, W, Phi, phi_tot, J, probs, k)
             zk = Z[:, k]
             J_minus = J - zk.long()
             new = torch.bernoulli(torch.sigmoid(logit))
             new = torch.where(torch.isnan(logit), zk, new)
             rate_nz = r0 + new[nz[0]] * contrib
+            err_nz = err0 + fl * rate_nz
             J = J_minus + new.long()
             Z[:, k] = new
         # 4b. swap moves: row n exchanges its membership and weight between features k, l
@@ -939,7 +1122,8 @@ class SparseIBPFactorization(PyroModule):
             b = Z[:, l] * W[:, l]
             coef = b - a  # the rate changes by coef_n * (phi_k - phi_l)
             delta = coef[nz[0]] * (Phi[k, nz[1]] - Phi[l, nz[1]])
-            new_rate = rate_nz + delta
+            new_err = err_nz + fl * (rate_nz + delta.abs())
+            new_rate, new_err = _exact_where_cancelled(rate_nz + delta, new_err, Z * W, Phi, nz, {k: b, l: a})
             ok_rate = new_rate > 0
             term = torch.where(ok_rate, vals * (torch.log(new_rate.clamp_min(tiny(dtype)))
                                                 - torch.log(rate_nz.clamp_min(tiny(dtype)))),
@@ -956,6 +1140,7 @@ class SparseIBPFactorization(PyroModule):
                 W[:, k] = torch.where(acc_sw, wl, wk)
                 W[:, l] = torch.where(acc_sw, wk, wl)
                 rate_nz = torch.where(acc_sw[nz[0]], new_rate, rate_nz)
+                err_nz = torch.where(acc_sw[nz[0]], new_err, err_nz)
         # 4c. merge / split moves of one row between features k and l (reversible jump on
         # the weights): (1, 1) -> (1, 0) with w_k + w_l, or (1, 0) -> (1, 1) splitting w_k
         for _ in range(swap_pairs):
@@ -969,7 +1154,10 @@ class SparseIBPFactorization(PyroModule):
             s_m = wk + wl
             coef = torch.where(both, wl, -(1 - u) * wk)  # rate change: coef * (phi_k - phi_l)
             delta = coef[nz[0]] * (Phi[k, nz[1]] - Phi[l, nz[1]])
-            new_rate = rate_nz + delta
+            new_err = err_nz + fl * (rate_nz + delta.abs())
+            new_rate, new_err = _exact_where_cancelled(rate_nz + delta, new_err, Z * W, Phi, nz,
+                                                       {k: torch.where(both, s_m, u * wk),
+                                                        l: torch.where(both, torch.zeros_like(wl), (1 - u) * wk)})
             term = torch.where(new_rate > 0, vals * (torch.log(new_rate.clamp_min(tiny(dtype)))
                                                      - torch.log(rate_nz.clamp_min(tiny(dtype)))),
                                torch.full_like(new_rate, -math.inf))
@@ -994,6 +1182,7 @@ class SparseIBPFactorization(PyroModule):
                 W[:, l] = torch.where(acc_m, new_wl, wl)
                 Z[:, l] = torch.where(acc_m, new_zl, Z[:, l])
                 rate_nz = torch.where(acc_m[nz[0]], new_rate, rate_nz)
+                err_nz = torch.where(acc_m[nz[0]], new_err, err_nz)
         # 4d. relabeling: features k and l exchange their columns (z, w, loadings) whole;
         # the likelihood is unchanged, the prior odds decide (the ordered sticks tie a
         # column's prior probability to its position)
@@ -1009,10 +1198,13 @@ class SparseIBPFactorization(PyroModule):
                 m_k = m_k[perm]
                 phi_tot = phi_tot[perm]
         # 5. sticks
-        sticks, acc = self._update_sticks(sticks, mask, Z, stick_step, stick_moves)
+        alpha = st.get("alpha")
+        sticks, acc = self._update_sticks(sticks, mask, Z, stick_step, stick_moves, alpha)
+        if self.alpha_prior is not None:
+            alpha = self._sample_alpha(sticks)
         if adapt:  # adapt the step toward acceptance 0.35 during warmup only
             stick_step *= math.exp((acc - 0.35) / math.sqrt(it + 1.0))
-        st.update(Z=Z, W=W, Bm=Bm, G=G, sticks=sticks, stick_step=stick_step)
+        st.update(Z=Z, W=W, Bm=Bm, G=G, sticks=sticks, stick_step=stick_step, alpha=alpha)
         return acc, rate_nz, Phi
 
     def _prepare_counts(self, counts):
@@ -1064,7 +1256,10 @@ class SparseIBPFactorization(PyroModule):
         two); after warmup the labels stay put, so that the kept draws' per-feature summaries
         (usage, mean loadings) do not mix features.
 
-        The concentration, discount, mass and :math:`\rho` are fixed.  Returns an
+        The concentration, discount and :math:`\rho` are fixed; the mass :math:`\alpha` too, unless
+        ``alpha_prior`` is given (one-parameter IBP): then after the sticks, step 6 draws
+        :math:`\alpha \sim \mathrm{Gamma}(a_0 + K, b_0 - \sum_k \log \nu_k)` and the stick moves use
+        the current :math:`\alpha`.  Returns an
         :class:`IBPGibbsFit` (also kept as ``self.gibbs_``), with the kept draws.  A NaN in the
         log-likelihood stops the run with ``DivergenceError`` whose ``fit`` holds the draws so far.
         Warns when the truncation binds or the chain has visibly not converged
@@ -1086,6 +1281,10 @@ class SparseIBPFactorization(PyroModule):
         """
         from ..errors import DivergenceError
 
+        if self.fixed:
+            raise ValueError(f"fit_gibbs samples every quantity of the model; fixed_values ({sorted(self.fixed)}) "
+                             "applies to the Pyro model and guide only. Build the model without fixed_values "
+                             "for fit_gibbs.")
         counts = _check_counts(counts)
         num_steps = check_positive_int(num_steps, "num_steps")
         warmup = num_steps // 2 if warmup is None else int(warmup)
@@ -1126,10 +1325,11 @@ class SparseIBPFactorization(PyroModule):
         W = torch.distributions.Gamma(torch.full((N, K), a_w, **kw), torch.full((N, K), b_w, **kw)).sample()
         Bm = torch.ones(K, D, **kw)
         G = torch.distributions.Gamma(torch.full((K, D), a_p, **kw), torch.full((K, D), b_p, **kw)).sample()
-        keep = {"zw": [], "loadings": [], "z": [], "probs": [], "num_active": []}
+        keep = {"zw": [], "loadings": [], "z": [], "probs": [], "num_active": [], "alpha": []}
         trace_ll, stick_acc = [], []
         bar = _progress(num_steps, "IBP Gibbs", progress)
-        st = dict(Z=Z, W=W, Bm=Bm, G=G, sticks=sticks, stick_step=stick_step_size)
+        st = dict(Z=Z, W=W, Bm=Bm, G=G, sticks=sticks, stick_step=stick_step_size,
+                  alpha=self.alpha if self.alpha_prior is not None else None)
         dat = dict(nz=nz, vals=vals, tok_r=tok_r, tok_c=tok_c, mask=mask,
                    log_f=log_f if self.num_active is not None else None, swap_pairs=swap_pairs,
                    stick_moves=stick_moves)
@@ -1156,6 +1356,8 @@ class SparseIBPFactorization(PyroModule):
                     keep["z"].append(Z.clone())
                     keep["probs"].append(self._gibbs_probs(sticks).clone())
                     keep["num_active"].append(int((Z.sum(0) > 0).sum()))
+                    if st["alpha"] is not None:
+                        keep["alpha"].append(st["alpha"])
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -1179,6 +1381,8 @@ class IBPGibbsFit:
         self.model, self.counts = model, counts
         self.zw, self.loadings, self.z, self.probs = keep["zw"], keep["loadings"], keep["z"], keep["probs"]
         self.num_active = np.asarray(keep["num_active"], dtype=np.int64)
+        #: kept draws of the IBP mass (``alpha_prior``; None when alpha is fixed)
+        self.alpha = np.asarray(keep["alpha"], dtype=np.float64) if keep.get("alpha") else None
         self.log_likelihood_trace = np.asarray(trace_ll)
         self.stick_acceptance = np.asarray(stick_acc)
         self.elapsed, self.warmup, self.thin = elapsed, warmup, thin
@@ -1296,8 +1500,11 @@ class IBPGibbsFit:
 
         self._need()
         kept = self.log_likelihood_trace[self.warmup::self.thin][: self.num_samples]
-        return az.from_dict(posterior={"num_active": self.num_active[None].astype(np.float64),
-                                       "probs": torch.stack(self.probs).cpu().numpy()[None]},
+        posterior = {"num_active": self.num_active[None].astype(np.float64),
+                     "probs": torch.stack(self.probs).cpu().numpy()[None]}
+        if self.alpha is not None:
+            posterior["alpha"] = self.alpha[None]
+        return az.from_dict(posterior=posterior,
                             sample_stats={"log_likelihood_counts": np.asarray(kept)[None]})
 
     # ---- plots
