@@ -91,6 +91,7 @@ from pyro.distributions import TorchDistribution
 from pyro.nn import PyroModule, PyroParam, pyro_method
 from torch.distributions import constraints
 
+from ..distributions import StraightThroughBernoulli
 from . import register_model
 from ..numerics import eps, tiny
 from ..validation import check_choice, check_fraction, check_int, check_positive, check_positive_int, check_real
@@ -534,11 +535,12 @@ class SparseIBPFactorization(PyroModule):
     instead of the full KL of the plain mean field.  ``guide_family="mean-field"`` is the plain
     mean field :math:`q(z)q(w)q(b)q(g)` (every Gamma learned whatever the spike).  The sticks get
     a Beta per variable in both.  The binary sites ``z`` and ``phi_on`` are ``Bernoulli``
-    (score-function gradients; ``binary_guide="score"``, the default: ppl_lvm's backends refuse a
-    continuous guide distribution at a discrete model site) or ``RelaxedBernoulliStraightThrough``
-    (``binary_guide="relaxed"``, for plain ``pyro.infer.SVI``: hard 0/1 values forward, the
-    relaxed sample's gradient backward, the relaxed density in :math:`\log q`, a biased but
-    low-variance estimator whose importance weights are not those of the discrete model); the
+    (score-function gradients; ``binary_guide="score"``, the default) or
+    :class:`ppl_lvm.distributions.StraightThroughBernoulli` (``binary_guide="relaxed"``: exact
+    Bernoulli draws and pmf, so ELBO values, importance weights and ``Fit.log_evidence`` are the
+    discrete model's; the binary-concrete relaxation's gradient at ``temperature`` passed
+    straight through, a biased, low-variance gradient that the SVI backend and plain
+    ``pyro.infer.SVI`` use, while IWAE and chi^2-VIS draw it as the plain Bernoulli); the
     structured guide reads their hard 0/1 values.  :meth:`continuous_guide`: the plain mean field
     without the binary sites, for ``gflownet_em``, whose policy builds ``z`` (the guide does not
     see ``z``, so it cannot be structured).  GFlowNet-EM
@@ -568,7 +570,7 @@ class SparseIBPFactorization(PyroModule):
         it is conjugate: :math:`\alpha \mid \nu \sim \mathrm{Gamma}(a_0 + K, b_0 - \sum_k \log\nu_k)`.
         The Pyro model and guides refuse it (they use the fixed ``alpha``).
     :param str binary_guide: ``"score"`` (default) or ``"relaxed"`` (see Guides).
-    :param float temperature: of the relaxed binary guide sites (0.5).
+    :param float temperature: of the straight-through binary guide sites' relaxation (0.5).
 
     Reference for the structured guide: Titsias, Lázaro-Gredilla. *Spike and slab variational
     inference for multi-task and multiple kernel learning*. NeurIPS 2011.
@@ -864,7 +866,7 @@ class SparseIBPFactorization(PyroModule):
     def _binary_guide_dist(self, logits, kw):
         if self.binary_guide == "score":
             return dist.Bernoulli(logits=logits)
-        return dist.RelaxedBernoulliStraightThrough(torch.tensor(self.temperature, **kw), logits=logits)
+        return StraightThroughBernoulli(torch.tensor(self.temperature, **kw), logits=logits)
 
     @pyro_method
     def guide(self, counts, subsample_size: Optional[int] = None):
