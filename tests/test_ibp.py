@@ -776,6 +776,69 @@ def test_straight_through_binary_guide_under_svi_on_the_enumerable_case():
     assert abs(ev.log_evidence - log_px) < 4 * ev.stderr, (ev, log_px)
 
 
+def _full_latent_exact_log_evidence(x, alpha, rho, aw, bw, ap, bp):
+    r"""log p(x) of the full-latent model (``prior="ibp"``, K = 1, N rows, one item: sites ``nu``,
+    ``phi_on``, ``phi_slab``, ``z``, ``w`` all latent), exactly: the weights integrate in closed
+    form (Gamma-Poisson: negative binomial), the stick through the Beta moments
+    :math:`E[\nu^j (1-\nu)^k]` of the product over rows (a polynomial in :math:`\nu`), the spike
+    by summation and the slab by adaptive quadrature (scipy ``quad``, relative 1e-12)."""
+    import itertools
+
+    from scipy import integrate, special
+
+    e = np.finfo(np.float64).eps
+    off_row = [math.exp(-e + v * math.log(e) - special.gammaln(v + 1)) for v in x]  # rate eps
+
+    def on_row(v, c):
+        return math.exp(special.gammaln(v + aw) - special.gammaln(aw) - special.gammaln(v + 1)
+                        + aw * math.log(bw / (bw + c)) + v * math.log(c / (bw + c)))
+
+    def rows(on):  # E_nu prod_n [(1 - nu) A_n + nu B_n]
+        total = 0.0
+        for zs in itertools.product((0, 1), repeat=len(x)):
+            j = sum(zs)
+            term = math.exp(special.betaln(alpha + j, 1 + len(x) - j) - special.betaln(alpha, 1))
+            for n, zn in enumerate(zs):
+                term *= on[n] if zn else off_row[n]
+            total += term
+        return total
+
+    def slab(g):
+        return math.exp(ap * math.log(bp) - special.gammaln(ap) + (ap - 1) * math.log(g) - bp * g)
+
+    on = integrate.quad(lambda g: slab(g) * rows([on_row(v, g) for v in x]), 0, np.inf, epsabs=0,
+                        epsrel=1e-12, limit=200)[0]
+    return math.log((1 - rho) * rows(off_row) + rho * on)
+
+
+@pytest.mark.parametrize("backend", ["svi", pytest.param("iwae", marks=pytest.mark.slow)])
+def test_full_latent_model_and_structured_guide_give_the_exact_evidence(backend):
+    r"""Every site latent (stick, spike, slab, z, w), structured guide, fitted by ``ppl_lvm.fit``
+    (2000 steps of Adam(0.02), seed 0): the importance-sampling ``log_evidence(20000)`` with the
+    fitted guide as proposal equals the exact log p(x) (-5.3709, quadrature above) within 4 of its
+    SEs (measured -5.3736 ± 0.0224 svi, -5.3643 ± 0.0095 iwae), with k-hat below 0.7 (0.65,
+    0.49); the objective's mean over the last 200 steps is not significantly above log p(x)
+    (ELBO -6.59, IWAE bound -5.46)."""
+    import ppl_lvm
+
+    alpha, rho, aw, bw, ap, bp = 2.0, 0.5, 2.0, 1.0, 2.0, 1.0
+    x = [3.0, 1.0]
+    log_px = _full_latent_exact_log_evidence(x, alpha, rho, aw, bw, ap, bp)
+    counts = torch.tensor(x, dtype=torch.float64).reshape(2, 1)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    m = SparseIBPFactorization(1, prior="ibp", alpha=alpha, loading_density=rho, weight_shape=aw, weight_rate=bw,
+                               loading_shape=ap, loading_rate=bp)
+    fit = ppl_lvm.fit(m.model, m.guide, counts, backend=backend, num_steps=2000,
+                      optim=pyro.optim.Adam({"lr": 0.02}), progress=False)
+    ev = fit.log_evidence(20000)
+    assert ev.khat < 0.7, ev
+    assert abs(ev.log_evidence - log_px) < 4 * ev.stderr, (ev, log_px)
+    last = -np.asarray(fit.losses[-200:])
+    # a bound: not significantly above log p(x)
+    assert last.mean() - 4 * last.std() / math.sqrt(len(last)) < log_px, (last.mean(), last.std(), log_px)
+
+
 def test_gibbs_z_conditional_is_exact_when_one_contribution_is_below_rounding():
     """A count explained by feature 0 (rate 1) and feature 1 (rate 1e-17, below float64 rounding
     of the sum): the log odds of z_n0 = 1 must be the finite x log((1 + 1e-17) / 1e-17) of the
