@@ -782,7 +782,10 @@ def test_grid_elbo_optimum_equals_the_uniform_one_and_the_kalman_evidence_on_a_r
     m = _ou_module(0.05, 0.1, theta=1.3, sigma=0.6)
     ssm = m.state_space(ts, dt=0.05)
     lib = np.array([float(ssm.kalman_log_evidence(ys[b])) for b in range(3)])
-    assert np.allclose(_grid_kalman(ts, ys, [interval_steps(g, 0.05) for g in gaps], *args), lib, rtol=0, atol=1e-7)
+    # the module's fixed obs_scale buffer is created in float32 (0.10000000149 after .to(float64))
+    r32 = float(m.fixed_obs_scale)
+    uni = [interval_steps(g, 0.05) for g in gaps]
+    assert np.allclose(_grid_kalman(ts, ys, uni, 1.3, 0.5, 0.6, r32, *args[4:]), lib, rtol=0, atol=1e-11)
     ref = [interval_steps(g, 0.05, 0.6) for g in gaps]
     assert all(len(s) == len(u) and s[-1] < s[0] and abs(s.sum() - g) < 1e-15
                for s, u, g in zip(ref, [interval_steps(g, 0.05) for g in gaps], gaps))
