@@ -743,6 +743,63 @@ def test_ou_elbo_optimum_free_variance_is_the_kalman_evidence():
     assert np.all(tied < exact - 0.1)
 
 
+def _grid_kalman(ts, ys, steps, theta, mu, sigma, r, m0, s0):
+    """log p(y) per sequence of the Euler chain on an arbitrary grid (steps[i]: the step sizes of
+    interval i), 1-d, by a scalar Kalman filter written out here."""
+    y = ys[..., 0].numpy()
+    m, P, ll = np.full(y.shape[0], m0), np.full(y.shape[0], s0 ** 2), np.zeros(y.shape[0])
+    for i in range(y.shape[1]):
+        if i > 0:
+            for h in steps[i - 1]:
+                m, P = m + theta * (mu - m) * h, (1 - theta * h) ** 2 * P + sigma ** 2 * h
+        S = P + r * r
+        e = y[:, i] - m
+        ll -= 0.5 * (np.log(2 * np.pi * S) + e * e / S)
+        m, P = m + P / S * e, P * r * r / S
+    return ll
+
+
+def test_grid_elbo_optimum_equals_the_uniform_one_and_the_kalman_evidence_on_a_refined_grid():
+    """ou_grid_elbo_optimum on today's equal steps is bit-for-bit ou_euler_elbo_optimum (regular and
+    irregular gaps); on a geometric grid refined toward each observation (interval_steps with
+    ratio 0.6) its free-variance optimum is the Euler chain's Kalman log-evidence on that grid
+    (to 1e-7; the hand Kalman is first checked against the library's state-space Kalman on the
+    uniform grid), and the tied optimum is strictly below it."""
+    from ppl_lvm.models.latent_sde import interval_steps, ou_euler_elbo_optimum, ou_grid_elbo_optimum
+
+    ts, ys, _ = simulate_ou(3, 8, obs_scale=0.1, t_end=2.0, seed=2)
+    ts = ts.clone()
+    ts[3] += 0.05
+    kw = dict(theta=1.3, mu=0.5, sigma=0.6, obs_scale=0.1, pz0_loc=0.5, pz0_scale=0.6 / math.sqrt(2.6))
+    gaps = (ts[1:] - ts[:-1]).tolist()
+    for dt in (0.11, 0.05, 0.02):
+        uni = [interval_steps(g, dt) for g in gaps]
+        for fv in (False, True):
+            a = ou_euler_elbo_optimum(ts, ys, dt=dt, free_variance=fv, **kw)
+            b = ou_grid_elbo_optimum(ts, ys, steps=uni, free_variance=fv, **kw)
+            assert np.array_equal(a, b), (dt, fv, a, b)
+    args = (1.3, 0.5, 0.6, 0.1, 0.5, 0.6 / math.sqrt(2.6))
+    m = _ou_module(0.05, 0.1, theta=1.3, sigma=0.6)
+    ssm = m.state_space(ts, dt=0.05)
+    lib = np.array([float(ssm.kalman_log_evidence(ys[b])) for b in range(3)])
+    # the module's fixed obs_scale buffer is created in float32 (0.10000000149 after .to(float64))
+    r32 = float(m.fixed_obs_scale)
+    uni = [interval_steps(g, 0.05) for g in gaps]
+    assert np.allclose(_grid_kalman(ts, ys, uni, 1.3, 0.5, 0.6, r32, *args[4:]), lib, rtol=0, atol=1e-11)
+    ref = [interval_steps(g, 0.05, 0.6) for g in gaps]
+    assert all(len(s) == len(u) and s[-1] < s[0] and abs(s.sum() - g) < 1e-15
+               for s, u, g in zip(ref, [interval_steps(g, 0.05) for g in gaps], gaps))
+    exact = _grid_kalman(ts, ys, ref, *args)
+    free = ou_grid_elbo_optimum(ts, ys, steps=ref, free_variance=True, **kw)
+    tied = ou_grid_elbo_optimum(ts, ys, steps=ref, **kw)
+    assert np.allclose(free, exact, rtol=0, atol=1e-7), (free, exact)
+    assert np.all(tied < exact - 0.1)
+    with pytest.raises(ValueError, match="summing to the gap"):
+        ou_grid_elbo_optimum(ts, ys, steps=[s * 1.01 for s in ref], **kw)
+    with pytest.raises(ValueError, match="one array of step sizes per observation interval"):
+        ou_grid_elbo_optimum(ts, ys, steps=ref[:-1], **kw)
+
+
 def test_library_elbo_with_the_exact_optimal_posterior_reaches_the_optimum():
     """The library's ELBO (girsanov log-ratio, the model/guide code path) with the dynamic
     program's optimal posterior plugged in as the posterior network: its Monte Carlo mean over

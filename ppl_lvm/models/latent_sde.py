@@ -105,7 +105,8 @@ from ..validation import check_choice, check_positive, check_positive_int, check
 
 __all__ = ["LatentSDE", "LatentSDEStateSpace", "KLAnnealing", "fbm_weights", "fbm_b_closed_form", "fbm_b_quadrature",
            "fbm_gammas", "fbm_variance", "rl_fbm_covariance", "markov_fbm_variance", "union_grid", "simulate_ou",
-           "simulate_fractional_ou", "ou_euler_elbo_optimum"]
+           "simulate_fractional_ou", "ou_euler_elbo_optimum",
+           "ou_grid_elbo_optimum", "interval_steps"]
 
 LIKELIHOODS = ("gaussian", "laplace")
 NOISES = ("brownian", "fractional")
@@ -1260,6 +1261,81 @@ def ou_euler_elbo_optimum(ts, ys, theta: float, mu: float, sigma: float, obs_sca
     out = c - 0.5 * np.log1p(s02 * P) + 0.5 * ((pz0_loc / s02 + p) ** 2 / (1 / s02 + P) - pz0_loc ** 2 / s02)
     if return_messages:
         return out, steps[::-1], (P, p)
+    return out
+
+
+def interval_steps(gap: float, dt: float, ratio: float = 1.0) -> np.ndarray:
+    r"""The Euler step sizes :class:`LatentSDE` takes across one observation interval of length
+    ``gap``: :math:`n = \lceil \mathrm{gap}/dt \rceil` steps (the same count for every grid),
+    :math:`h_j = \mathrm{gap}\, r^j (1 - r) / (1 - r^n)`, :math:`j = 0..n-1`, so consecutive
+    steps shrink by the factor ``ratio`` :math:`= r \in (0, 1]` toward the observation that ends
+    the interval (``ratio=1``: ``n`` equal steps ``gap / n``, today's grid).  The steps sum to
+    ``gap`` up to rounding; the last one is set to close the interval exactly."""
+    n = max(1, math.ceil(gap / dt - 1e-9))
+    if ratio == 1.0:
+        return np.full(n, gap / n)
+    w = ratio ** np.arange(n, dtype=np.float64)
+    h = gap * w / w.sum()
+    h[-1] = gap - h[:-1].sum()
+    return h
+
+
+def ou_grid_elbo_optimum(ts, ys, theta: float, mu: float, sigma: float, obs_scale: float, pz0_loc: float,
+                         pz0_scale: float, steps, free_variance: bool = False, return_messages: bool = False):
+    r""":func:`ou_euler_elbo_optimum` on an arbitrary Euler grid: ``steps[i]`` holds the step
+    sizes :math:`h_{i,0}, \dots, h_{i,n_i-1}` of observation interval ``i`` (from ``ts[i]`` to
+    ``ts[i+1]``; they must sum to the gap), e.g. ``[interval_steps(gap, dt, ratio) for gap in
+    diff(ts)]``.  The same linear-quadratic dynamic program, with the step's own :math:`h` in
+    :math:`F_k(z) = z + \theta(\mu - z)h_k`, :math:`a_k = 1/\sigma^2 h_k` and the per-step loss
+    :math:`\tfrac12[x_k - \log(1 + x_k)]`, :math:`x_k = \sigma^2 h_k P_{k+1}`, against the
+    chain's exact posterior.  On equal steps it is the same arithmetic as
+    :func:`ou_euler_elbo_optimum` (tested for exact equality); ``free_variance=True`` gives the
+    chain's Kalman log-evidence on any grid.  Returns as :func:`ou_euler_elbo_optimum`
+    (messages ``steps_out[i][j] = (P_{k+1}, p_{k+1})`` after step ``j`` of interval ``i``)."""
+    t = np.asarray(torch.as_tensor(ts).detach().cpu(), dtype=np.float64)
+    y = np.asarray(torch.as_tensor(ys).detach().cpu(), dtype=np.float64)
+    if y.ndim == 3:
+        if y.shape[-1] != 1:
+            raise ValueError(f"ou_grid_elbo_optimum is for 1-d observations, got ys of shape {y.shape}.")
+        y = y[..., 0]
+    if y.ndim != 2 or y.shape[1] != t.shape[0]:
+        raise ValueError(f"ys must have shape (sequences, len(ts)={t.shape[0]}), got {y.shape}.")
+    for name, v in (("theta", theta), ("sigma", sigma), ("obs_scale", obs_scale), ("pz0_scale", pz0_scale)):
+        check_positive(v, name)
+    if len(steps) != t.shape[0] - 1:
+        raise ValueError(f"steps must hold one array of step sizes per observation interval ({t.shape[0] - 1}), "
+                         f"got {len(steps)}.")
+    steps = [np.asarray(s, dtype=np.float64).reshape(-1) for s in steps]
+    for i, s in enumerate(steps):
+        gap = t[i + 1] - t[i]
+        if s.size < 1 or not np.all(s > 0) or abs(s.sum() - gap) > 1e-9 * gap:
+            raise ValueError(f"steps[{i}] must be positive step sizes summing to the gap {gap:g}, got {s.tolist()}.")
+    r2 = obs_scale ** 2
+    obs_c = -0.5 * math.log(2 * math.pi * r2)
+    P = np.full(y.shape[0], 1 / r2)
+    p = y[:, -1] / r2
+    c = obs_c - y[:, -1] ** 2 / (2 * r2)
+    out_steps = []
+    for i in range(t.shape[0] - 1, 0, -1):
+        seq = []
+        for h in steps[i - 1][::-1]:  # backward over the steps of this interval
+            s2h, a = sigma ** 2 * h, 1 / (sigma ** 2 * h)
+            alpha, beta = 1 - theta * h, theta * mu * h
+            seq.append((P.copy(), p.copy()))
+            if free_variance:
+                c = c - 0.5 * np.log1p(s2h * P)
+            else:
+                c = c - 0.5 * P * s2h
+            Pn, pn = a * P / (a + P), a * p / (a + P)
+            c = c + p ** 2 / (2 * (a + P)) - 0.5 * Pn * beta ** 2 + pn * beta
+            P, p = Pn * alpha ** 2, alpha * (pn - Pn * beta)
+        out_steps.append(seq[::-1])
+        yo = y[:, i - 1]
+        P, p, c = P + 1 / r2, p + yo / r2, c + obs_c - yo ** 2 / (2 * r2)
+    s02 = pz0_scale ** 2
+    out = c - 0.5 * np.log1p(s02 * P) + 0.5 * ((pz0_loc / s02 + p) ** 2 / (1 / s02 + P) - pz0_loc ** 2 / s02)
+    if return_messages:
+        return out, out_steps[::-1], (P, p)
     return out
 
 
