@@ -130,6 +130,6 @@ def straight_through_as_bernoulli(guide, backend_name: str = "this backend"):
     """``guide`` with every :class:`StraightThroughBernoulli` sample site (possibly
     ``.to_event(n)``) drawn as the plain ``Bernoulli`` with the same logits: the same law, no
     surrogate gradient.  Used by IWAE and chi^2-VIS (module docstring); warns once."""
-    if guide is None:
-        return None
+    if guide is None or not callable(guide):  # not a Pyro program (e.g. a state-space guide object):
+        return guide                          # the backend's own checks refuse it
     return _StraightThroughAsBernoulli(backend_name)(guide)

@@ -155,6 +155,7 @@ def test_partial_bnn_has_only_the_last_layer_stochastic():
         BNNLV(1, 1, stochastic_layers="first")
 
 
+@pytest.mark.slow  # 27 s in CI; default-suite budget
 def test_epistemic_variance_grows_away_from_the_training_inputs(one_thread):
     """SG-HMC posterior of BNN+LV (noise learned) on Depeweg's toy, x in [-4, 4]: the epistemic
     variance (over the weights) at |x| = 6 and 9 exceeds 2.5x its median over [-3, 3], and at

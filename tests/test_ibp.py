@@ -811,7 +811,8 @@ def _full_latent_exact_log_evidence(x, alpha, rho, aw, bw, ap, bp):
     return math.log((1 - rho) * rows(off_row) + rho * on)
 
 
-@pytest.mark.parametrize("backend", ["svi", pytest.param("iwae", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 15 s + 19 s; the z-latent enumerable case stays in the default suite
+@pytest.mark.parametrize("backend", ["svi", "iwae"])
 def test_full_latent_model_and_structured_guide_give_the_exact_evidence(backend):
     r"""Every site latent (stick, spike, slab, z, w), structured guide, fitted by ``ppl_lvm.fit``
     (2000 steps of Adam(0.02), seed 0): the importance-sampling ``log_evidence(20000)`` with the

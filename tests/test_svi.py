@@ -161,6 +161,7 @@ def test_binary_latents_enumerated_in_the_model():
     assert est.stderr == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.slow  # 58 s in CI; default-suite budget
 def test_lgssm_mean_field_means_match_the_smoother():
     fx = LinearGaussianSSM(num_time_steps=30)
     fit = _fit(fx, num_particles=32)
