@@ -1221,47 +1221,11 @@ def ou_euler_elbo_optimum(ts, ys, theta: float, mu: float, sigma: float, obs_sca
         ``return_messages`` also the per-interval lists of per-step ``(P_{k+1}, p_{k+1})``
         (``steps[i][j]`` for the ``j``-th step of interval ``i``) and ``(P_0, p_0)``.
     """
+    check_positive(dt, "dt")
     t = np.asarray(torch.as_tensor(ts).detach().cpu(), dtype=np.float64)
-    y = np.asarray(torch.as_tensor(ys).detach().cpu(), dtype=np.float64)
-    if y.ndim == 3:
-        if y.shape[-1] != 1:
-            raise ValueError(f"ou_euler_elbo_optimum is for 1-d observations, got ys of shape {y.shape}.")
-        y = y[..., 0]
-    if y.ndim != 2 or y.shape[1] != t.shape[0]:
-        raise ValueError(f"ys must have shape (sequences, len(ts)={t.shape[0]}), got {y.shape}.")
-    for name, v in (("theta", theta), ("sigma", sigma), ("obs_scale", obs_scale), ("pz0_scale", pz0_scale),
-                    ("dt", dt)):
-        check_positive(v, name)
-    r2 = obs_scale ** 2
-    obs_c = -0.5 * math.log(2 * math.pi * r2)
-    P = np.full(y.shape[0], 1 / r2)
-    p = y[:, -1] / r2
-    c = obs_c - y[:, -1] ** 2 / (2 * r2)
-    steps = []
-    for i in range(t.shape[0] - 1, 0, -1):
-        gap = t[i] - t[i - 1]
-        n = max(1, math.ceil(gap / dt - 1e-9))
-        h = gap / n
-        s2h, a = sigma ** 2 * h, 1 / (sigma ** 2 * h)
-        alpha, beta = 1 - theta * h, theta * mu * h
-        seq = []
-        for _ in range(n):  # backward over the steps of this interval
-            seq.append((P.copy(), p.copy()))
-            if free_variance:
-                c = c - 0.5 * np.log1p(s2h * P)
-            else:
-                c = c - 0.5 * P * s2h
-            Pn, pn = a * P / (a + P), a * p / (a + P)
-            c = c + p ** 2 / (2 * (a + P)) - 0.5 * Pn * beta ** 2 + pn * beta
-            P, p = Pn * alpha ** 2, alpha * (pn - Pn * beta)
-        steps.append(seq[::-1])
-        yo = y[:, i - 1]
-        P, p, c = P + 1 / r2, p + yo / r2, c + obs_c - yo ** 2 / (2 * r2)
-    s02 = pz0_scale ** 2
-    out = c - 0.5 * np.log1p(s02 * P) + 0.5 * ((pz0_loc / s02 + p) ** 2 / (1 / s02 + P) - pz0_loc ** 2 / s02)
-    if return_messages:
-        return out, steps[::-1], (P, p)
-    return out
+    steps = [interval_steps(float(gap), dt) for gap in np.diff(t)]
+    return ou_grid_elbo_optimum(ts, ys, theta, mu, sigma, obs_scale, pz0_loc, pz0_scale, steps,
+                                free_variance=free_variance, return_messages=return_messages)
 
 
 def interval_steps(gap: float, dt: float, ratio: float = 1.0) -> np.ndarray:
@@ -1296,7 +1260,7 @@ def ou_grid_elbo_optimum(ts, ys, theta: float, mu: float, sigma: float, obs_scal
     y = np.asarray(torch.as_tensor(ys).detach().cpu(), dtype=np.float64)
     if y.ndim == 3:
         if y.shape[-1] != 1:
-            raise ValueError(f"ou_grid_elbo_optimum is for 1-d observations, got ys of shape {y.shape}.")
+            raise ValueError(f"the OU ELBO optimum is for 1-d observations, got ys of shape {y.shape}.")
         y = y[..., 0]
     if y.ndim != 2 or y.shape[1] != t.shape[0]:
         raise ValueError(f"ys must have shape (sequences, len(ts)={t.shape[0]}), got {y.shape}.")
