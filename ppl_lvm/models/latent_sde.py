@@ -311,7 +311,6 @@ class _SDE(nn.Module):
         """The context of the next observation and the time left until it (a Brownian bridge's
         drift toward an observation grows like 1 / (t_next - t), which the network cannot infer
         from ``c`` alone on an irregular grid)."""
-        t = t.to(self.ts.dtype)  # the solver's clock may be float64 (LatentSDE._integrate)
         i = torch.searchsorted(self.ts, t.reshape(1), right=True).clamp(max=self.ts.shape[0] - 1)
         c = self.ctx[i[0]]
         left = (self.ts[i[0]] - t).clamp(min=0).to(c.dtype)
@@ -782,7 +781,7 @@ class LatentSDE(PyroModule):
             ctx = ctx.reshape(Tc, -1, Cc)
         ts_data = ts
         ts = _solver_clock(ts)
-        obs_ts = ts if obs_ts is None else (ts if obs_ts is ts_data else _solver_clock(obs_ts))
+        obs_ts = ts if obs_ts is None or obs_ts is ts_data else _solver_clock(obs_ts)
         sde = _SDE(self, p, kind, posterior, ts=obs_ts, ctx=ctx)
         if self.path_kl == "girsanov" and kind == "fractional" and posterior:
             sde = _FracGirsanov(sde)
