@@ -456,12 +456,12 @@ def _progress(total, desc, progress=None):
     return progress_bar_class()(total=total, desc=desc, leave=False)
 
 
-def _exact_where_cancelled(new_rate, bound, zw, phi, nz, columns):
+def _exact_where_cancelled(new_rate, bound, z, w, phi, nz, columns):
     r"""Rates at the non-zero counts after a move, exact where the incremental update may have
     cancelled.  ``new_rate`` is an incremental value (old rate plus changes) and ``bound`` a bound on
     its accumulated rounding error; where ``new_rate <= 1000 * bound`` (a rounding residue or a
     true 0 cannot be told apart, or the relative error could exceed 1e-3) the rate is recomputed as the sum of its non-negative terms, with the
-    moved features' columns of ``zw`` (``z * w``, ``(N, K)``) replaced by ``columns``
+    moved features' columns of ``z * w`` (``(N, K)``, formed only for the recomputed rows) replaced by ``columns``
     (``{feature: (N,) new z * w}``).  Returns the rates and their new error bounds (``K eps``
     times the rate where recomputed).  A rate is then exactly 0 only when no active feature
     has a non-zero loading there.  Without this, a residue of about :math:`10^{-16}` times an
@@ -473,12 +473,12 @@ def _exact_where_cancelled(new_rate, bound, zw, phi, nz, columns):
     if not bool(suspect.any()):
         return new_rate, bound
     rows, cols = nz[0][suspect], nz[1][suspect]
-    part = zw[rows].clone()
+    part = z[rows] * w[rows]
     for k, value in columns.items():
         part[:, k] = value[rows]
     out, out_bound = new_rate.clone(), bound.clone()
     out[suspect] = (part * phi[:, cols].T).sum(-1)
-    out_bound[suspect] = fl * zw.shape[1] * out[suspect]
+    out_bound[suspect] = fl * z.shape[1] * out[suspect]
     return out, out_bound
 
 
@@ -1034,7 +1034,7 @@ class SparseIBPFactorization(PyroModule):
         zk = Z[:, k]
         r0 = rate_nz - zk[nz[0]] * contrib
         err0 = err_nz + fl * rate_nz
-        r0, err0 = _exact_where_cancelled(r0, err0, Z * W, Phi, nz, {k: torch.zeros_like(zk)})
+        r0, err0 = _exact_where_cancelled(r0, err0, Z, W, Phi, nz, {k: torch.zeros_like(zk)})
         r1 = r0 + contrib
         term = vals * (torch.log(r1.clamp_min(tiny(dtype))) - torch.log(r0.clamp_min(tiny(dtype))))
         term = torch.where(r0 > 0, term, torch.where(r1 > 0, torch.full_like(term, math.inf), torch.zeros_like(term)))
@@ -1125,7 +1125,7 @@ class SparseIBPFactorization(PyroModule):
             coef = b - a  # the rate changes by coef_n * (phi_k - phi_l)
             delta = coef[nz[0]] * (Phi[k, nz[1]] - Phi[l, nz[1]])
             new_err = err_nz + fl * (rate_nz + delta.abs())
-            new_rate, new_err = _exact_where_cancelled(rate_nz + delta, new_err, Z * W, Phi, nz, {k: b, l: a})
+            new_rate, new_err = _exact_where_cancelled(rate_nz + delta, new_err, Z, W, Phi, nz, {k: b, l: a})
             ok_rate = new_rate > 0
             term = torch.where(ok_rate, vals * (torch.log(new_rate.clamp_min(tiny(dtype)))
                                                 - torch.log(rate_nz.clamp_min(tiny(dtype)))),
@@ -1157,7 +1157,7 @@ class SparseIBPFactorization(PyroModule):
             coef = torch.where(both, wl, -(1 - u) * wk)  # rate change: coef * (phi_k - phi_l)
             delta = coef[nz[0]] * (Phi[k, nz[1]] - Phi[l, nz[1]])
             new_err = err_nz + fl * (rate_nz + delta.abs())
-            new_rate, new_err = _exact_where_cancelled(rate_nz + delta, new_err, Z * W, Phi, nz,
+            new_rate, new_err = _exact_where_cancelled(rate_nz + delta, new_err, Z, W, Phi, nz,
                                                        {k: torch.where(both, s_m, u * wk),
                                                         l: torch.where(both, torch.zeros_like(wl), (1 - u) * wk)})
             term = torch.where(new_rate > 0, vals * (torch.log(new_rate.clamp_min(tiny(dtype)))
