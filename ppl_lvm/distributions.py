@@ -29,9 +29,9 @@ inside an importance-weighted objective the straight-through path through the mo
 normalized weights estimates nothing useful.  Measured on a 6-point two-component Normal mixture
 whose exact posterior lies in the mean-field family (1500 Adam steps, lr 0.05, temperature 0.5),
 the largest error of the fitted marginals q(z_n = 1) was 0.74 (IWAE, pathwise), 0.38 (DReG),
-0.22 (STL), against 0.08 with a plain Bernoulli guide (VIMCO); SVI with the straight-through
+0.22 (STL), against 0.084 with a plain Bernoulli guide (VIMCO); SVI with the straight-through
 gradient: 0.145 (temperature 0.5), 0.067 (0.1), 0.177 (1.0), plain Bernoulli (score function)
-0.079.  So IWAE and chi^2-VIS draw a straight-through site as the plain ``Bernoulli`` it equals
+0.079 (``python benchmarks/straight_through_bias.py``, 32 s).  So IWAE and chi^2-VIS draw a straight-through site as the plain ``Bernoulli`` it equals
 in law (:func:`straight_through_as_bernoulli`, with a warning) and give it their score-function
 gradients (VIMCO / score); ``tests/test_distributions.py`` checks both routes.
 """
