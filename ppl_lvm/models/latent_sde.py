@@ -85,6 +85,7 @@ References:
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 from typing import Dict, Optional, Sequence
@@ -114,6 +115,7 @@ DRIFTS = ("neural", "ou")
 DIFFUSIONS = ("neural", "constant")
 DECODERS = ("neural", "linear", "identity")
 PATH_KLS = ("logqp", "girsanov")
+POSTERIOR_DIFFUSIONS = ("shared", "learned")
 DIAGONAL_METHODS = ("euler", "milstein", "srk")
 GENERAL_METHODS = ("euler",)
 
@@ -294,27 +296,72 @@ class _SDE(nn.Module):
     """The drift/diffusion functions torchsde integrates (see the module docstring).
 
     ``kind``: ``"diagonal"`` (Brownian, state ``z``; with ``posterior`` it also has ``h`` for
-    ``logqp``), ``"girsanov"`` (Brownian, state ``[z, l]``, general noise) or ``"fractional"``
-    (state ``[z, Y, l]``, general noise).
+    ``logqp``), ``"girsanov"`` (Brownian, state ``[z, l]``, general noise), ``"learned"``
+    (Brownian posterior with ``posterior_diffusion="learned"``, state ``[z, l]``, diagonal noise
+    with a zero column for ``l``) or ``"fractional"`` (state ``[z, Y, l]``, general noise).
+    ``step``: the Euler step of the current ``sdeint`` call (set by ``LatentSDE._integrate``),
+    which the learned posterior diffusion's per-step KL needs.
     """
 
     sde_type = "ito"
 
-    def __init__(self, owner: "LatentSDE", params: dict, kind: str, posterior: bool, ts=None, ctx=None):
+    def __init__(self, owner: "LatentSDE", params: dict, kind: str, posterior: bool, ts=None, ctx=None,
+                 fast_context: bool = True):
         super().__init__()
         self.owner, self.p, self.kind, self.posterior = owner, params, kind, posterior
-        self.noise_type = "diagonal" if kind == "diagonal" else "general"
+        self.noise_type = "general" if kind in ("girsanov", "fractional") else "diagonal"
         self.ts, self.ctx = ts, ctx
         self.L = owner.latent_dim
+        self.learned = posterior and owner.posterior_diffusion == "learned"
+        self.step = None
+        self._times = None if ts is None else ts.tolist()
+        self._pre = None
+        net = owner.posterior_net
+        if posterior and ctx is not None and fast_context and isinstance(net, nn.Sequential) \
+                and isinstance(net[0], nn.Linear) and net[0].in_features > ctx.shape[-1] + 1:
+            # the first layer's context columns applied once per observation time instead of once
+            # per solver step: W [s, c, left] + b = W_s s + (W_c c + b) + w_left * left
+            W, C = net[0].weight, ctx.shape[-1]
+            S = W.shape[1] - C - 1
+            self._w_state, self._w_left = W[:, :S].T, W[:, -1]
+            self._pre = nn.functional.linear(ctx, W[:, S:S + C], net[0].bias)  # (T, N, hidden)
+            self._rest = net[1:]
 
-    def _ctx(self, t):
-        """The context of the next observation and the time left until it (a Brownian bridge's
-        drift toward an observation grows like 1 / (t_next - t), which the network cannot infer
-        from ``c`` alone on an irregular grid)."""
-        i = torch.searchsorted(self.ts, t.reshape(1), right=True).clamp(max=self.ts.shape[0] - 1)
-        c = self.ctx[i[0]]
-        left = (self.ts[i[0]] - t).clamp(min=0).to(c.dtype)
-        return torch.cat([c, left.expand(c.shape[:-1] + (1,))], -1)
+    def _where(self, t):
+        """Index of the next observation time (the context that summarizes what is still to be
+        seen) and the time left until it (a Brownian bridge's drift toward an observation grows
+        like 1 / (t_next - t), which the network cannot infer from ``c`` alone on an irregular
+        grid)."""
+        tf = float(t)
+        i = min(bisect.bisect_right(self._times, tf), len(self._times) - 1)
+        return i, max(self._times[i] - tf, 0.0)
+
+    def _net(self, t, z, extra=None):
+        i, left = self._where(t)
+        state = z if extra is None else torch.cat([z, extra], -1)
+        if self._pre is not None:
+            return self._rest(torch.addmm(self._pre[i], state, self._w_state) + left * self._w_left)
+        c = self.ctx[i]
+        return self.owner.posterior_net(torch.cat([state, c, c.new_full(c.shape[:-1] + (1,), left)], -1))
+
+    def post(self, t, z, extra=None):
+        """The posterior network: its drift (or, with fractional noise, control) ``(N, L)`` and,
+        with ``posterior_diffusion="learned"``, the log-variance rate ``rho`` ``(N, L)`` (else None)."""
+        out = self._net(t, z, extra)
+        if self.learned:
+            return out[..., :self.L], out[..., self.L:]
+        return out, None
+
+    def post_drift(self, t, z, extra=None):
+        return self.post(t, z, extra)[0]
+
+    def _variance_kl(self, rho):
+        r"""Per unit time, the variance part of the per-step Gaussian KL,
+        :math:`\tfrac1{2h}[s^2 - 1 - \log s^2]` with :math:`s^2 = e^{-h\rho}` (``expm1``: no
+        cancellation for small :math:`h\rho`), and the step's noise multiplier :math:`s`."""
+        h = self.step
+        hr = h * rho
+        return 0.5 * (torch.expm1(-hr) + hr) / h, torch.exp(-0.5 * hr)
 
     def prior_drift(self, t, z):
         return self.owner._prior_drift(z, t, self.p)
@@ -322,29 +369,51 @@ class _SDE(nn.Module):
     def diffusion(self, t, z):
         return self.owner._diffusion(z, self.p)
 
-    def post_drift(self, t, z, extra=None):
-        inp = [z] if extra is None else [z, extra]
-        return self.owner.posterior_net(torch.cat(inp + [self._ctx(t)], -1))
+    def f_and_g(self, t, y):
+        """Drift and diffusion with one posterior-network evaluation (torchsde's Euler step calls
+        this when it exists; ``f`` and ``g`` alone serve the other callers)."""
+        if self.kind == "diagonal":
+            return self.f(t, y), self.g(t, y)
+        L = self.L
+        z = y[..., :L]
+        gz = self.diffusion(t, z)
+        h = self.prior_drift(t, z)
+        if self.kind in ("girsanov", "learned"):
+            fz, rho = self.post(t, z) if self.posterior else (h, None)
+            u = (fz - h) / gz
+            kl = 0.5 * (u * u)
+            if self.kind == "learned":
+                var_kl, s = self._variance_kl(rho)
+                drift = torch.cat([fz, (kl + var_kl).sum(-1, keepdim=True)], -1)
+                return drift, torch.cat([gz * s, torch.zeros_like(z[..., :1])], -1)
+            drift = torch.cat([fz, kl.sum(-1, keepdim=True)], -1)
+            return drift, torch.cat([torch.diag_embed(gz), u[..., None, :]], -2)
+        # fractional
+        K = self.owner.num_ou
+        Y = y[..., L:L + L * K].reshape(y.shape[:-1] + (L, K))
+        gam, om = self.p["gammas"], self.p["omega"]
+        u, rho = self.post(t, z, Y.flatten(-2)) if self.posterior else (torch.zeros_like(z), None)
+        dY = -gam * Y + u[..., None]
+        dz = h + gz * (dY * om).sum(-1)
+        kl = 0.5 * (u * u)
+        s = None
+        if rho is not None:
+            var_kl, s = self._variance_kl(rho)
+            kl = kl + var_kl
+        drift = torch.cat([dz, dY.flatten(-2), kl.sum(-1, keepdim=True)], -1)
+        eye = torch.diag_embed(torch.ones_like(z) if s is None else s)  # (N, L, L): column i scaled by s_i
+        top = eye * (gz * om.sum())[..., :, None]
+        ys = eye[..., :, None, :].expand(z.shape[:-1] + (L, K, L)).reshape(z.shape[:-1] + (L * K, L))
+        last = torch.zeros_like(z)[..., None, :]
+        if self.owner.path_kl == "girsanov" and self.posterior:
+            last = u[..., None, :]
+        return drift, torch.cat([top, ys, last], -2)
 
     # ---- diagonal (torchsde's logqp needs f, g, h)
     def f(self, t, y):
         if self.kind == "diagonal":
             return self.post_drift(t, y) if self.posterior else self.prior_drift(t, y)
-        if self.kind == "girsanov":
-            z = y[..., :self.L]
-            g = self.diffusion(t, z)
-            h = self.prior_drift(t, z)
-            fz = self.post_drift(t, z) if self.posterior else h
-            u = (fz - h) / g
-            return torch.cat([fz, 0.5 * (u * u).sum(-1, keepdim=True)], -1)
-        # fractional
-        L, K = self.L, self.owner.num_ou
-        z, Y = y[..., :L], y[..., L:L + L * K].reshape(y.shape[:-1] + (L, K))
-        gam, om = self.p["gammas"], self.p["omega"]
-        u = self.post_drift(t, z, Y.flatten(-2)) if self.posterior else torch.zeros_like(z)
-        dY = -gam * Y + u[..., None]
-        dz = self.prior_drift(t, z) + self.diffusion(t, z) * (dY * om).sum(-1)
-        return torch.cat([dz, dY.flatten(-2), 0.5 * (u * u).sum(-1, keepdim=True)], -1)
+        return self.f_and_g(t, y)[0]
 
     def h(self, t, y):
         return self.prior_drift(t, y)
@@ -352,22 +421,7 @@ class _SDE(nn.Module):
     def g(self, t, y):
         if self.kind == "diagonal":
             return self.diffusion(t, y)
-        L = self.L
-        z = y[..., :L]
-        gz = self.diffusion(t, z)
-        eye = torch.diag_embed(torch.ones_like(z))  # (N, L, L)
-        if self.kind == "girsanov":
-            h = self.prior_drift(t, z)
-            u = (self.post_drift(t, z) - h) / gz if self.posterior else torch.zeros_like(z)
-            return torch.cat([torch.diag_embed(gz), u[..., None, :]], -2)
-        K = self.owner.num_ou
-        om = self.p["omega"]
-        top = torch.diag_embed(gz * om.sum())
-        ys = eye[..., :, None, :].expand(z.shape[:-1] + (L, K, L)).reshape(z.shape[:-1] + (L * K, L))
-        last = torch.zeros_like(z)[..., None, :]
-        if self.owner.path_kl == "girsanov" and self.posterior:
-            last = self._last_u[..., None, :]
-        return torch.cat([top, ys, last], -2)
+        return self.f_and_g(t, y)[1]
 
 
 # =========================================================================== the path site
@@ -485,7 +539,7 @@ class LatentSDE(PyroModule):
                  dt: Optional[float] = None, adjoint: bool = False, path_kl: str = "logqp",
                  obs_scale: Optional[float] = None, num_ou: int = 5, gamma_max: float = 20.0,
                  hurst: float = 0.5, learn_hurst: bool = True, gammas=None, horizon: Optional[float] = None,
-                 name: str = "latent_sde"):
+                 posterior_diffusion: str = "shared", name: str = "latent_sde"):
         super().__init__(name=name)
         self.obs_dim = check_positive_int(obs_dim, "obs_dim")
         self.latent_dim = L = check_positive_int(latent_dim, "latent_dim")
@@ -497,6 +551,16 @@ class LatentSDE(PyroModule):
         self.diffusion_kind = check_choice(diffusion, "diffusion", DIFFUSIONS)
         self.decoder_kind = check_choice(decoder, "decoder", DECODERS)
         self.path_kl = check_choice(path_kl, "path_kl", PATH_KLS)
+        self.posterior_diffusion = check_choice(posterior_diffusion, "posterior_diffusion", POSTERIOR_DIFFUSIONS)
+        if self.posterior_diffusion == "learned":
+            if self.path_kl != "logqp":
+                raise ValueError("posterior_diffusion='learned' needs path_kl='logqp': its per-step log-ratio has a "
+                                 "term in the squared Brownian increment, which torchsde cannot carry as a state, so "
+                                 "only the per-step KL (the ELBO's term) is available, not an importance weight. For "
+                                 "IWAE / chi^2-VIS use posterior_diffusion='shared' with path_kl='girsanov'.")
+            if method != "euler":
+                raise ValueError(f"posterior_diffusion='learned' needs method='euler' (got {method!r}): its KL is the "
+                                 "one between the Gaussian Euler transitions of posterior and prior.")
         if self.decoder_kind == "identity" and obs_dim != latent_dim:
             raise ValueError(f"decoder='identity' needs obs_dim == latent_dim, got {obs_dim} and {latent_dim}; "
                              "use decoder='linear'.")
@@ -562,7 +626,12 @@ class LatentSDE(PyroModule):
         self.context_head = nn.Linear(Hd, C)
         self.qz0_net = nn.Linear(C, 2 * L)
         extra = L * self.num_ou if self.noise == "fractional" else 0
-        self.posterior_net = _mlp((L + extra + C + 1, Hd, Hd, L))
+        out = 2 * L if self.posterior_diffusion == "learned" else L
+        self.posterior_net = _mlp((L + extra + C + 1, Hd, Hd, out))
+        if out > L:  # the log-variance rate rho starts at 0: the shared diffusion
+            with torch.no_grad():
+                self.posterior_net[-1].weight[L:].zero_()
+                self.posterior_net[-1].bias[L:].zero_()
 
     # ------------------------------------------------------------------ pieces
     def _params(self, part: str) -> dict:
@@ -679,6 +748,8 @@ class LatentSDE(PyroModule):
     def _kind(self, posterior: bool) -> str:
         if self.noise == "fractional":
             return "fractional"
+        if posterior and self.posterior_diffusion == "learned":
+            return "learned"
         return "girsanov" if (self.path_kl == "girsanov" and posterior) else "diagonal"
 
     def _context(self, ts, ys, mask):
@@ -721,6 +792,7 @@ class LatentSDE(PyroModule):
                 gap = float(gaps.max())
                 n = max(1, math.ceil(gap / dt - 1e-9))
                 step = dict(kw, dt=gap / n * (1 + 1e-9), bm=bm)
+                sde.step = step["dt"]
                 if adjoint:
                     return torchsde.sdeint_adjoint(sde, y0, ts, logqp=logqp, adjoint_params=adjoint_params, **step)
                 return torchsde.sdeint(sde, y0, ts, logqp=logqp, **step)
@@ -731,6 +803,7 @@ class LatentSDE(PyroModule):
             pair = torch.stack([a, b])
             over = max(1e-9 * gap, 64 * torch.finfo(ts.dtype).eps * max(abs(float(a)), abs(float(b))))
             step = dict(kw, dt=(gap + over) / n, bm=bm)  # the n-th step overshoots b and is clipped onto it
+            sde.step = step["dt"]
             if adjoint:
                 res = torchsde.sdeint_adjoint(sde, y, pair, logqp=logqp, adjoint_params=adjoint_params, **step)
             else:
@@ -782,9 +855,8 @@ class LatentSDE(PyroModule):
         ts_data = ts
         ts = _solver_clock(ts)
         obs_ts = ts if obs_ts is None or obs_ts is ts_data else _solver_clock(obs_ts)
-        sde = _SDE(self, p, kind, posterior, ts=obs_ts, ctx=ctx)
-        if self.path_kl == "girsanov" and kind == "fractional" and posterior:
-            sde = _FracGirsanov(sde)
+        adjoint = self.adjoint and torch.is_grad_enabled()
+        sde = _SDE(self, p, kind, posterior, ts=obs_ts, ctx=ctx, fast_context=not adjoint)
         T = ts.shape[0]
         if kind == "diagonal" and posterior:
             ys, logr = self._integrate(sde, y0, ts, dt, logqp=True, bm=bm,
@@ -1081,28 +1153,6 @@ class LatentSDEStateSpace:
                 mean = mean + K @ e
                 P = (eye - K @ C) @ P
             return ll
-
-
-class _FracGirsanov(nn.Module):
-    """Fractional noise with ``path_kl="girsanov"``: the log-ratio state also gets
-    :math:`u^\\top dW`, so its diffusion row is the control (computed in ``f`` and reused)."""
-
-    sde_type = "ito"
-    noise_type = "general"
-
-    def __init__(self, inner: _SDE):
-        super().__init__()
-        self.inner = inner
-
-    def f(self, t, y):
-        return self.inner.f(t, y)
-
-    def g(self, t, y):
-        inner = self.inner
-        L, K = inner.L, inner.owner.num_ou
-        z, Y = y[..., :L], y[..., L:L + L * K]
-        inner._last_u = inner.post_drift(t, z, Y)
-        return inner.g(t, y)
 
 
 def _min_gap(grid, default):
