@@ -94,7 +94,7 @@ def table():
         f"H {H}: {float(fbm_weights(H, g, 6.0).sum()):.3f}" for H in (0.3, 0.4, 0.5, 0.6, 0.7)))
 
 
-def fit(h_true, steps):
+def fit(h_true, steps, posterior_diffusion="shared", split_lr=True):
     import pyro
 
     ts, ys = data(h_true)
@@ -102,9 +102,9 @@ def fit(h_true, steps):
     torch.manual_seed(0)
     m = LatentSDE(1, latent_dim=1, context_dim=16, hidden_dim=32, noise="fractional", drift="ou",
                   diffusion="constant", decoder="identity", obs_scale=0.05, dt=0.02, gamma_max=20.0, hurst=0.5,
-                  horizon=6.0).to(torch.float64)
+                  horizon=6.0, posterior_diffusion=posterior_diffusion).to(torch.float64)
     slow = ("theta", "mu", "sigma", "pz0")  # the prior's parameters at a tenth of the rate (as the tests)
-    optim = pyro.optim.Adam(lambda name: {"lr": 0.03 * (0.1 if any(k in name for k in slow) else 1.0)})
+    optim = pyro.optim.Adam(lambda name: {"lr": 0.03 * (0.1 if split_lr and any(k in name for k in slow) else 1.0)})
     svi = pyro.infer.SVI(m.model, m.guide, optim, pyro.infer.Trace_ELBO(max_plate_nesting=1))
     t0 = time.perf_counter()
     for i in range(steps):
@@ -118,7 +118,11 @@ def fit(h_true, steps):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fit", nargs=2, metavar=("H", "STEPS"), default=None)
+    ap.add_argument("--posterior-diffusion", choices=("shared", "learned"), default="shared")
+    ap.add_argument("--one-lr", action="store_true", help="one learning rate for all parameters")
+    ap.add_argument("--no-table", action="store_true")
     args = ap.parse_args()
-    table()
+    if not args.no_table:
+        table()
     if args.fit:
-        fit(float(args.fit[0]), int(args.fit[1]))
+        fit(float(args.fit[0]), int(args.fit[1]), args.posterior_diffusion, not args.one_lr)

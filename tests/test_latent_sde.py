@@ -669,11 +669,12 @@ class _DPDrift(torch.nn.Module):
     ``j = left / h`` steps left, the value function at the step's end is ``j - 1`` backward
     steps before ``t_i``; the drift moves the Euler step's mean to ``m*(z)``.  With ``learned``
     it also returns the log-variance rate of the chain's exact posterior transition,
-    variance ``sigma^2 h / (1 + sigma^2 h P)``: ``rho = log(1 + sigma^2 h P) / h``."""
+    variance ``sigma^2 h / (1 + sigma^2 h P)``: ``rho = log(1 + sigma^2 h P) / h``, as the
+    library's output ``a = rho * dt``."""
 
-    def __init__(self, learned=False):
+    def __init__(self, learned=False, dt=None):
         super().__init__()
-        self.learned = learned
+        self.learned, self.dt = learned, dt  # the network's output is a = rho * dt
 
     def forward(self, x):
         z, P, p, h, th, mu, sg = (x[:, k:k + 1] for k in range(7))
@@ -686,7 +687,7 @@ class _DPDrift(torch.nn.Module):
         F = z + th * (mu - z) * h
         m = (F + sg ** 2 * h * p) / (1 + sg ** 2 * h * P)
         if self.learned:
-            return torch.cat([(m - z) / h, torch.log1p(sg ** 2 * h * P) / h], -1)
+            return torch.cat([(m - z) / h, torch.log1p(sg ** 2 * h * P) / h * self.dt], -1)
         return (m - z) / h
 
 
@@ -714,7 +715,7 @@ def _install_dp_posterior(m, r, dt, learned=False):
             return c[:, 6:8]
 
     m._context = ctx_fn
-    m.posterior_net = _DPDrift(learned)
+    m.posterior_net = _DPDrift(learned, dt)
     m.qz0_net = Q0()
 
 
@@ -988,7 +989,7 @@ def _constant_rate_module(rho, noise="brownian", dt=0.05, sigma=0.5, **kw):
 
     class Const(torch.nn.Module):
         def forward(self, x):
-            return torch.cat([torch.zeros_like(x[:, :L]), torch.full_like(x[:, :L], rho)], -1)
+            return torch.cat([torch.zeros_like(x[:, :L]), torch.full_like(x[:, :L], rho * dt)], -1)
 
     m.posterior_net = Const()
     return m

@@ -141,6 +141,7 @@ DIFFUSIONS = ("neural", "constant")
 DECODERS = ("neural", "linear", "identity")
 PATH_KLS = ("logqp", "girsanov")
 POSTERIOR_DIFFUSIONS = ("shared", "learned")
+POSTERIOR_DRIFTS = ("full", "residual")
 DIAGONAL_METHODS = ("euler", "milstein", "srk")
 GENERAL_METHODS = ("euler",)
 
@@ -338,7 +339,9 @@ class _SDE(nn.Module):
         self.ts, self.ctx = ts, ctx
         self.L = owner.latent_dim
         self.learned = posterior and owner.posterior_diffusion == "learned"
+        self.residual = posterior and owner.posterior_drift == "residual"
         self.step = None
+        self.rate_unit = None  # the module's nominal dt: the network outputs a = rho * dt
         self._times = None if ts is None else ts.tolist()
         self._pre = None
         net = owner.posterior_net
@@ -369,23 +372,27 @@ class _SDE(nn.Module):
         c = self.ctx[i]
         return self.owner.posterior_net(torch.cat([state, c, c.new_full(c.shape[:-1] + (1,), left)], -1))
 
-    def post(self, t, z, extra=None):
+    def post(self, t, z, extra=None, prior=None):
         """The posterior network: its drift (or, with fractional noise, control) ``(N, L)`` and,
-        with ``posterior_diffusion="learned"``, the log-variance rate ``rho`` ``(N, L)`` (else None)."""
+        with ``posterior_diffusion="learned"``, ``a = rho * dt`` ``(N, L)`` (else None; see ``_variance_kl``)."""
         out = self._net(t, z, extra)
-        if self.learned:
-            return out[..., :self.L], out[..., self.L:]
-        return out, None
+        drift, a = (out[..., :self.L], out[..., self.L:]) if self.learned else (out, None)
+        if self.residual:  # the network's output is the correction to the prior drift (``prior``: its value)
+            drift = drift + (self.prior_drift(t, z) if prior is None else prior)
+        return drift, a
 
     def post_drift(self, t, z, extra=None):
         return self.post(t, z, extra)[0]
 
-    def _variance_kl(self, rho):
+    def _variance_kl(self, a):
         r"""Per unit time, the variance part of the per-step Gaussian KL,
         :math:`\tfrac1{2h}[s^2 - 1 - \log s^2]` with :math:`s^2 = e^{-h\rho}` (``expm1``: no
-        cancellation for small :math:`h\rho`), and the step's noise multiplier :math:`s`."""
+        cancellation for small :math:`h\rho`), and the step's noise multiplier :math:`s`.  The
+        network's output is :math:`a = \rho\, dt` (``dt`` the module's nominal step), the log
+        variance reduction of one nominal step, of order one whatever ``dt``: the optimum
+        :math:`\rho = \log(1 + g^2hP)/h` is of order :math:`1/dt` at coarse steps."""
         h = self.step
-        hr = h * rho
+        hr = (h / self.rate_unit) * a
         return 0.5 * (torch.expm1(-hr) + hr) / h, torch.exp(-0.5 * hr)
 
     def prior_drift(self, t, z):
@@ -404,7 +411,7 @@ class _SDE(nn.Module):
         gz = self.diffusion(t, z)
         h = self.prior_drift(t, z)
         if self.kind in ("girsanov", "learned"):
-            fz, rho = self.post(t, z) if self.posterior else (h, None)
+            fz, rho = self.post(t, z, prior=h) if self.posterior else (h, None)
             u = (fz - h) / gz
             kl = 0.5 * (u * u)
             if self.kind == "learned":
@@ -562,6 +569,12 @@ class LatentSDE(PyroModule):
         (module docstring, "Learned posterior diffusion").  Removes the O(dt) bias of the
         diffusion estimate that the shared family has at coarse ``dt``; needs
         ``path_kl="logqp"`` and ``method="euler"``.
+    :param str posterior_drift: ``"full"`` (the posterior network outputs the posterior drift
+        :math:`f_\phi`, Li et al.'s and torchsde's example's form) or ``"residual"``
+        (:math:`f_\phi = h_\theta + \mathrm{net}`, starting at the prior: the network learns only
+        the correction, and a changed prior drift moves the posterior with it; the same family,
+        easier to fit, see docs/latent_sde.md).  Brownian noise only (the fractional control is
+        already relative to the prior).
     :param str name: prefix of the Pyro parameter names.
     """
 
@@ -571,7 +584,7 @@ class LatentSDE(PyroModule):
                  dt: Optional[float] = None, adjoint: bool = False, path_kl: str = "logqp",
                  obs_scale: Optional[float] = None, num_ou: int = 5, gamma_max: float = 20.0,
                  hurst: float = 0.5, learn_hurst: bool = True, gammas=None, horizon: Optional[float] = None,
-                 posterior_diffusion: str = "shared", name: str = "latent_sde"):
+                 posterior_diffusion: str = "shared", posterior_drift: str = "full", name: str = "latent_sde"):
         super().__init__(name=name)
         self.obs_dim = check_positive_int(obs_dim, "obs_dim")
         self.latent_dim = L = check_positive_int(latent_dim, "latent_dim")
@@ -584,6 +597,10 @@ class LatentSDE(PyroModule):
         self.decoder_kind = check_choice(decoder, "decoder", DECODERS)
         self.path_kl = check_choice(path_kl, "path_kl", PATH_KLS)
         self.posterior_diffusion = check_choice(posterior_diffusion, "posterior_diffusion", POSTERIOR_DIFFUSIONS)
+        self.posterior_drift = check_choice(posterior_drift, "posterior_drift", POSTERIOR_DRIFTS)
+        if self.posterior_drift == "residual" and self.noise == "fractional":
+            raise ValueError("posterior_drift='residual' is for noise='brownian': with fractional noise the posterior "
+                             "network outputs the control u, which is already relative to the prior (u = 0).")
         if self.posterior_diffusion == "learned":
             if self.path_kl != "logqp":
                 raise ValueError("posterior_diffusion='learned' needs path_kl='logqp': its per-step log-ratio has a "
@@ -660,10 +677,11 @@ class LatentSDE(PyroModule):
         extra = L * self.num_ou if self.noise == "fractional" else 0
         out = 2 * L if self.posterior_diffusion == "learned" else L
         self.posterior_net = _mlp((L + extra + C + 1, Hd, Hd, out))
-        if out > L:  # the log-variance rate rho starts at 0: the shared diffusion
-            with torch.no_grad():
-                self.posterior_net[-1].weight[L:].zero_()
-                self.posterior_net[-1].bias[L:].zero_()
+        # the log-variance rate rho starts at 0 (the shared diffusion); a residual drift at 0 (the prior)
+        rows = slice(0, out) if self.posterior_drift == "residual" else slice(L, out)
+        with torch.no_grad():
+            self.posterior_net[-1].weight[rows].zero_()
+            self.posterior_net[-1].bias[rows].zero_()
 
     # ------------------------------------------------------------------ pieces
     def _params(self, part: str) -> dict:
@@ -889,6 +907,7 @@ class LatentSDE(PyroModule):
         obs_ts = ts if obs_ts is None or obs_ts is ts_data else _solver_clock(obs_ts)
         adjoint = self.adjoint and torch.is_grad_enabled()
         sde = _SDE(self, p, kind, posterior, ts=obs_ts, ctx=ctx, fast_context=not adjoint)
+        sde.rate_unit = dt
         T = ts.shape[0]
         if kind == "diagonal" and posterior:
             ys, logr = self._integrate(sde, y0, ts, dt, logqp=True, bm=bm,
