@@ -492,15 +492,16 @@ def _ou_smoother(ts, y, keep, theta, mu, sigma, r):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="NOT achieved: measured gain 0.0300 +- 0.0166 (1.8 SE; the Kalman smoother "
-                   "0.0542 +- 0.0118), and 0.0116 +- 0.0110 with 64 sequences x 400 steps; see docs/latent_sde.md")
 def test_irregular_sampling_predictions_beat_linear_interpolation():
     """OU paths (theta 1, mu 0.5, sigma 1) observed with N(0, 0.5^2) noise at a random 60% of 31
-    times per sequence; a fitted latent SDE (OU prior, neural posterior) predicts z at the
-    held-out times.  Metric: the mean over held-out points of d = (linear interpolation error)^2 -
+    times per sequence; a fitted latent SDE (OU prior, neural residual posterior drift, learned
+    posterior diffusion, one Adam rate 0.03, 300 steps) predicts z at the held-out times.  Metric: the mean over held-out points of d = (linear interpolation error)^2 -
     (posterior-mean error)^2 against the true z; it must exceed 2 standard errors
     (SE = sd(d)/sqrt(n)).  The Kalman smoother with the true parameters gives the attainable gain
-    (it must itself exceed 3 SE: the design has the power to show a gain)."""
+    (it must itself exceed 3 SE: the design has the power to show a gain).  Measured: 0.0454 +-
+    0.0140, 3.2 SE (Kalman smoother 0.0542 +- 0.0118); with the shared-diffusion, full-drift posterior
+    and the prior at a tenth of the rate it was 0.0288 +- 0.0167, not significant
+    (docs/latent_sde.md)."""
     pyro.clear_param_store()
     B, T, r = 48, 31, 0.5
     ts, ys, truth = simulate_ou(B, T, theta=1.0, mu=0.5, sigma=1.0, obs_scale=r, t_end=6.0, seed=7)
@@ -509,8 +510,9 @@ def test_irregular_sampling_predictions_beat_linear_interpolation():
     keep[:, 0] = keep[:, -1] = True  # interpolation, not extrapolation, for the linear baseline
     torch.manual_seed(0)
     m = LatentSDE(1, latent_dim=1, context_dim=16, hidden_dim=32, drift="ou", diffusion="constant",
-                  decoder="identity", obs_scale=r, dt=0.1).to(D64)
-    svi = pyro.infer.SVI(m.model, m.guide, _split_lr(0.03), pyro.infer.Trace_ELBO(max_plate_nesting=1))
+                  decoder="identity", obs_scale=r, dt=0.1, posterior_diffusion="learned",
+                  posterior_drift="residual").to(D64)
+    svi = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": 0.03}), pyro.infer.Trace_ELBO(max_plate_nesting=1))
     for _ in range(300):
         svi.step(ts, ys, keep)
     pred = m.predict(ts, ys, ts, mask=keep, num_samples=200)["latent"].mean(0)[..., 0]  # (B, T)
@@ -583,15 +585,16 @@ def _fit_ou(steps=500):
     return est, mle, se
 
 
-def _elbo_argmax(ts, ys, r, dt):
+def _elbo_argmax(ts, ys, r, dt, free_variance=False):
     """The exact maximizer over (theta, mu, sigma, p(z0)) of the discretized ELBO with the best
-    posterior of the family (ou_euler_elbo_optimum), by Nelder-Mead."""
+    posterior of the family (ou_euler_elbo_optimum), by Nelder-Mead; ``free_variance``: of the
+    learned-variance family, i.e. the Euler chain's maximum-likelihood estimate."""
     from scipy.optimize import minimize
     from ppl_lvm.models.latent_sde import ou_euler_elbo_optimum
 
     def neg(x):
         return -ou_euler_elbo_optimum(ts, ys, math.exp(x[0]), x[1], math.exp(x[2]), r, x[3], math.exp(x[4]),
-                                      dt).sum()
+                                      dt, free_variance=free_variance).sum()
 
     x = minimize(neg, [0.0, 0.5, math.log(0.5), 0.5, math.log(0.35)], method="Nelder-Mead",
                  options=dict(xatol=1e-6, fatol=1e-6, maxiter=6000)).x
@@ -1059,3 +1062,34 @@ def test_learned_posterior_diffusion_adjoint_gradients_match_the_direct_ones():
         gaps.append(float((grads(True, dt) - direct).norm() / direct.norm()))
     print("adjoint gaps", gaps)
     assert gaps[1] < 1e-2 and gaps[1] < gaps[0], gaps
+
+
+@pytest.mark.slow
+def test_ou_prior_recovery_with_the_learned_posterior_diffusion():
+    """The slow OU recovery case (64 paths x 26 times, theta 1, mu 0.5, sigma 0.5, noise 0.1 known,
+    dt 0.1) with posterior_diffusion='learned' and posterior_drift='residual', one Adam rate 0.03,
+    2000 SVI steps.  This family's objective is maximized at the Euler chain's MLE (its optimum is
+    the chain's Kalman evidence), whose discretization bias is computed exactly here (the DP with
+    free variance, maximized by Nelder-Mead: theta 0.858, mu 0.527, sigma 0.473 against the exact
+    MLE 0.893 +- 0.082, 0.502 +- 0.026, 0.494 +- 0.013).  Tolerance: each parameter within 3 SE of
+    the exact MLE plus that bias.  Measured: 0.787, 0.514, 0.453 (the shared family's objective
+    optimum has sigma 0.287, far outside)."""
+    pyro.clear_param_store()
+    ts, ys, _ = simulate_ou(64, 26, theta=1.0, mu=0.5, sigma=0.5, obs_scale=0.1, t_end=5.0, seed=0)
+    torch.manual_seed(0)
+    m = LatentSDE(1, latent_dim=1, context_dim=16, hidden_dim=32, drift="ou", diffusion="constant",
+                  decoder="identity", obs_scale=0.1, dt=0.1, posterior_diffusion="learned",
+                  posterior_drift="residual").to(D64)
+    svi = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": 0.03}), pyro.infer.Trace_ELBO(max_plate_nesting=1))
+    for _ in range(2000):
+        svi.step(ts, ys)
+    with torch.no_grad():
+        est = np.array([float(m.theta), float(m.mu), float(m.sigma)])
+    mle, se = _kalman_mle(ts, ys, 0.1)
+    chain = _elbo_argmax(ts, ys, 0.1, 0.1, free_variance=True)
+    shared = _elbo_argmax(ts, ys, 0.1, 0.1)
+    print("learned posterior diffusion (theta, mu, sigma)", est.round(3), "exact MLE", mle.round(3), "SE",
+          se.round(3), "Euler-chain MLE", chain.round(3), "shared family's optimum", shared.round(3))
+    tol = 3 * se + np.abs(chain - mle)
+    assert np.all(np.abs(est - mle) < tol), (est, mle, tol)
+    assert abs(shared[2] - mle[2]) > tol[2]  # the shared family's optimum would fail this test
