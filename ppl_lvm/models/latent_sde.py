@@ -995,7 +995,8 @@ class LatentSDE(PyroModule):
                           "ELBO is maximized at a too small diffusion (and drift rate). On OU data its exact "
                           "maximizer has sigma 42% low at dt 0.1 and 10% low at dt 0.01 (noise 0.1, x = 2.5 and "
                           "0.25; docs/latent_sde.md): the bias is O(dt). Use posterior_diffusion='learned' (its ELBO "
-                          f"has the Euler chain's exact posterior) or a smaller dt, e.g. dt <= {dt * 0.1 / x:.3g} "
+                          "has the Euler chain's exact posterior; with posterior_drift='residual' it is easier to "
+                          f"fit) or a smaller dt, e.g. dt <= {dt * 0.1 / x:.3g} "
                           "for x <= 0.1.", UserWarning, stacklevel=3)
 
     def _params_plain(self) -> dict:
