@@ -8,7 +8,8 @@ instantaneous diffusion multiplier sum(omega), on which the ELBO's discretizatio
 (docs/latent_sde.md, "Findings").
 
     python benchmarks/latent_sde_hurst.py                 # the likelihood table, ~5 s
-    python benchmarks/latent_sde_hurst.py --fit 0.3 400   # plus an SVI fit of H (gamma_max 20, dt 0.02), ~3 min
+    python benchmarks/latent_sde_hurst.py --fit 0.3 400 --posterior-diffusion shared   # plus an SVI fit of H (~3 min)
+    python benchmarks/latent_sde_hurst.py --no-table --fit 0.3 600 --one-lr             # the default family, ~4 min
 
 Prior of the Markov model (module docstring of ppl_lvm.models.latent_sde): dY_k = -g_k Y_k dt + dW,
 dz = [-theta z - sigma sum_k omega_k g_k Y_k] dt + sigma (sum_k omega_k) dW, z(0) = 0, Y(0) = 0.
@@ -94,7 +95,7 @@ def table():
         f"H {H}: {float(fbm_weights(H, g, 6.0).sum()):.3f}" for H in (0.3, 0.4, 0.5, 0.6, 0.7)))
 
 
-def fit(h_true, steps, posterior_diffusion="shared", split_lr=True):
+def fit(h_true, steps, posterior_diffusion="auto", split_lr=True):
     import pyro
 
     ts, ys = data(h_true)
@@ -118,7 +119,8 @@ def fit(h_true, steps, posterior_diffusion="shared", split_lr=True):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fit", nargs=2, metavar=("H", "STEPS"), default=None)
-    ap.add_argument("--posterior-diffusion", choices=("shared", "learned"), default="shared")
+    ap.add_argument("--posterior-diffusion", choices=("auto", "shared", "learned"), default="auto",
+                    help="auto: the library's default (learned); shared: session 8's fits")
     ap.add_argument("--one-lr", action="store_true", help="one learning rate for all parameters")
     ap.add_argument("--no-table", action="store_true")
     args = ap.parse_args()

@@ -76,7 +76,7 @@ class PlainLatentSDE(nn.Module):
 
     def f(self, t, y):
         i = min(int(torch.searchsorted(self.ts, t.reshape(1), right=True)), len(self.ts) - 1)
-        left = (self.ts[i] - t).clamp(min=0).expand(y.shape[0], 1)
+        left = (self.ts[i] - t).clamp(min=0).expand(y.shape[0], 1) / self.unit  # as LatentSDE: a fraction of the largest gap
         return self.m.posterior_net(torch.cat([y, self.ctx[i], left], -1))
 
     def h(self, t, y):
@@ -87,7 +87,7 @@ class PlainLatentSDE(nn.Module):
 
     def loss(self, ts, ys, beta, dt):
         m = self.m
-        self.ts = ts
+        self.ts, self.unit = ts, float((ts[1:] - ts[:-1]).max())
         self.ctx = m._context(ts, ys, None)
         h = m.qz0_net(self.ctx[0])
         L = m.latent_dim
@@ -116,7 +116,9 @@ def run_one(args, which):
     ts, ys = torch.linspace(0, args.t_end, args.times, dtype=dtype), ys.to(dtype)
     pyro.clear_param_store()
     torch.manual_seed(0)
+    # Li et al.'s posterior family (the prior's diffusion, the network's drift), as the example's recipe
     m = LatentSDE(3, latent_dim=4, context_dim=64, hidden_dim=128, decoder="linear", obs_scale=0.01,
+                  posterior_diffusion="shared", posterior_drift="full",
                   dt=args.dt, name="bench").to(dtype)
     gap = float(ts[1] - ts[0])
     n = max(1, math.ceil(gap / args.dt - 1e-9))

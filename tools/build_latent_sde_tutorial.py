@@ -8,8 +8,9 @@ cells = [
     new_markdown_cell(r"""# Latent SDEs: irregular series, forecasts, fractional noise, particle filtering
 
 A latent SDE (Li, Wong, Chen & Duvenaud 2020) models a series as noisy observations of a latent path
-$dz = h_\theta(z)\,dt + g(z)\,dW$.  The guide is a posterior SDE with the same diffusion and a drift
-that reads a GRU summary of the *future* observations; the ELBO is
+$dz = h_\theta(z)\,dt + g(z)\,dW$.  The guide is a posterior SDE with a drift that reads a GRU summary of
+the *future* observations (by default the prior's drift plus a learned correction, and, per Euler step, a
+learned variance; see below); in continuous time the ELBO is
 
 $$\mathcal L = \mathbb E_Q\Big[\sum_i \log p(y_{t_i}\mid z_{t_i})\Big] - \mathrm{KL}(q(z_0)\|p(z_0)) - \mathbb E_Q\int \tfrac12 |u|^2 dt,
 \qquad u = (f_\phi - h_\theta)/g .$$
@@ -48,12 +49,24 @@ fit = ppl_lvm.fit(sde.model, sde.guide, ts, ys, mask, backend="svi", num_steps=N
                   optim=pyro.optim.Adam({"lr": 0.02}), callbacks=[KLAnnealing(sde, max(1, NUM_STEPS // 5))])
 print("final loss", fit.losses[-1])
 print("theta", sde.theta.item(), "mu", sde.mu.item(), "sigma", sde.sigma.item(), "(truth 1.0, 0.5, 0.8)")"""),
-    new_markdown_cell("""**Expect the diffusion to come out low.** The discretized latent-SDE ELBO is maximized at a too
-small diffusion when $g^2\\,dt / \\sigma_y^2$ is not small (here $0.8^2 \\cdot 0.1 / 0.2^2 = 1.6$; the module
-warns above 0.1): the posterior SDE must share the prior's diffusion, and every Euler step before an
-observation costs $\\tfrac12[x - \\log(1+x)]$ nats against the exact posterior, less for a smaller
-diffusion.  On OU data the ELBO's exact maximizer (`ou_euler_elbo_optimum`, by dynamic programming) has
-$\\sigma$ 42% low at dt 0.1 and 10% low at dt 0.01 (noise 0.1); the bias is $O(dt)$ (docs/latent_sde.md)."""),
+    new_markdown_cell("""**Why the posterior's Euler steps have their own variance.** If the posterior SDE shares the
+prior's diffusion (Li et al.'s family, `posterior_diffusion="shared"`), the discretized ELBO is maximized at a
+too small diffusion when $g^2\\,dt / \\sigma_y^2$ is not small (here $0.8^2 \\cdot 0.1 / 0.2^2 = 1.6$): every
+Euler step before an observation costs $\\tfrac12[x - \\log(1+x)]$ nats against the exact posterior, less
+for a smaller diffusion (on OU data the ELBO's exact maximizer has $\\sigma$ 42% low at dt 0.1).  The
+default, `posterior_diffusion="learned"`, gives each posterior step the variance
+$g^2 h\\,e^{-h\\rho}$ and the exact KL of the two Gaussian steps, so the ELBO's maximizer is the Euler
+chain's maximum-likelihood estimate.  The cell below fits the shared family on the same data for
+comparison (docs/latent_sde.md)."""),
+    new_code_cell("""pyro.clear_param_store()
+torch.manual_seed(0)
+shared = LatentSDE(1, latent_dim=1, context_dim=16, hidden_dim=32, drift="ou", diffusion="constant",
+                   decoder="identity", obs_scale=0.2, dt=0.1, posterior_diffusion="shared", posterior_drift="full",
+                   name="shared").double()
+ppl_lvm.fit(shared.model, shared.guide, ts, ys, mask, backend="svi", num_steps=NUM_STEPS,
+            optim=pyro.optim.Adam({"lr": 0.02}), callbacks=[KLAnnealing(shared, max(1, NUM_STEPS // 5))])
+print("sigma: default family", round(sde.sigma.item(), 3), "| shared diffusion", round(shared.sigma.item(), 3),
+      "| truth 0.8")"""),
     new_markdown_cell("""## Posterior paths and a forecast band
 
 `predict` runs the posterior SDE over the data's span and the prior SDE beyond the last observation."""),

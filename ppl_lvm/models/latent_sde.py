@@ -140,8 +140,8 @@ DRIFTS = ("neural", "ou")
 DIFFUSIONS = ("neural", "constant")
 DECODERS = ("neural", "linear", "identity")
 PATH_KLS = ("logqp", "girsanov")
-POSTERIOR_DIFFUSIONS = ("shared", "learned")
-POSTERIOR_DRIFTS = ("full", "residual")
+POSTERIOR_DIFFUSIONS = ("auto", "shared", "learned")
+POSTERIOR_DRIFTS = ("auto", "full", "residual")
 DIAGONAL_METHODS = ("euler", "milstein", "srk")
 GENERAL_METHODS = ("euler",)
 
@@ -341,8 +341,11 @@ class _SDE(nn.Module):
         self.learned = posterior and owner.posterior_diffusion == "learned"
         self.residual = posterior and owner.posterior_drift == "residual"
         self.step = None
+        self.fixed = None
         self.rate_unit = None  # the module's nominal dt: the network outputs a = rho * dt
         self._times = None if ts is None else ts.tolist()
+        self.time_unit = max((b - a for a, b in zip(self._times[:-1], self._times[1:])), default=1.0) \
+            if self._times else 1.0
         self._pre = None
         net = owner.posterior_net
         if posterior and ctx is not None and fast_context and isinstance(net, nn.Sequential) \
@@ -359,13 +362,18 @@ class _SDE(nn.Module):
         """Index of the next observation time (the context that summarizes what is still to be
         seen) and the time left until it (a Brownian bridge's drift toward an observation grows
         like 1 / (t_next - t), which the network cannot infer from ``c`` alone on an irregular
-        grid)."""
+        grid).  A solve one interval at a time fixes the index per call (``fixed``); the same
+        index as the lookup, without it."""
         tf = float(t)
-        i = min(bisect.bisect_right(self._times, tf), len(self._times) - 1)
+        if self.fixed is not None:
+            i = self.fixed
+        else:
+            i = min(bisect.bisect_right(self._times, tf), len(self._times) - 1)
         return i, max(self._times[i] - tf, 0.0)
 
     def _net(self, t, z, extra=None):
         i, left = self._where(t)
+        left = left / self.time_unit  # a fraction of the largest observation gap: of order one, smooth in t
         state = z if extra is None else torch.cat([z, extra], -1)
         if self._pre is not None:
             return self._rest(torch.addmm(self._pre[i], state, self._w_state) + left * self._w_left)
@@ -392,6 +400,7 @@ class _SDE(nn.Module):
         variance reduction of one nominal step, of order one whatever ``dt``: the optimum
         :math:`\rho = \log(1 + g^2hP)/h` is of order :math:`1/dt` at coarse steps."""
         h = self.step
+        a = torch.where(a > 0, a, 3.0 * torch.tanh(a / 3.0))  # inflation s^2 < e^3 per nominal step (C^1 at 0)
         hr = (h / self.rate_unit) * a
         return 0.5 * (torch.expm1(-hr) + hr) / h, torch.exp(-0.5 * hr)
 
@@ -562,14 +571,16 @@ class LatentSDE(PyroModule):
     :param float hurst: initial (or, with ``learn_hurst=False``, fixed) Hurst index in (0, 1).
     :param gammas: explicit OU rates instead of the geometric grid (e.g. ``[0.0]`` with K = 1).
     :param float horizon: T of the fBM weights' objective (``None``: the span of the first data).
-    :param str posterior_diffusion: ``"shared"`` (the posterior SDE has the prior's diffusion, Li
-        et al.'s family) or ``"learned"``: each Euler step of the posterior has its own variance,
+    :param str posterior_diffusion: ``"auto"`` (default: ``"learned"`` with ``path_kl="logqp"``
+        and ``method="euler"``, else ``"shared"``), ``"shared"`` (the posterior SDE has the prior's
+        diffusion, Li et al.'s family) or ``"learned"``: each Euler step of the posterior has its own variance,
         :math:`g^2 h\,e^{-h\rho}` with a log-variance rate :math:`\rho(z, c_t, t_{\rm next} - t)`
         from the posterior network, and the path KL is the exact KL of the Euler chains
         (module docstring, "Learned posterior diffusion").  Removes the O(dt) bias of the
         diffusion estimate that the shared family has at coarse ``dt``; needs
         ``path_kl="logqp"`` and ``method="euler"``.
-    :param str posterior_drift: ``"full"`` (the posterior network outputs the posterior drift
+    :param str posterior_drift: ``"auto"`` (default: ``"residual"`` with Brownian noise, else
+        ``"full"``), ``"full"`` (the posterior network outputs the posterior drift
         :math:`f_\phi`, Li et al.'s and torchsde's example's form) or ``"residual"``
         (:math:`f_\phi = h_\theta + \mathrm{net}`, starting at the prior: the network learns only
         the correction, and a changed prior drift moves the posterior with it; the same family,
@@ -584,7 +595,7 @@ class LatentSDE(PyroModule):
                  dt: Optional[float] = None, adjoint: bool = False, path_kl: str = "logqp",
                  obs_scale: Optional[float] = None, num_ou: int = 5, gamma_max: float = 20.0,
                  hurst: float = 0.5, learn_hurst: bool = True, gammas=None, horizon: Optional[float] = None,
-                 posterior_diffusion: str = "shared", posterior_drift: str = "full", name: str = "latent_sde"):
+                 posterior_diffusion: str = "auto", posterior_drift: str = "auto", name: str = "latent_sde"):
         super().__init__(name=name)
         self.obs_dim = check_positive_int(obs_dim, "obs_dim")
         self.latent_dim = L = check_positive_int(latent_dim, "latent_dim")
@@ -597,7 +608,11 @@ class LatentSDE(PyroModule):
         self.decoder_kind = check_choice(decoder, "decoder", DECODERS)
         self.path_kl = check_choice(path_kl, "path_kl", PATH_KLS)
         self.posterior_diffusion = check_choice(posterior_diffusion, "posterior_diffusion", POSTERIOR_DIFFUSIONS)
+        if self.posterior_diffusion == "auto":  # the learned step variance wherever it is available
+            self.posterior_diffusion = "learned" if (self.path_kl == "logqp" and method == "euler") else "shared"
         self.posterior_drift = check_choice(posterior_drift, "posterior_drift", POSTERIOR_DRIFTS)
+        if self.posterior_drift == "auto":
+            self.posterior_drift = "residual" if self.noise == "brownian" else "full"
         if self.posterior_drift == "residual" and self.noise == "fractional":
             raise ValueError("posterior_drift='residual' is for noise='brownian': with fractional noise the posterior "
                              "network outputs the control u, which is already relative to the prior (u = 0).")
@@ -854,6 +869,8 @@ class LatentSDE(PyroModule):
             over = max(1e-9 * gap, 64 * torch.finfo(ts.dtype).eps * max(abs(float(a)), abs(float(b))))
             step = dict(kw, dt=(gap + over) / n, bm=bm)  # the n-th step overshoots b and is clipped onto it
             sde.step = step["dt"]
+            if hasattr(sde, "_times") and sde._times is not None:  # this interval's next observation
+                sde.fixed = min(bisect.bisect_right(sde._times, float(a)), len(sde._times) - 1)
             if adjoint:
                 res = torchsde.sdeint_adjoint(sde, y, pair, logqp=logqp, adjoint_params=adjoint_params, **step)
             else:
@@ -863,6 +880,8 @@ class LatentSDE(PyroModule):
                 logrs.append(lr[-1])
             y = res[-1]
             outs.append(y)
+        if hasattr(sde, "_times"):
+            sde.fixed = None
         path = torch.stack(outs, 0)
         if logqp:
             return path, (torch.stack(logrs, 0) if logrs else y0.new_zeros(0, y0.shape[0]))
