@@ -1086,3 +1086,19 @@ def test_ou_prior_recovery_with_the_learned_posterior_diffusion():
     tol = 3 * se + np.abs(chain - mle)
     assert np.all(np.abs(est - mle) < tol), (est, mle, tol)
     assert abs(shared[2] - mle[2]) > tol[2]  # the shared family's optimum would fail this test
+
+
+def test_two_modules_with_one_name_warn_that_they_share_parameters():
+    """Two live LatentSDEs with the same name share the param store's entries (PyroModule reads its
+    parameters from there), so fitting one silently changes the other: warned at construction."""
+    import gc
+
+    gc.collect()
+    a = LatentSDE(1, name="shared_name_check")
+    with pytest.warns(UserWarning, match="share their Pyro parameters"):
+        b = LatentSDE(1, name="shared_name_check")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LatentSDE(1, name="another_name_check")
+    del a, b

@@ -87,7 +87,7 @@ for H in (0.2, 0.5, 0.8):
     ax.plot(t.numpy(), ratio.numpy(), label=f"H = {H}")
 ax.axhline(1, color="k", lw=0.5); ax.set_xlabel("t"); ax.set_ylabel("Var ratio"); ax.legend();"""),
     new_code_cell("""frac = LatentSDE(1, latent_dim=1, context_dim=16, hidden_dim=32, noise="fractional", hurst=0.5,
-                 drift="ou", diffusion="constant", decoder="identity", obs_scale=0.2, dt=0.02).double()
+                 drift="ou", diffusion="constant", decoder="identity", obs_scale=0.2, dt=0.02, name="frac").double()
 fit_f = ppl_lvm.fit(frac.model, frac.guide, ts, ys, mask, backend="svi", num_steps=5 if smoke_test else 500,
                     optim=pyro.optim.Adam({"lr": 0.02}))
 print("learned Hurst index", frac.hurst.item())"""),
