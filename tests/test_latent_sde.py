@@ -1097,6 +1097,9 @@ def test_two_modules_with_one_name_warn_that_they_share_parameters():
     a = LatentSDE(1, name="shared_name_check")
     with pytest.warns(UserWarning, match="share their Pyro parameters"):
         b = LatentSDE(1, name="shared_name_check")
+    from ppl_lvm.models import VAE
+    with pytest.warns(UserWarning, match=r"named 'shared_name_check' \(LatentSDE\)"):
+        VAE(4, name="shared_name_check")  # across families too: the same param-store prefix
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")

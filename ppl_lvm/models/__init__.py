@@ -5,6 +5,8 @@ SDE, BNN+LV); :data:`MODELS` maps each registered family to a factory of a small
 data, used by the backend x model matrix test.
 """
 
+import warnings
+import weakref
 from typing import Callable, Dict
 
 MODELS: Dict[str, Callable] = {}
@@ -20,7 +22,22 @@ def register_model(name: str):
     return deco
 
 
-__all__ = ["MODELS", "register_model"]
+_LIVE_MODULES = weakref.WeakValueDictionary()  # Pyro name -> a live library module
+
+
+def warn_if_name_in_use(module, name: str):
+    """Warn when another live library module already uses the Pyro name ``name``: PyroModules
+    with one name read and write the same param-store entries (``name.*``), so fitting one
+    silently changes the other.  Called by each library model's constructor."""
+    other = _LIVE_MODULES.get(name)
+    if other is not None and other is not module:
+        warnings.warn(f"Another library module named {name!r} ({type(other).__name__}) exists: the two share their "
+                      f"Pyro parameters (the param store's '{name}.*' entries), so fitting one changes the other. "
+                      "Pass a distinct name=... to each module.", UserWarning, stacklevel=3)
+    _LIVE_MODULES[name] = module
+
+
+__all__ = ["MODELS", "register_model", "warn_if_name_in_use"]
 
 from .regression import BayesianLinearRegression  # noqa: E402  (registers itself)
 

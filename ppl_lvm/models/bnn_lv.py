@@ -66,7 +66,7 @@ from pyro.nn import PyroModule, PyroParam, pyro_method
 from torch import nn
 from torch.distributions import constraints
 
-from . import register_model
+from . import register_model, warn_if_name_in_use
 from ..numerics import tiny
 
 __all__ = ["BNNLV", "BNN", "hsic"]
@@ -139,6 +139,7 @@ class BNNLV(PyroModule):
                  amortized: bool = False, encoder_hidden: Sequence[int] = (32,), independence_penalty: float = 0.0,
                  noise_init: float = 0.1, stochastic_layers: str = "all", z_samples: int = 0, name: str = "bnnlv"):
         super().__init__(name)
+        warn_if_name_in_use(self, name)
         if stochastic_layers not in ("all", "last"):
             raise ValueError(f"stochastic_layers must be 'all' or 'last', got {stochastic_layers!r}")
         if isinstance(z_samples, bool) or not isinstance(z_samples, int) or z_samples < 0:

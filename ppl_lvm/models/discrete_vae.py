@@ -43,7 +43,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from . import register_model
+from . import register_model, warn_if_name_in_use
 from .vae import mlp
 
 __all__ = ["DiscreteVAE"]
@@ -81,6 +81,7 @@ class DiscreteVAE(nn.Module):
         if any(not isinstance(h, int) or h < 1 for h in hidden):
             raise ValueError(f"hidden must be a sequence of positive ints, got {hidden!r}")
         self.obs_dim, self.grid, self.codebook, self.name = obs_dim, grid, codebook, name
+        warn_if_name_in_use(self, name)
         self.num_codes = math.prod(grid)
         # the model's parameters: the codebook and the MLP (one module, registered with pyro.module)
         self.decoder = nn.ModuleDict({"codebook": nn.Embedding(codebook, embed_dim),

@@ -103,7 +103,7 @@ from pyro.nn import PyroModule
 from pyro.ops.indexing import Vindex
 from torch.distributions import constraints
 
-from . import register_model
+from . import register_model, warn_if_name_in_use
 from ..numerics import eps, safe_cholesky
 from ..validation import check_positive_int
 
@@ -447,6 +447,7 @@ class MultiTaskGPMixture(PyroModule):
                  shared_hp_tasks: bool = True, prior_mean="data", enumerate_assignments: bool = True,
                  guide_assignments: Optional[bool] = None, name: str = "gp_mixture"):
         super().__init__(name)
+        warn_if_name_in_use(self, name)
         import gpytorch
 
         self.num_clusters = check_positive_int(num_clusters, "num_clusters")

@@ -84,7 +84,7 @@ import torch
 from pyro.nn import PyroModule, PyroParam, pyro_method
 from torch.distributions import constraints
 
-from . import register_model
+from . import register_model, warn_if_name_in_use
 from ..numerics import safe_cholesky, tiny
 
 __all__ = ["GPFA", "SharedGPFA", "kernel_matrix", "latent_r2"]
@@ -554,6 +554,7 @@ class GPFA(PyroModule):
                  link: str = "exp", gp_noise: float = 1e-3, tau_init=None, method: str = "auto",
                  name: str = "gpfa"):
         super().__init__(name=name)
+        warn_if_name_in_use(self, name)
         for label, value in (("num_latents", num_latents), ("obs_dim", obs_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be a positive int, got {value!r}")

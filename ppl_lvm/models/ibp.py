@@ -92,7 +92,7 @@ from pyro.nn import PyroModule, PyroParam, pyro_method
 from torch.distributions import constraints
 
 from ..distributions import StraightThroughBernoulli
-from . import register_model
+from . import register_model, warn_if_name_in_use
 from ..numerics import eps, tiny
 from ..validation import check_choice, check_fraction, check_int, check_positive, check_positive_int, check_real
 
@@ -583,6 +583,7 @@ class SparseIBPFactorization(PyroModule):
                  temperature: float = 0.5, binary_guide: str = "score", guide_family: str = "structured",
                  fixed_values: Optional[Dict[str, torch.Tensor]] = None, alpha_prior=None, name: str = "ibp"):
         super().__init__(name)
+        warn_if_name_in_use(self, name)
         self.K = check_positive_int(num_features_max, "num_features_max")
         self.prior = check_choice(prior, "prior", ("3ibp", "ibp", "restricted-3ibp"))
         if self.prior == "ibp":

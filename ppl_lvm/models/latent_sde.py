@@ -113,7 +113,6 @@ from __future__ import annotations
 import bisect
 import math
 import warnings
-import weakref
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -125,7 +124,7 @@ from pyro.nn import PyroModule, PyroParam, pyro_method
 from torch import nn
 from torch.distributions import constraints
 
-from . import register_model
+from . import register_model, warn_if_name_in_use
 from .vae import mlp
 from ..numerics import tiny
 from ..validation import check_choice, check_positive, check_positive_int, check_real
@@ -145,7 +144,6 @@ POSTERIOR_DIFFUSIONS = ("auto", "shared", "learned")
 POSTERIOR_DRIFTS = ("auto", "full", "residual")
 DIAGONAL_METHODS = ("euler", "milstein", "srk")
 GENERAL_METHODS = ("euler",)
-_LIVE_MODULES = weakref.WeakValueDictionary()  # name -> a live LatentSDE (shared-parameter warning)
 
 
 # =========================================================================== fractional noise
@@ -599,11 +597,7 @@ class LatentSDE(PyroModule):
                  hurst: float = 0.5, learn_hurst: bool = True, gammas=None, horizon: Optional[float] = None,
                  posterior_diffusion: str = "auto", posterior_drift: str = "auto", name: str = "latent_sde"):
         super().__init__(name=name)
-        if _LIVE_MODULES.get(name) is not None:
-            warnings.warn(f"Another LatentSDE named {name!r} exists: the two share their Pyro parameters (the param "
-                          f"store's '{name}.*' entries), so fitting one changes the other. Pass a distinct name=... "
-                          "to each module.", UserWarning, stacklevel=2)
-        _LIVE_MODULES[name] = self
+        warn_if_name_in_use(self, name)
         self.obs_dim = check_positive_int(obs_dim, "obs_dim")
         self.latent_dim = L = check_positive_int(latent_dim, "latent_dim")
         self.context_dim = C = check_positive_int(context_dim, "context_dim")

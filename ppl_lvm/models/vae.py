@@ -28,7 +28,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from . import register_model
+from . import register_model, warn_if_name_in_use
 
 __all__ = ["VAE", "mlp"]
 
@@ -69,6 +69,7 @@ class VAE(nn.Module):
         if any(not isinstance(h, int) or h < 1 for h in hidden):
             raise ValueError(f"hidden must be a sequence of positive ints, got {hidden!r}")
         self.obs_dim, self.latent_dim, self.name = obs_dim, latent_dim, name
+        warn_if_name_in_use(self, name)
         self.encoder = mlp((obs_dim,) + hidden + (2 * latent_dim,))
         self.decoder = mlp((latent_dim,) + hidden[::-1] + (obs_dim,))
 
