@@ -341,7 +341,6 @@ class _SDE(nn.Module):
         self.learned = posterior and owner.posterior_diffusion == "learned"
         self.residual = posterior and owner.posterior_drift == "residual"
         self.step = None
-        self.fixed = None
         self.rate_unit = None  # the module's nominal dt: the network outputs a = rho * dt
         self._times = None if ts is None else ts.tolist()
         self.time_unit = max((b - a for a, b in zip(self._times[:-1], self._times[1:])), default=1.0) \
@@ -362,13 +361,9 @@ class _SDE(nn.Module):
         """Index of the next observation time (the context that summarizes what is still to be
         seen) and the time left until it (a Brownian bridge's drift toward an observation grows
         like 1 / (t_next - t), which the network cannot infer from ``c`` alone on an irregular
-        grid).  A solve one interval at a time fixes the index per call (``fixed``); the same
-        index as the lookup, without it."""
+        grid)."""
         tf = float(t)
-        if self.fixed is not None:
-            i = self.fixed
-        else:
-            i = min(bisect.bisect_right(self._times, tf), len(self._times) - 1)
+        i = min(bisect.bisect_right(self._times, tf), len(self._times) - 1)
         return i, max(self._times[i] - tf, 0.0)
 
     def _net(self, t, z, extra=None):
@@ -870,8 +865,6 @@ class LatentSDE(PyroModule):
             over = max(1e-9 * gap, 64 * torch.finfo(ts.dtype).eps * max(abs(float(a)), abs(float(b))))
             step = dict(kw, dt=(gap + over) / n, bm=bm)  # the n-th step overshoots b and is clipped onto it
             sde.step = step["dt"]
-            if hasattr(sde, "_times") and sde._times is not None:  # this interval's next observation
-                sde.fixed = min(bisect.bisect_right(sde._times, float(a)), len(sde._times) - 1)
             if adjoint:
                 res = torchsde.sdeint_adjoint(sde, y, pair, logqp=logqp, adjoint_params=adjoint_params, **step)
             else:
@@ -881,8 +874,6 @@ class LatentSDE(PyroModule):
                 logrs.append(lr[-1])
             y = res[-1]
             outs.append(y)
-        if hasattr(sde, "_times"):
-            sde.fixed = None
         path = torch.stack(outs, 0)
         if logqp:
             return path, (torch.stack(logrs, 0) if logrs else y0.new_zeros(0, y0.shape[0]))
