@@ -135,8 +135,13 @@ def _options(backend_name):
     return {k: (v() if callable(v) and k == "optim" else v) for k, v in opts.items()}
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("backend_name", sorted(BACKENDS))
+# pairs that take > 20 s on the 2-core CI machine run in the slow step (the default suite's budget)
+SLOW_PAIRS = {("smc", "model:gpfa")}
+
+
+@pytest.mark.parametrize("backend_name,case", [
+    pytest.param(b, c, marks=[pytest.mark.slow] if (b, c) in SLOW_PAIRS else [])
+    for b in sorted(BACKENDS) for c in sorted(CASES)])
 def test_backend_model_matrix(backend_name, case):
     model, guide, args, *kw = CASES[case]()
     kwargs = kw[0] if kw else {}

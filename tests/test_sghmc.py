@@ -86,6 +86,7 @@ def test_linreg_four_chains_rhat(linreg_fit):
     assert np.all(rhat < 1.05), rhat
 
 
+@pytest.mark.slow  # 22 s on the 2-core CI machine
 def test_chains_draw_independent_minibatches():
     """With one shared minibatch the minibatch noise is common to all chains and correlates them;
     by default every chain draws its own.  Large step, small minibatch: the effect is strong."""
