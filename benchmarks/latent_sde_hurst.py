@@ -74,8 +74,21 @@ def data(hurst):
     return ts, ys
 
 
+def se_hurst(ll, x, eps=1e-3):
+    """Standard error of the MLE's H from the observed information (central differences of the
+    exact log-likelihood in (H, theta, sigma) at the MLE x)."""
+    f = lambda v: -ll(*v)
+    hess = np.zeros((3, 3))
+    for i in range(3):
+        for j in range(3):
+            a, b = np.eye(3)[i] * eps, np.eye(3)[j] * eps
+            hess[i, j] = (f(x + a + b) - f(x + a - b) - f(x - a + b) + f(x - a - b)) / (4 * eps * eps)
+    var = np.linalg.inv(hess)[0, 0]
+    return float(np.sqrt(var)) if var > 0 else float("nan")  # nan: the optimizer stopped short of a maximum
+
+
 def table():
-    print("| true H | gamma_max | transitions | argmax H (theta, sigma true) | joint MLE (H, theta, sigma) "
+    print("| true H | gamma_max | transitions | argmax H (theta, sigma true) | joint MLE (H +- SE, theta, sigma) "
           "| log-lik at H 0.5 minus max |")
     print("| --- | --- | --- | --- | --- | --- |")
     for h_true in (0.3, 0.7):
@@ -88,24 +101,32 @@ def table():
             x = minimize(lambda x: -ll(1 / (1 + math.exp(-x[0])), math.exp(x[1]), math.exp(x[2])),
                          [0.0, 0.0, math.log(0.5)], method="Nelder-Mead", options=dict(xatol=1e-4, fatol=1e-4)).x
             name = "exact" if dt is None else f"Euler dt {dt}"
-            print(f"| {h_true} | {gmax:g} | {name} | {best:.3f} | {1 / (1 + math.exp(-x[0])):.3f}, "
-                  f"{math.exp(x[1]):.3f}, {math.exp(x[2]):.3f} | {ll(0.5) - grid_max:.1f} |", flush=True)
+            mle = np.array([1 / (1 + math.exp(-x[0])), math.exp(x[1]), math.exp(x[2])])
+            print(f"| {h_true} | {gmax:g} | {name} | {best:.3f} | {mle[0]:.3f} +- {se_hurst(ll, mle):.3f}, "
+                  f"{mle[1]:.3f}, {mle[2]:.3f} | {ll(0.5) - grid_max:.1f} |", flush=True)
     g = fbm_gammas(5, 20.0)
     print("sum(omega) (gamma_max 20, T 6): " + ", ".join(
         f"H {H}: {float(fbm_weights(H, g, 6.0).sum()):.3f}" for H in (0.3, 0.4, 0.5, 0.6, 0.7)))
 
 
-def fit(h_true, steps, posterior_diffusion="auto", split_lr=True):
+def fit(h_true, steps, posterior_diffusion="auto", split_lr=True, features=None, hidden=32, context=16, decay=False):
     import pyro
+    import ppl_lvm.models.latent_sde as ls
+
+    if features:
+        ls._TIME_FEATURES = tuple(features.split(","))
 
     ts, ys = data(h_true)
     pyro.clear_param_store()
     torch.manual_seed(0)
-    m = LatentSDE(1, latent_dim=1, context_dim=16, hidden_dim=32, noise="fractional", drift="ou",
+    m = LatentSDE(1, latent_dim=1, context_dim=context, hidden_dim=hidden, noise="fractional", drift="ou",
                   diffusion="constant", decoder="identity", obs_scale=0.05, dt=0.02, gamma_max=20.0, hurst=0.5,
                   horizon=6.0, posterior_diffusion=posterior_diffusion).to(torch.float64)
     slow = ("theta", "mu", "sigma", "pz0")  # the prior's parameters at a tenth of the rate (as the tests)
-    optim = pyro.optim.Adam(lambda name: {"lr": 0.03 * (0.1 if split_lr and any(k in name for k in slow) else 1.0)})
+    if decay:  # the rate falls geometrically to a tenth over the run (clip_norm: no clipping)
+        optim = pyro.optim.ClippedAdam({"lr": 0.03, "lrd": 0.1 ** (1 / steps), "clip_norm": 1e8})
+    else:
+        optim = pyro.optim.Adam(lambda name: {"lr": 0.03 * (0.1 if split_lr and any(k in name for k in slow) else 1.0)})
     svi = pyro.infer.SVI(m.model, m.guide, optim, pyro.infer.Trace_ELBO(max_plate_nesting=1))
     t0 = time.perf_counter()
     for i in range(steps):
@@ -123,8 +144,13 @@ if __name__ == "__main__":
                     help="auto: the library's default (learned); shared: session 8's fits")
     ap.add_argument("--one-lr", action="store_true", help="one learning rate for all parameters")
     ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--features", default=None)
+    ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--decay", action="store_true", help="one rate, decaying to a tenth over the run")
+    ap.add_argument("--context", type=int, default=16)
     args = ap.parse_args()
     if not args.no_table:
         table()
     if args.fit:
-        fit(float(args.fit[0]), int(args.fit[1]), args.posterior_diffusion, not args.one_lr)
+        fit(float(args.fit[0]), int(args.fit[1]), args.posterior_diffusion, not args.one_lr, args.features, args.hidden, args.context,
+            args.decay)
