@@ -342,6 +342,9 @@ class _SDE(nn.Module):
         self.owner, self.p, self.kind, self.posterior = owner, params, kind, posterior
         self.noise_type = "general" if kind in ("girsanov", "fractional") else "diagonal"
         self.ts, self.ctx = ts, ctx
+        # per-time rows of the context (see ``_pre``); under the adjoint ``ctx`` itself is an
+        # adjoint parameter, whose per-step gradient the adjoint forms either way
+        self._ctx_rows = ctx.unbind(0) if ctx is not None and fast_context else ctx
         self.L = owner.latent_dim
         self.learned = posterior and owner.posterior_diffusion == "learned"
         self.residual = posterior and owner.posterior_drift == "residual"
@@ -360,7 +363,9 @@ class _SDE(nn.Module):
             F = len(owner._time_features)
             S = W.shape[1] - C - F
             self._w_state, self._w_left = W[:, :S].T, W[:, S + C:].T  # (S, hidden), (F, hidden)
-            self._pre = nn.functional.linear(ctx, W[:, S:S + C], net[0].bias)  # (T, N, hidden)
+            # one (N, hidden) tensor per observation time: indexing a (T, N, hidden) tensor at every
+            # step would make every step's backward write a zero-filled (T, N, hidden) gradient
+            self._pre = nn.functional.linear(ctx, W[:, S:S + C], net[0].bias).unbind(0)
             self._rest = net[1:]
 
     def _where(self, t):
@@ -393,7 +398,7 @@ class _SDE(nn.Module):
             for f, w in zip(feats, self._w_left):
                 hid = hid + f * w
             return self._rest(hid)
-        c = self.ctx[i]
+        c = self._ctx_rows[i]
         return self.owner.posterior_net(torch.cat([state, c, c.new_tensor(feats).expand(c.shape[:-1] + (len(feats),))], -1))
 
     def post(self, t, z, extra=None, prior=None):
