@@ -21,55 +21,21 @@ import time
 
 import numpy as np
 import torch
-from scipy.linalg import expm
 from scipy.optimize import minimize, minimize_scalar
 
-from ppl_lvm.models.latent_sde import LatentSDE, fbm_gammas, fbm_weights, simulate_fractional_ou
+from ppl_lvm.models.latent_sde import (LatentSDE, fbm_gammas, fbm_weights, fractional_ou_log_likelihood,
+                                       simulate_fractional_ou)
 
 
 def log_likelihood(ts, y, hurst, theta, sigma, r, num_ou=5, gamma_max=5.0, horizon=6.0, dt=None, s0=1e-3):
     """Exact log p(y) of the Markov-fBM OU model (dt None: exact transitions; else the Euler chain
-    with ceil(gap / dt) steps per interval); y (B, T)."""
-    K = num_ou
-    g = fbm_gammas(K, gamma_max).numpy()
-    om = fbm_weights(hurst, torch.as_tensor(g), horizon).numpy()
-    A = np.zeros((K + 1, K + 1))
-    A[0, 0], A[0, 1:], A[1:, 1:] = -theta, -sigma * om * g, -np.diag(g)
-    Bv = np.concatenate([[sigma * om.sum()], np.ones(K)])[:, None]
-
-    def transition(gap):
-        if dt is None:  # Van Loan: F = exp(A gap), Q = int_0^gap exp(A s) B B^T exp(A^T s) ds
-            M = np.zeros((2 * (K + 1),) * 2)
-            M[:K + 1, :K + 1], M[:K + 1, K + 1:], M[K + 1:, K + 1:] = -A, Bv @ Bv.T, A.T
-            E = expm(M * gap)
-            F = E[K + 1:, K + 1:].T
-            return F, F @ E[:K + 1, K + 1:]
-        n = max(1, math.ceil(gap / dt - 1e-9))
-        h = gap / n
-        F1, Q1 = np.eye(K + 1) + A * h, Bv @ Bv.T * h
-        F, Q = np.eye(K + 1), np.zeros((K + 1, K + 1))
-        for _ in range(n):
-            F, Q = F1 @ F, F1 @ Q @ F1.T + Q1
-        return F, Q
-
-    m = np.zeros((y.shape[0], K + 1))
-    P = np.zeros((K + 1, K + 1))
-    P[0, 0] = s0 ** 2
-    ll = 0.0
-    for i in range(len(ts)):
-        if i > 0:
-            F, Q = transition(ts[i] - ts[i - 1])
-            m, P = m @ F.T, F @ P @ F.T + Q
-        S = P[0, 0] + r * r
-        e = y[:, i] - m[:, 0]
-        ll += (-0.5 * (np.log(2 * np.pi * S) + e * e / S)).sum()
-        gain = P[:, 0] / S
-        m, P = m + e[:, None] * gain[None, :], P - np.outer(gain, P[0, :])
-    return ll
+    with ceil(gap / dt) steps per interval); y (B, T).  The library's reference function."""
+    return fractional_ou_log_likelihood(ts, y, hurst, theta, sigma, r, num_ou=num_ou, gamma_max=gamma_max,
+                                        horizon=horizon, dt=dt, init_scale=s0)
 
 
-def data(hurst):
-    ts, ys, _ = simulate_fractional_ou(hurst, num_sequences=32, num_time_steps=31, theta=1.0, sigma=0.5,
+def data(hurst, paths=32):
+    ts, ys, _ = simulate_fractional_ou(hurst, num_sequences=paths, num_time_steps=31, theta=1.0, sigma=0.5,
                                        obs_scale=0.05, t_end=6.0, seed=0)
     return ts, ys
 
@@ -109,14 +75,15 @@ def table():
         f"H {H}: {float(fbm_weights(H, g, 6.0).sum()):.3f}" for H in (0.3, 0.4, 0.5, 0.6, 0.7)))
 
 
-def fit(h_true, steps, posterior_diffusion="auto", split_lr=True, features=None, hidden=32, context=16, decay=False):
+def fit(h_true, steps, posterior_diffusion="auto", split_lr=True, features=None, hidden=32, context=16, decay=False,
+        paths=32):
     import pyro
     import ppl_lvm.models.latent_sde as ls
 
     if features:
         ls._TIME_FEATURES = tuple(features.split(","))
 
-    ts, ys = data(h_true)
+    ts, ys = data(h_true, paths)
     pyro.clear_param_store()
     torch.manual_seed(0)
     m = LatentSDE(1, latent_dim=1, context_dim=context, hidden_dim=hidden, noise="fractional", drift="ou",
@@ -146,6 +113,7 @@ if __name__ == "__main__":
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--features", default=None)
     ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--paths", type=int, default=32, help="sequences of the fitted data")
     ap.add_argument("--decay", action="store_true", help="one rate, decaying to a tenth over the run")
     ap.add_argument("--context", type=int, default=16)
     args = ap.parse_args()
@@ -153,4 +121,4 @@ if __name__ == "__main__":
         table()
     if args.fit:
         fit(float(args.fit[0]), int(args.fit[1]), args.posterior_diffusion, not args.one_lr, args.features, args.hidden, args.context,
-            args.decay)
+            args.decay, args.paths)

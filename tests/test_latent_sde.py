@@ -11,7 +11,8 @@ import torch
 import torchsde
 
 from ppl_lvm.models.latent_sde import (KLAnnealing, LatentSDE, fbm_b_closed_form, fbm_b_quadrature, fbm_gammas,
-                                       fbm_variance, fbm_weights, markov_fbm_variance, simulate_ou, union_grid)
+                                       fbm_variance, fbm_weights, fractional_ou_log_likelihood, markov_fbm_variance,
+                                       simulate_fractional_ou, simulate_ou, union_grid)
 
 D64 = torch.float64
 
@@ -1123,3 +1124,48 @@ def test_torch_manual_seed_alone_makes_a_fit_reproducible():
         del m
     assert losses[0] == losses[1] and losses[2] == losses[3], losses
     assert losses[0] != losses[2]
+
+
+def test_fractional_ou_log_likelihood_euler_chain_converges_to_the_exact_transitions():
+    """The reference likelihood's Euler chain approaches its exact-transition (Van Loan) form at
+    first order in dt: the gap halves with dt (measured ratios 2.23, 2.11)."""
+    ts, ys, _ = simulate_fractional_ou(0.4, num_sequences=4, num_time_steps=11, t_end=2.0, seed=1)
+    args = (ts.numpy(), ys.numpy(), 0.4, 1.0, 0.5, 0.05)
+    exact = fractional_ou_log_likelihood(*args, gamma_max=5.0)
+    gaps = [abs(fractional_ou_log_likelihood(*args, gamma_max=5.0, dt=dt) - exact) for dt in (0.02, 0.01, 0.005)]
+    assert gaps[0] > gaps[1] > gaps[2]
+    for a, b in zip(gaps[:-1], gaps[1:]):
+        assert 1.6 < a / b < 2.4, gaps
+    with pytest.raises(ValueError, match="ys must have shape"):
+        fractional_ou_log_likelihood(ts.numpy(), ys.numpy()[:, :-1], 0.4, 1.0, 0.5, 0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hurst", [0.3, 0.7])
+def test_learned_hurst_index_is_within_0_1_of_the_truth(hurst):
+    """The issue's check: on exact fractional-OU paths (RL-fBM by Cholesky, 128 sequences x 31
+    times on [0, 6], theta 1, sigma 0.5, noise 0.05 known) the default fractional LatentSDE
+    (K 5, gamma_max 20, dt 0.02; OU drift, constant diffusion; H starts at 0.5), 600 SVI steps
+    at one Adam rate 0.03, learns H within 0.1 of the truth.  The exact maximum-likelihood H of
+    the Euler chain it integrates (``fractional_ou_log_likelihood``, Nelder-Mead) and its
+    observed-information SE are printed: 0.340 +- 0.022 and 0.681 +- 0.026, so 0.1 is about 4
+    SE of the best estimator's own error; the fit's distance to the MLE is the variational
+    bias.  Measured: see docs/latent_sde.md."""
+    from scipy.optimize import minimize
+
+    ts, ys, _ = simulate_fractional_ou(hurst, num_sequences=128, num_time_steps=31, theta=1.0, sigma=0.5,
+                                       obs_scale=0.05, t_end=6.0, seed=0)
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    m = LatentSDE(1, latent_dim=1, context_dim=16, hidden_dim=32, noise="fractional", drift="ou",
+                  diffusion="constant", decoder="identity", obs_scale=0.05, dt=0.02, gamma_max=20.0, hurst=0.5,
+                  horizon=6.0, name=f"hurst{hurst}").to(D64)
+    svi = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": 0.03}), pyro.infer.Trace_ELBO(max_plate_nesting=1))
+    for _ in range(600):
+        svi.step(ts, ys)
+    fitted = float(m.hurst)
+    ll = lambda v: -fractional_ou_log_likelihood(ts.numpy(), ys.numpy(), v[0], v[1], v[2], 0.05, dt=0.02, horizon=6.0)
+    mle = minimize(ll, [0.5, 1.0, 0.5], method="Nelder-Mead", options=dict(xatol=1e-5, fatol=1e-6)).x
+    print(f"true H {hurst}: learned {fitted:.3f}, theta {float(m.theta):.3f}, sigma {float(m.sigma):.3f}; "
+          f"Euler-chain MLE (H, theta, sigma) {mle.round(3)}")
+    assert abs(fitted - hurst) < 0.1, (fitted, mle)
