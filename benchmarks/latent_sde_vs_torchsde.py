@@ -70,9 +70,9 @@ class PlainLatentSDE(nn.Module):
 
     noise_type, sde_type = "diagonal", "ito"
 
-    def __init__(self, m: LatentSDE):
+    def __init__(self, m: LatentSDE, rows: bool = False):
         super().__init__()
-        self.m = m
+        self.m, self.rows = m, rows
 
     def f(self, t, y):
         i = min(int(torch.searchsorted(self.ts, t.reshape(1), right=True)), len(self.ts) - 1)
@@ -90,6 +90,8 @@ class PlainLatentSDE(nn.Module):
         self.ts, self.unit = ts, float((ts[1:] - ts[:-1]).max())
         self.ctx = m._context(ts, ys, None)
         h = m.qz0_net(self.ctx[0])
+        if self.rows:  # per-time rows (LatentSDE's way): no full-size zero gradient per step
+            self.ctx = self.ctx.unbind(0)
         L = m.latent_dim
         qz0 = torch.distributions.Normal(h[:, :L], nn.functional.softplus(h[:, L:]) + torch.finfo(ys.dtype).tiny ** 0.25)
         pz0 = torch.distributions.Normal(m.pz0_loc, m.pz0_scale)
@@ -135,7 +137,7 @@ def run_one(args, which):
             losses.append(svi.step(ts, ys) / args.paths)
             times.append(time.perf_counter() - t)
     else:
-        plain = PlainLatentSDE(m)
+        plain = PlainLatentSDE(m, rows=args.plain_rows)
         opt = torch.optim.Adam(m.parameters(), lr=1e-2)
         for it in range(args.iters + 1):
             beta = min(1.0, it / anneal)
@@ -159,6 +161,9 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--plain-rows", action="store_true",
+                    help="the plain loop also reads the context as per-time rows (LatentSDE's indexing): the "
+                         "ratio is then the Pyro wrapper's overhead alone")
     ap.add_argument("--only", choices=("ours", "plain"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:
@@ -167,7 +172,9 @@ def main():
     rows = {}
     for which in ("ours", "plain"):
         cmd = [sys.executable, __file__, "--only", which] + [f"--{k.replace('_', '-')}={v}" for k, v in
-                                                              vars(args).items() if k != "only" and v is not None]
+                                                              vars(args).items()
+                                                              if k not in ("only", "plain_rows") and v is not None]
+        cmd += ["--plain-rows"] if args.plain_rows else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         rows[which] = json.loads(out)
     print(f"{args.paths} paths x {args.times} times on [0, {args.t_end}], latent 4, context 64, hidden 128, "
