@@ -104,6 +104,8 @@ def fit_sde(noise, tr_t, tr_y, te_t, te_y, args):
         anneal(None, i, loss)
         if not math.isfinite(loss):
             raise RuntimeError(f"{noise}: the loss diverged at step {i}")
+        if args.progress and (i + 1) % args.progress == 0:
+            print(f"  {noise} step {i + 1}: -ELBO {loss:.1f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     pred = m.predict(tr_t, tr_y.reshape(1, -1, 1), te_t, num_samples=args.samples)
     mean = pred["mean"][:, 0, :, 0]  # (S, F): decoded latent, before observation noise
     scale = m._params_plain()["obs_scale"].detach()[0]
@@ -129,6 +131,7 @@ def main():
     ap.add_argument("--gamma-max", type=float, default=4.9, help="fractional noise (gamma_max * dt < 0.5)")
     ap.add_argument("--models", default="gp,brownian,fractional", help="comma-separated subset")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--progress", type=int, default=0, help="print the loss every this many steps (0: never)")
     ap.add_argument("--posterior", choices=("shared", "learned"), default="learned",
                     help="posterior family: 'learned' = the library's default (learned step variance; residual "
                          "drift with Brownian noise), 'shared' = Li et al.'s (shared diffusion, full drift)")
