@@ -220,7 +220,7 @@ def test_adjoint_with_an_augmented_state_matches_the_direct_gradients(family, to
 
 
 def test_adjoint_with_fractional_noise_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="Hurst index, disagrees"):
+    with pytest.raises(ValueError, match="gap does not shrink with dt"):
         LatentSDE(1, noise="fractional", adjoint=True)
 
 
