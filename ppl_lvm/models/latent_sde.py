@@ -278,6 +278,7 @@ def union_grid(times: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
 # The posterior network's time inputs, None: by noise (``LatentSDE._default_time_features``); a
 # tuple of "gap" / "steps" / "bridge" overrides it (benchmarks/latent_sde_hurst.py compares them).
 _TIME_FEATURES = None
+STEPS_LEFT_CAP = 16.0  # the "steps" input saturates here (the measured fits had at most 10 steps per gap)
 
 
 def _mlp(sizes, activation=nn.Softplus):
@@ -383,8 +384,8 @@ class _SDE(nn.Module):
         for name in self.owner._time_features:
             if name == "gap":  # a fraction of the largest observation gap: of order one, smooth in t
                 out.append(left / self.time_unit)
-            elif name == "steps":
-                out.append(left / self.rate_unit)
+            elif name == "steps":  # the last steps before an observation; capped, so a long gap gives no huge input
+                out.append(min(left / self.rate_unit, STEPS_LEFT_CAP))
             else:  # "bridge"
                 out.append(self.rate_unit / (self.rate_unit + left))
         return out
@@ -727,7 +728,7 @@ class LatentSDE(PyroModule):
         r"""The posterior network's inputs for the time left :math:`\tau = t_{\rm next} - t`.
         Always ``"gap"``, :math:`\tau / \Delta_{\max}` (the largest observation gap): of order
         one and smooth in :math:`t`, so the adjoint's backward solve sees the function the
-        forward solve saw.  With fractional noise also ``"steps"``, :math:`\tau / dt`, the
+        forward solve saw.  With fractional noise also ``"steps"``, :math:`\min(\tau / dt, 16)`, the
         number of solver steps left: the Euler chain's exact posterior control changes by O(1)
         between the last steps before an observation (a bridge's pull grows like :math:`1/\tau`),
         which the network resolves only on this scale.  Measured on H = 0.3 fractional-OU data
