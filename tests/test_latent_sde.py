@@ -811,10 +811,10 @@ def test_grid_elbo_optimum_equals_the_uniform_one_and_the_kalman_evidence_on_a_r
     m = _ou_module(0.05, 0.1, theta=1.3, sigma=0.6)
     ssm = m.state_space(ts, dt=0.05)
     lib = np.array([float(ssm.kalman_log_evidence(ys[b])) for b in range(3)])
-    # the module's fixed obs_scale buffer is created in float32 (0.10000000149 after .to(float64))
-    r32 = float(m.fixed_obs_scale)
+    r_fixed = float(m.fixed_obs_scale[0])
+    assert r_fixed == 0.1  # exact in the module's dtype (it was a float32 buffer: 0.10000000149 in float64)
     uni = [interval_steps(g, 0.05) for g in gaps]
-    assert np.allclose(_grid_kalman(ts, ys, uni, 1.3, 0.5, 0.6, r32, *args[4:]), lib, rtol=0, atol=1e-11)
+    assert np.allclose(_grid_kalman(ts, ys, uni, 1.3, 0.5, 0.6, r_fixed, *args[4:]), lib, rtol=0, atol=1e-11)
     ref = [interval_steps(g, 0.05, 0.6) for g in gaps]
     assert all(len(s) == len(u) and s[-1] < s[0] and abs(s.sum() - g) < 1e-15
                for s, u, g in zip(ref, [interval_steps(g, 0.05) for g in gaps], gaps))
@@ -985,9 +985,9 @@ def test_learned_posterior_diffusion_with_the_chains_exact_posterior_reaches_the
         _install_dp_posterior(m, r, dt, learned=True)
         ssm = m.state_space(ts, dt=dt)
         exact = np.array([float(ssm.kalman_log_evidence(ys[b])) for b in range(4)])
-        r32 = float(m.fixed_obs_scale)  # the buffer's float32 value, as the Kalman filter uses it
-        free = ou_euler_elbo_optimum(ts, ys, 1.0, 0.5, 0.5, r32, 0.5, 0.5 / math.sqrt(2), dt, free_variance=True)
-        tied = ou_euler_elbo_optimum(ts, ys, 1.0, 0.5, 0.5, r32, 0.5, 0.5 / math.sqrt(2), dt)
+        r_fixed = float(m.fixed_obs_scale[0])
+        free = ou_euler_elbo_optimum(ts, ys, 1.0, 0.5, 0.5, r_fixed, 0.5, 0.5 / math.sqrt(2), dt, free_variance=True)
+        tied = ou_euler_elbo_optimum(ts, ys, 1.0, 0.5, 0.5, r_fixed, 0.5, 0.5 / math.sqrt(2), dt)
         assert np.allclose(free, exact, rtol=0, atol=1e-7)
         e, se = _elbo_draws(m, ts, ys, N)
         assert np.all(np.abs(e.mean(0) - exact) < 4 * se), (irregular, e.mean(0), exact, se)

@@ -703,7 +703,9 @@ class LatentSDE(PyroModule):
         if obs_scale is None:
             self.obs_scale = PyroParam(torch.full((obs_dim,), 0.1), constraints.positive)
         else:
-            self.register_buffer("fixed_obs_scale", torch.full((obs_dim,), check_positive(obs_scale, "obs_scale")))
+            # a Python float, made a tensor in the module's dtype when read (a float32 buffer moved to
+            # float64 was 0.10000000149 instead of 0.1)
+            self._obs_scale_value = float(check_positive(obs_scale, "obs_scale"))
         if self.noise == "fractional":
             if learn_hurst:
                 self.hurst = PyroParam(torch.tensor(hurst), constraints.interval(0.01, 0.99))
@@ -723,6 +725,12 @@ class LatentSDE(PyroModule):
         with torch.no_grad():
             self.posterior_net[-1].weight[rows].zero_()
             self.posterior_net[-1].bias[rows].zero_()
+
+    @property
+    def fixed_obs_scale(self) -> Optional[torch.Tensor]:
+        """The fixed observation scale ``(D,)`` in the module's dtype and device (None if learned)."""
+        value = self.__dict__.get("_obs_scale_value")
+        return None if value is None else self._ref().new_full((self.obs_dim,), value)
 
     def _default_time_features(self):
         r"""The posterior network's inputs for the time left :math:`\tau = t_{\rm next} - t`.
@@ -750,7 +758,7 @@ class LatentSDE(PyroModule):
             p["theta"], p["mu"] = self.theta, self.mu
         if self.diffusion_kind == "constant":
             p["sigma"] = self.sigma
-        p["obs_scale"] = self.fixed_obs_scale if hasattr(self, "fixed_obs_scale") else self.obs_scale
+        p["obs_scale"] = self.fixed_obs_scale if self.fixed_obs_scale is not None else self.obs_scale
         if self.noise == "fractional":
             p["hurst_value"] = self.hurst if self.learn_hurst else self.fixed_hurst
         nets = [n for n in ("prior_net", "diffusion_net", "decoder") if hasattr(self, n)]
