@@ -9,7 +9,9 @@ instantaneous diffusion multiplier sum(omega), on which the ELBO's discretizatio
 
     python benchmarks/latent_sde_hurst.py                 # the likelihood table, ~5 s
     python benchmarks/latent_sde_hurst.py --fit 0.3 400 --posterior-diffusion shared   # plus an SVI fit of H (~3 min)
-    python benchmarks/latent_sde_hurst.py --no-table --fit 0.3 600 --one-lr             # the default family, ~4 min
+    python benchmarks/latent_sde_hurst.py --no-table --fit 0.3 600 --one-lr             # the default family, ~6.5 min
+    python benchmarks/latent_sde_hurst.py --no-table --fit 0.3 600 --one-lr --paths 128 # the slow test's data
+    python benchmarks/latent_sde_hurst.py --no-table --fit 0.3 600 --one-lr --features gap   # without the steps-left input
 
 Prior of the Markov model (module docstring of ppl_lvm.models.latent_sde): dY_k = -g_k Y_k dt + dW,
 dz = [-theta z - sigma sum_k omega_k g_k Y_k] dt + sigma (sum_k omega_k) dW, z(0) = 0, Y(0) = 0.
