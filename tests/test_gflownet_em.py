@@ -71,6 +71,7 @@ def test_on_policy_training_collapses_and_exploration_prevents_it(binary8, one_t
     assert _kl_exact_policy(fx, be) > 1.0
 
 
+@pytest.mark.slow  # 20-25 s on the 2-core CI machine (the default suite's budget)
 def test_subtrajectory_balance_learns_the_posterior(binary8, one_thread):
     """Sub-trajectory balance converges more slowly than TB on this short (8-step) problem:
     measured KL 0.31 / 0.127 / 0.077 after 600 / 1200 / 2400 steps (TB: 0.006 after 1200), and
